@@ -1,0 +1,19 @@
+"""memsched's torch-free core: the step `Graph`, the `Plan` program, `simulate`, solvers.
+
+Nothing here imports torch, so plans can be made and checked anywhere.
+"""
+
+from solvers.errors import (InfeasibleBudgetError, InvalidPlanError, MemschedError, PlanFormatError,
+                            PlanMismatchError, SolverUnavailableError, UnsupportedGraphError, format_bytes)
+from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind
+from solvers.plan import Decision, Plan, Step, StepKind
+from solvers.registry import available_solvers, least_feasible_lower_bound, register, solve
+from solvers.simulate import SimResult, simulate
+from solvers import baselines as _baselines  # noqa: F401  (registers none, greedy)
+
+__all__ = [
+    "Decision", "Graph", "InfeasibleBudgetError", "InvalidPlanError", "MemschedError", "Op", "Phase", "Plan",
+    "PlanFormatError", "PlanMismatchError", "SimResult", "SolverUnavailableError", "Step", "StepKind", "Transfer",
+    "UnsupportedGraphError", "Value", "ValueKind", "available_solvers", "format_bytes",
+    "least_feasible_lower_bound", "register", "simulate", "solve",
+]

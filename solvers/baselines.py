@@ -1,0 +1,85 @@
+"""Simple solvers: ``none`` (keep every saved value) and ``greedy`` (recompute by
+bytes-per-millisecond until the plan fits).
+
+The greedy rule is the "max bytes freed per recompute time" heuristic that Checkmate
+(Jain et al., MLSys 2020, Sec. 6) uses as a baseline; it is neither optimal nor monotone in
+the budget, and exists as a fast fallback and a reference for the exact solvers.
+"""
+
+from __future__ import annotations
+
+from solvers.errors import InfeasibleBudgetError
+from solvers.graph import Graph
+from solvers.plan import Decision, Plan
+from solvers.registry import least_feasible_lower_bound, register
+from solvers.schedule import build_program, saved_roots
+from solvers.simulate import simulate
+
+
+def plan_from_decisions(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int,
+                        optimal: bool = False) -> Plan:
+    forward, backward = build_program(graph, decisions)
+    return Plan(graph_hash=graph.hash, solver=solver, budget_bytes=budget_bytes, forward=forward,
+                backward=backward, decisions=dict(decisions), optimal=optimal)
+
+
+@register("none")
+def solve_none(graph: Graph, budget_bytes: int) -> Plan:
+    """Keep every value the backward reads, as autograd does. O(ops)."""
+    plan = plan_from_decisions(graph, {root: Decision.KEEP for root in saved_roots(graph)}, "none", budget_bytes,
+                               optimal=True)
+    peak = simulate(graph, plan).peak_bytes
+    if peak > budget_bytes:
+        raise InfeasibleBudgetError(budget_bytes, peak, {"keep-all peak": peak}, solver="none")
+    return plan
+
+
+@register("greedy")
+def solve_greedy(graph: Graph, budget_bytes: int) -> Plan:
+    """Drop saved storages in order of bytes per recompute millisecond, keeping a drop
+    only when it lowers the simulated peak, until the peak fits; then restore the drops
+    the budget does not need, cheapest-to-keep first.
+
+    O(R) simulations of O(steps) each for R saved storages. Raises
+    `InfeasibleBudgetError` with the lowest peak it reached.
+    """
+    decisions = {root: Decision.KEEP for root in saved_roots(graph)}
+    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
+
+    def peak_of(trial: dict[str, Decision]) -> tuple[int, float]:
+        result = simulate(graph, plan_from_decisions(graph, trial, "greedy", budget_bytes), check_hash=False)
+        return result.peak_bytes, result.time_ms
+
+    peak, _ = peak_of(decisions)
+    if peak <= budget_bytes:
+        return plan_from_decisions(graph, decisions, "greedy", budget_bytes, optimal=True)
+
+    def score(root: str) -> float:
+        op = graph.op(graph.value(root).producer)
+        return graph.value(root).size_bytes / (op.time_ms + 1e-6)
+
+    candidates = [root for root in decisions
+                  if root not in pinned_roots and graph.value(root).size_bytes > 0
+                  and graph.op(graph.value(root).producer).recomputable]
+    candidates.sort(key=score, reverse=True)   # stable: ties keep graph order
+    dropped: list[str] = []
+    for root in candidates:
+        decisions[root] = Decision.RECOMPUTE
+        trial_peak, _ = peak_of(decisions)
+        if trial_peak < peak:
+            peak = trial_peak
+            dropped.append(root)
+            if peak <= budget_bytes:
+                break
+        else:
+            decisions[root] = Decision.KEEP
+    if peak > budget_bytes:
+        floor = least_feasible_lower_bound(graph)
+        raise InfeasibleBudgetError(budget_bytes, peak, {"greedy's lowest peak": peak,
+                                                         "lower bound for any plan": floor.total}, solver="greedy")
+    for root in reversed(dropped):          # least valuable drops last in, first restored
+        decisions[root] = Decision.KEEP
+        trial_peak, _ = peak_of(decisions)
+        if trial_peak > budget_bytes:
+            decisions[root] = Decision.RECOMPUTE
+    return plan_from_decisions(graph, decisions, "greedy", budget_bytes)

@@ -1,0 +1,329 @@
+"""The torch-free description of one training step: ops, values, sizes, costs.
+
+A `Graph` is the joint forward+backward graph of a training step as the solvers see it.
+It never imports torch: `planner.capture`/`planner.profile` build it from an FX graph,
+tests build it by hand or at random.
+
+Memory is modelled at the level of *storages*, not values: a view or alias has
+``size_bytes == 0`` and ``alias_of`` names the root value that owns the storage. A storage
+is alive while any value that aliases it is alive (DESIGN.md, "Measurement").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+from typing import Any, Iterable, Mapping
+
+from solvers.errors import PlanFormatError, UnsupportedGraphError
+
+GRAPH_FORMAT = "memsched.graph/1"
+
+
+class Phase(str, Enum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+class ValueKind(str, Enum):
+    PARAMETER = "parameter"    # resident for the whole step
+    BUFFER = "buffer"          # resident for the whole step (BatchNorm stats, ...)
+    INPUT = "input"            # user input, held by the caller for the whole step
+    TANGENT = "tangent"        # gradient of an output, arrives when backward starts
+    ACTIVATION = "activation"  # produced by a forward op
+    GRADIENT_WORK = "backward"  # produced by a backward op
+
+    @property
+    def is_placeholder(self) -> bool:
+        return self in (ValueKind.PARAMETER, ValueKind.BUFFER, ValueKind.INPUT, ValueKind.TANGENT)
+
+
+@dataclass(frozen=True)
+class Value:
+    """A tensor of the step.
+
+    ``size_bytes`` is the new device storage the value owns; 0 for a view or alias, whose
+    storage belongs to ``alias_of`` (the root value, never itself an alias).
+    """
+
+    name: str
+    size_bytes: int
+    kind: ValueKind
+    producer: str | None = None        # op name; None for placeholders
+    alias_of: str | None = None
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+
+    @property
+    def root(self) -> str:
+        return self.alias_of or self.name
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name, "size_bytes": self.size_bytes, "kind": self.kind.value}
+        if self.producer is not None:
+            data["producer"] = self.producer
+        if self.alias_of is not None:
+            data["alias_of"] = self.alias_of
+        data["shape"] = list(self.shape)
+        data["dtype"] = self.dtype
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Value":
+        return cls(name=data["name"], size_bytes=int(data["size_bytes"]), kind=ValueKind(data["kind"]),
+                   producer=data.get("producer"), alias_of=data.get("alias_of"),
+                   shape=tuple(int(d) for d in data.get("shape", ())), dtype=data.get("dtype", ""))
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation of the step (an aten op of the FX joint graph).
+
+    ``time_ms`` is its measured run time; ``tmp_bytes`` workspace alive only while it runs.
+    ``random`` ops draw random numbers: a recomputation replays the forward's RNG state.
+    ``recomputable`` is False for ops with effects that must happen once (buffer updates).
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    phase: Phase
+    time_ms: float = 0.0
+    tmp_bytes: int = 0
+    recomputable: bool = True
+    random: bool = False
+    target: str = ""    # e.g. "aten.addmm.default", for display
+    module: str = ""    # nn.Module path the op came from, for display
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "inputs": list(self.inputs), "outputs": list(self.outputs),
+                "phase": self.phase.value, "time_ms": self.time_ms, "tmp_bytes": self.tmp_bytes,
+                "recomputable": self.recomputable, "random": self.random,
+                "target": self.target, "module": self.module}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Op":
+        return cls(name=data["name"], inputs=tuple(data["inputs"]), outputs=tuple(data["outputs"]),
+                   phase=Phase(data["phase"]), time_ms=float(data.get("time_ms", 0.0)),
+                   tmp_bytes=int(data.get("tmp_bytes", 0)), recomputable=bool(data.get("recomputable", True)),
+                   random=bool(data.get("random", False)), target=data.get("target", ""),
+                   module=data.get("module", ""))
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Host<->device copy bandwidth, in bytes per millisecond, and a fixed latency per copy."""
+
+    host_to_device_bytes_per_ms: float = 25e6   # 25 GB/s, PCIe 4 x16 pinned
+    device_to_host_bytes_per_ms: float = 25e6
+    latency_ms: float = 0.01
+    source: str = "nominal"                   # "measured on <device>", "nominal", "target <name>"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host_to_device_bytes_per_ms": self.host_to_device_bytes_per_ms,
+                "device_to_host_bytes_per_ms": self.device_to_host_bytes_per_ms,
+                "latency_ms": self.latency_ms, "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Transfer":
+        return cls(**{key: data[key] for key in ("host_to_device_bytes_per_ms", "device_to_host_bytes_per_ms",
+                                                 "latency_ms", "source") if key in data})
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Joint forward+backward graph of one training step, ops in a valid execution order.
+
+    ``placeholders`` are the values that exist before the step (parameters, buffers,
+    inputs) or arrive with the backward (tangents). ``forward_outputs`` are returned to the
+    user and stay alive until the step ends; ``gradients`` are the backward's results
+    (parameter and input gradients) and stay alive too.
+    """
+
+    ops: tuple[Op, ...]
+    values: tuple[Value, ...]
+    placeholders: tuple[str, ...]
+    forward_outputs: tuple[str, ...]
+    gradients: tuple[str, ...]
+    transfer: Transfer = field(default_factory=Transfer)
+    device: str = "cpu"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- lookups -----------------------------------------------------------------------
+    @cached_property
+    def op_by_name(self) -> dict[str, Op]:
+        return {op.name: op for op in self.ops}
+
+    @cached_property
+    def value_by_name(self) -> dict[str, Value]:
+        return {value.name: value for value in self.values}
+
+    def op(self, name: str) -> Op:
+        return self.op_by_name[name]
+
+    def value(self, name: str) -> Value:
+        return self.value_by_name[name]
+
+    @cached_property
+    def forward_ops(self) -> tuple[Op, ...]:
+        return tuple(op for op in self.ops if op.phase is Phase.FORWARD)
+
+    @cached_property
+    def backward_ops(self) -> tuple[Op, ...]:
+        return tuple(op for op in self.ops if op.phase is Phase.BACKWARD)
+
+    @cached_property
+    def consumers(self) -> dict[str, tuple[str, ...]]:
+        """Value name -> names of the ops that read it, in graph order."""
+        readers: dict[str, list[str]] = {value.name: [] for value in self.values}
+        for op in self.ops:
+            for name in dict.fromkeys(op.inputs):
+                readers[name].append(op.name)
+        return {name: tuple(ops) for name, ops in readers.items()}
+
+    @cached_property
+    def pinned_values(self) -> frozenset[str]:
+        """Values whose storage the caller or autograd holds for the whole step (or the
+        whole backward, for tangents); freeing our reference releases nothing."""
+        return frozenset(self.placeholders) | frozenset(self.forward_outputs) | frozenset(self.gradients)
+
+    @cached_property
+    def saved_candidates(self) -> tuple[str, ...]:
+        """Forward values that the backward reads: what autograd would save."""
+        names = []
+        for value in self.values:
+            if value.kind is not ValueKind.ACTIVATION:
+                continue
+            if any(self.op(reader).phase is Phase.BACKWARD for reader in self.consumers[value.name]):
+                names.append(value.name)
+        return tuple(names)
+
+    def resident_bytes(self, kinds: Iterable[ValueKind] = (ValueKind.PARAMETER, ValueKind.BUFFER,
+                                                            ValueKind.INPUT)) -> int:
+        """Bytes of the distinct storages of the placeholders of the given kinds."""
+        kinds = set(kinds)
+        return sum(self.value(name).size_bytes for name in self.placeholders
+                   if self.value(name).kind in kinds)
+
+    def gradient_bytes(self) -> int:
+        return sum(self.value(self.value(name).root).size_bytes
+                   for name in dict.fromkeys(self.value(g).root for g in self.gradients))
+
+    @property
+    def total_time_ms(self) -> float:
+        return sum(op.time_ms for op in self.ops)
+
+    # -- checks ------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise `UnsupportedGraphError` unless names are unique, every value has one
+        producer or is a placeholder, ops read only values defined before them, forward
+        ops never read backward values, and alias roots own their storage."""
+        values = {}
+        for value in self.values:
+            if value.name in values:
+                raise UnsupportedGraphError(f"graph {self.name!r}: value {value.name!r} is defined twice")
+            values[value.name] = value
+        defined = set()
+        for name in self.placeholders:
+            if name not in values:
+                raise UnsupportedGraphError(f"graph {self.name!r}: placeholder {name!r} has no Value")
+            if not values[name].kind.is_placeholder:
+                raise UnsupportedGraphError(f"graph {self.name!r}: placeholder {name!r} has kind {values[name].kind}")
+            defined.add(name)
+        op_names = set()
+        for op in self.ops:
+            if op.name in op_names:
+                raise UnsupportedGraphError(f"graph {self.name!r}: op {op.name!r} is defined twice")
+            op_names.add(op.name)
+            for name in op.inputs:
+                if name not in defined:
+                    raise UnsupportedGraphError(
+                        f"graph {self.name!r}: op {op.name!r} reads {name!r} before it is defined; "
+                        "ops must be listed in an execution order")
+                if op.phase is Phase.FORWARD and values[name].kind in (ValueKind.TANGENT, ValueKind.GRADIENT_WORK):
+                    raise UnsupportedGraphError(
+                        f"graph {self.name!r}: forward op {op.name!r} reads backward value {name!r}")
+            for name in op.outputs:
+                if name not in values or values[name].producer != op.name:
+                    raise UnsupportedGraphError(
+                        f"graph {self.name!r}: output {name!r} of op {op.name!r} has no Value produced by it")
+                if name in defined:
+                    raise UnsupportedGraphError(f"graph {self.name!r}: value {name!r} is produced twice")
+                defined.add(name)
+        for value in self.values:
+            if value.name not in defined:
+                raise UnsupportedGraphError(f"graph {self.name!r}: value {value.name!r} is never produced")
+            if value.alias_of is not None:
+                root = values.get(value.alias_of)
+                if root is None or root.alias_of is not None:
+                    raise UnsupportedGraphError(
+                        f"graph {self.name!r}: {value.name!r} aliases {value.alias_of!r}, which is not a root value")
+                if value.size_bytes != 0:
+                    raise UnsupportedGraphError(f"graph {self.name!r}: alias {value.name!r} must have size_bytes 0")
+        for name in self.forward_outputs:
+            if name not in values or values[name].kind in (ValueKind.TANGENT, ValueKind.GRADIENT_WORK):
+                raise UnsupportedGraphError(f"graph {self.name!r}: forward output {name!r} is not a forward value")
+        for name in self.gradients:
+            if name not in values:
+                raise UnsupportedGraphError(f"graph {self.name!r}: gradient {name!r} is not a value")
+
+    # -- identity and JSON ---------------------------------------------------------------
+    def structure_json(self) -> dict[str, Any]:
+        """What the hash covers: names, dataflow, sizes, shapes; not timings or bandwidth,
+        which change from one profiling run to the next."""
+        return {
+            "ops": [[op.name, list(op.inputs), list(op.outputs), op.phase.value, op.recomputable, op.random,
+                     op.target] for op in self.ops],
+            "values": [[v.name, v.size_bytes, v.kind.value, v.alias_of, list(v.shape), v.dtype] for v in self.values],
+            "placeholders": list(self.placeholders),
+            "forward_outputs": list(self.forward_outputs),
+            "gradients": list(self.gradients),
+        }
+
+    @cached_property
+    def hash(self) -> str:
+        text = json.dumps(self.structure_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": GRAPH_FORMAT, "name": self.name, "device": self.device, "hash": self.hash,
+                "transfer": self.transfer.to_json(),
+                "placeholders": list(self.placeholders), "forward_outputs": list(self.forward_outputs),
+                "gradients": list(self.gradients),
+                "values": [v.to_json() for v in self.values], "ops": [op.to_json() for op in self.ops]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Graph":
+        if not isinstance(data, Mapping) or data.get("format") != GRAPH_FORMAT:
+            raise PlanFormatError(f"not a memsched graph (expected format {GRAPH_FORMAT!r})")
+        try:
+            graph = cls(ops=tuple(Op.from_json(op) for op in data["ops"]),
+                        values=tuple(Value.from_json(v) for v in data["values"]),
+                        placeholders=tuple(data["placeholders"]), forward_outputs=tuple(data["forward_outputs"]),
+                        gradients=tuple(data["gradients"]), transfer=Transfer.from_json(data.get("transfer", {})),
+                        device=data.get("device", "cpu"), name=data.get("name", ""))
+        except (KeyError, TypeError, ValueError) as error:
+            raise PlanFormatError(f"corrupt memsched graph: {error!r}") from error
+        if "hash" in data and data["hash"] != graph.hash:
+            raise PlanFormatError(f"graph file hash {data['hash']} does not match its content ({graph.hash}); "
+                                  "the file was edited or truncated")
+        return graph
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(self.to_json(), file, indent=1, sort_keys=True)
+
+    @classmethod
+    def load(cls, path: str) -> "Graph":
+        try:
+            with open(path, encoding="utf-8") as file:
+                data = json.load(file)
+        except json.JSONDecodeError as error:
+            raise PlanFormatError(f"{path}: not valid JSON ({error})") from error
+        return cls.from_json(data)

@@ -1,0 +1,158 @@
+"""A `Plan` is a program: the ordered steps that both `simulate` and the runtime execute.
+
+    forward phase  (runs inside autograd.Function.forward)
+        run(op) | free(value) | offload(value) | prefetch(value)
+    backward phase (runs when the gradients of the outputs arrive)
+        run(op) | free(value) | offload(value) | prefetch(value)
+
+``run`` of a forward op in the backward phase is a recomputation; a value may be recomputed
+several times. Beside the steps a plan stores the per-value decisions, the stage of every op,
+its predictions, the solver, whether optimality is proved, and the hash of its graph.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any, Mapping
+
+from solvers.errors import PlanFormatError, PlanMismatchError
+from solvers.graph import Graph, Phase
+
+PLAN_FORMAT = "memsched.plan/1"
+
+
+class StepKind(str, Enum):
+    RUN = "run"
+    FREE = "free"
+    OFFLOAD = "offload"
+    PREFETCH = "prefetch"
+
+
+class Decision(str, Enum):
+    """What happens to a value that the backward reads."""
+
+    KEEP = "keep"            # stays on the device from forward to backward
+    RECOMPUTE = "recompute"  # freed in the forward, recomputed in the backward
+    OFFLOAD = "offload"      # copied to host in the forward, prefetched in the backward
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    name: str   # op name for RUN, value name otherwise
+
+    def to_json(self) -> list[str]:
+        return [self.kind.value, self.name]
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Step":
+        kind, name = data
+        return cls(StepKind(kind), str(name))
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}({self.name})"
+
+
+def run(op: str) -> Step:
+    return Step(StepKind.RUN, op)
+
+
+def free(value: str) -> Step:
+    return Step(StepKind.FREE, value)
+
+
+def offload(value: str) -> Step:
+    return Step(StepKind.OFFLOAD, value)
+
+
+def prefetch(value: str) -> Step:
+    return Step(StepKind.PREFETCH, value)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An executable schedule for one `Graph`, with what was decided and predicted."""
+
+    graph_hash: str
+    solver: str
+    budget_bytes: int
+    forward: tuple[Step, ...]
+    backward: tuple[Step, ...]
+    decisions: Mapping[str, Decision] = field(default_factory=dict)
+    stages: Mapping[str, int] = field(default_factory=dict)   # op -> stage; absent ops are stage 0
+    predicted_peak_bytes: int = 0
+    predicted_time_ms: float = 0.0
+    baseline_time_ms: float = 0.0        # keep-all time of the same graph, for overhead figures
+    optimal: bool = False                # optimality proved by the solver
+    gap: float | None = None             # relative gap to the proved bound, when known
+    solve_time_s: float = 0.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def steps(self, phase: Phase) -> tuple[Step, ...]:
+        return self.forward if phase is Phase.FORWARD else self.backward
+
+    @property
+    def overhead(self) -> float:
+        """Predicted extra time relative to keeping everything (0.12 means +12 %)."""
+        if self.baseline_time_ms <= 0:
+            return 0.0
+        return self.predicted_time_ms / self.baseline_time_ms - 1.0
+
+    def check_graph(self, graph: Graph) -> None:
+        """Raise `PlanMismatchError` unless this plan was made for ``graph``."""
+        if graph.hash != self.graph_hash:
+            raise PlanMismatchError(
+                f"plan was made for graph {self.graph_hash} but this model traces to graph {graph.hash}; "
+                "the model, its input shapes or dtypes changed since the plan was saved. "
+                "Re-plan with optimize(model, budget, example_inputs) without plan=")
+
+    def with_predictions(self, peak_bytes: int, time_ms: float, baseline_time_ms: float) -> "Plan":
+        return replace(self, predicted_peak_bytes=int(peak_bytes), predicted_time_ms=float(time_ms),
+                       baseline_time_ms=float(baseline_time_ms))
+
+    # -- JSON ----------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {"format": PLAN_FORMAT, "graph_hash": self.graph_hash, "solver": self.solver,
+                "budget_bytes": self.budget_bytes,
+                "forward": [step.to_json() for step in self.forward],
+                "backward": [step.to_json() for step in self.backward],
+                "decisions": {name: decision.value for name, decision in sorted(self.decisions.items())},
+                "stages": dict(sorted(self.stages.items())),
+                "predicted_peak_bytes": self.predicted_peak_bytes, "predicted_time_ms": self.predicted_time_ms,
+                "baseline_time_ms": self.baseline_time_ms, "optimal": self.optimal, "gap": self.gap,
+                "solve_time_s": self.solve_time_s, "options": dict(self.options)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Plan":
+        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
+            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+            raise PlanFormatError(f"not a memsched plan: format {found!r}, expected {PLAN_FORMAT!r}")
+        try:
+            return cls(graph_hash=str(data["graph_hash"]), solver=str(data["solver"]),
+                       budget_bytes=int(data["budget_bytes"]),
+                       forward=tuple(Step.from_json(s) for s in data["forward"]),
+                       backward=tuple(Step.from_json(s) for s in data["backward"]),
+                       decisions={k: Decision(v) for k, v in data.get("decisions", {}).items()},
+                       stages={k: int(v) for k, v in data.get("stages", {}).items()},
+                       predicted_peak_bytes=int(data.get("predicted_peak_bytes", 0)),
+                       predicted_time_ms=float(data.get("predicted_time_ms", 0.0)),
+                       baseline_time_ms=float(data.get("baseline_time_ms", 0.0)),
+                       optimal=bool(data.get("optimal", False)), gap=data.get("gap"),
+                       solve_time_s=float(data.get("solve_time_s", 0.0)), options=dict(data.get("options", {})))
+        except (KeyError, TypeError, ValueError) as error:
+            raise PlanFormatError(f"corrupt memsched plan: {error!r}") from error
+
+    def save(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as file:
+            json.dump(self.to_json(), file, indent=1)
+
+    @classmethod
+    def load(cls, path: str) -> "Plan":
+        try:
+            with open(path, encoding="utf-8") as file:
+                data = json.load(file)
+        except json.JSONDecodeError as error:
+            raise PlanFormatError(f"{path}: not valid JSON ({error}); was the file truncated?") from error
+        return cls.from_json(data)

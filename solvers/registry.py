@@ -1,0 +1,102 @@
+"""One signature, one registry: ``solve(graph, budget_bytes, solver=..., **options) -> Plan``.
+
+Every solver returns a plan whose predictions come from `simulate` (never from the
+solver's own model), and whose peak fits the budget; otherwise it raises
+`InfeasibleBudgetError`. Solvers never mutate the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Callable, Protocol
+
+from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
+from solvers.graph import Graph, Phase, ValueKind
+from solvers.plan import Plan
+from solvers.simulate import simulate
+
+log = logging.getLogger(__name__)
+
+
+class Solver(Protocol):
+    def __call__(self, graph: Graph, budget_bytes: int, **options: object) -> Plan: ...
+
+
+_SOLVERS: dict[str, Solver] = {}
+
+
+def register(name: str) -> Callable[[Solver], Solver]:
+    def add(solver: Solver) -> Solver:
+        if name in _SOLVERS:
+            raise ValueError(f"solver {name!r} is registered twice")
+        _SOLVERS[name] = solver
+        return solver
+    return add
+
+
+def available_solvers() -> tuple[str, ...]:
+    return tuple(sorted(_SOLVERS))
+
+
+def pick_auto(graph: Graph) -> str:
+    """The solver ``solver="auto"`` uses for this graph."""
+    return "greedy"
+
+
+def solve(graph: Graph, budget_bytes: int, solver: str = "auto", **options: object) -> Plan:
+    """Plan ``graph`` under ``budget_bytes`` with the named solver; predictions filled in
+    by `simulate`. Raises `InfeasibleBudgetError` (budget too small) or
+    `SolverUnavailableError` (unknown name)."""
+    name = pick_auto(graph) if solver == "auto" else solver
+    if name not in _SOLVERS:
+        raise SolverUnavailableError(f"no solver named {solver!r}; choose one of {', '.join(available_solvers())}")
+    budget_bytes = int(budget_bytes)
+    floor = least_feasible_lower_bound(graph)
+    if budget_bytes < floor.total:
+        raise InfeasibleBudgetError(budget_bytes, floor.total, floor.breakdown, solver=f"lower bound, any solver")
+    started = time.perf_counter()
+    plan = _SOLVERS[name](graph, budget_bytes, **options)
+    elapsed_s = time.perf_counter() - started
+    result = simulate(graph, plan)
+    if result.peak_bytes > budget_bytes:
+        raise AssertionError(f"solver {name!r} returned a plan with simulated peak {result.peak_bytes} "
+                             f"> budget {budget_bytes}: a solver bug")
+    log.info("solver %s: peak %d / budget %d bytes, time %.3f ms, solved in %.2f s",
+             name, result.peak_bytes, budget_bytes, result.time_ms, elapsed_s)
+    return replace(plan, predicted_peak_bytes=result.peak_bytes, predicted_time_ms=result.time_ms,
+                   baseline_time_ms=graph.total_time_ms, solve_time_s=elapsed_s, budget_bytes=budget_bytes)
+
+
+class LowerBound:
+    """A budget no plan can beat, and what it is made of."""
+
+    def __init__(self, breakdown: dict[str, int]) -> None:
+        self.breakdown = breakdown
+        self.total = breakdown["parameters+buffers+inputs"] + max(
+            breakdown["largest op working set"], breakdown["outputs+gradients+tangents at the end"])
+
+
+def least_feasible_lower_bound(graph: Graph) -> LowerBound:
+    """Resident bytes plus the larger of the biggest single-op working set (its inputs,
+    outputs and workspace, with the tangents during the backward) and what must be alive
+    when the step ends. Valid for every solver; O(ops + values)."""
+    resident_kinds = (ValueKind.PARAMETER, ValueKind.BUFFER, ValueKind.INPUT)
+    resident_roots = {graph.value(n).root for n in graph.placeholders if graph.value(n).kind in resident_kinds}
+    tangent_roots = {graph.value(n).root for n in graph.placeholders
+                     if graph.value(n).kind is ValueKind.TANGENT} - resident_roots
+
+    def size(roots: set[str]) -> int:
+        return sum(graph.value(root).size_bytes for root in roots)
+
+    working = 0
+    for op in graph.ops:
+        roots = {graph.value(n).root for n in op.inputs + op.outputs} - resident_roots
+        if op.phase is Phase.BACKWARD:
+            roots |= tangent_roots
+        working = max(working, size(roots) + op.tmp_bytes)
+    end_roots = {graph.value(n).root for n in graph.forward_outputs + graph.gradients} | tangent_roots
+    return LowerBound({"parameters+buffers+inputs": size(resident_roots),
+                       "largest op working set": working,
+                       "outputs+gradients+tangents at the end": size(end_roots - resident_roots)})

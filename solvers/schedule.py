@@ -1,0 +1,140 @@
+"""Turn per-value decisions into a `Plan` program.
+
+Given which saved storages are dropped (recomputed) or offloaded, `build_program` writes
+the forward and backward steps the way activation checkpointing executes them:
+
+  forward:  run every forward op in order; offload a value right after it is computed;
+            free every value after its last use unless the backward keeps it.
+  backward: run every backward op in order; before each, make its inputs available:
+            a kept value is there, an offloaded one is prefetched one op ahead, a dropped
+            one is recomputed just in time from whatever is available (recursively);
+            free every value after its last use.
+
+`insert_frees` is the liveness pass (walk the steps in reverse) shared by every solver
+that emits only run/offload/prefetch steps.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from solvers.errors import InvalidPlanError
+from solvers.graph import Graph, ValueKind
+from solvers.plan import Decision, Step, StepKind, free, offload, prefetch, run
+
+
+def saved_roots(graph: Graph) -> tuple[str, ...]:
+    """Activation storages that the backward reads (through the value or an alias of it):
+    the things a keep / recompute / offload decision is about. Graph order."""
+    roots = dict.fromkeys(graph.value(name).root for name in graph.saved_candidates)
+    return tuple(root for root in roots if graph.value(root).kind is ValueKind.ACTIVATION)
+
+
+def decisions_for(graph: Graph, recompute: Iterable[str] = (), offloaded: Iterable[str] = ()) -> dict[str, Decision]:
+    recompute, offloaded = set(recompute), set(offloaded)
+    return {root: Decision.OFFLOAD if root in offloaded else Decision.RECOMPUTE if root in recompute
+            else Decision.KEEP for root in saved_roots(graph)}
+
+
+def build_program(graph: Graph, decisions: dict[str, Decision], *,
+                  prefetch_ahead_ops: int = 1) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+    """Forward and backward steps for the given root decisions (missing roots are kept)."""
+    dropped = {root for root, decision in decisions.items() if decision is not Decision.KEEP}
+    offloaded = {root for root, decision in decisions.items() if decision is Decision.OFFLOAD}
+    backward_reads = {name for op in graph.backward_ops for name in op.inputs}
+
+    # forward: everything the backward reads stays, unless its storage is dropped/offloaded
+    forward_runs: list[Step] = []
+    for op in graph.forward_ops:
+        forward_runs.append(run(op.name))
+        forward_runs.extend(offload(name) for name in op.outputs if name in offloaded)
+    kept_for_backward = {name for name in backward_reads
+                         if graph.value(name).kind is ValueKind.ACTIVATION and graph.value(name).root not in dropped}
+    forward_steps = insert_frees(graph, forward_runs, live_out=kept_for_backward)
+
+    live = {name for name in graph.placeholders} | kept_for_backward
+    on_host = set(offloaded)
+    backward_ops = graph.backward_ops
+    backward_core: list[Step] = []
+    prefetched: set[str] = set()
+
+    def make_available(value_name: str) -> None:
+        """Post-order walk of the producers that must run again (explicit stack: chains
+        of thousands of dropped values must not hit Python's recursion limit)."""
+        stack: list[tuple[str, bool]] = [(value_name, False)]
+        while stack:
+            name, inputs_ready = stack.pop()
+            if name in live:
+                continue
+            if name in on_host:
+                backward_core.append(prefetch(name))
+                live.add(name)
+                continue
+            producer = graph.value(name).producer
+            if producer is None:
+                raise InvalidPlanError(f"value {name!r} is needed in the backward but nothing produces it")
+            op = graph.op(producer)
+            if not op.recomputable:
+                raise InvalidPlanError(
+                    f"value {name!r} comes from op {op.name!r} ({op.target}), which cannot be recomputed; keep it")
+            if inputs_ready:
+                backward_core.append(run(op.name))
+                live.update(op.outputs)
+                continue
+            stack.append((name, True))
+            stack.extend((inp, False) for inp in reversed(op.inputs) if inp not in live)
+
+    for position, op in enumerate(backward_ops):
+        for ahead in backward_ops[position + 1: position + 1 + prefetch_ahead_ops]:
+            for name in ahead.inputs:
+                if name in on_host and name not in live and name not in prefetched:
+                    backward_core.append(prefetch(name))
+                    prefetched.add(name)
+                    live.add(name)
+        for name in op.inputs:
+            make_available(name)
+        backward_core.append(run(op.name))
+        live.update(op.outputs)
+    backward_steps = insert_frees(graph, backward_core, live_out=set(graph.gradients),
+                                  live_in=kept_for_backward | set(graph.placeholders))
+    return forward_steps, backward_steps
+
+
+def insert_frees(graph: Graph, steps: list[Step], live_out: set[str],
+                 live_in: set[str] = frozenset()) -> tuple[Step, ...]:
+    """Add ``free(v)`` right after the last use of each value instance.
+
+    ``live_out`` values stay alive at the end of the phase. Values in ``live_in`` that the
+    phase never reads and that are not live-out are freed at the start. Placeholders are
+    never freed (the caller holds them). O(steps + total arity).
+    """
+    placeholders = set(graph.placeholders)
+
+    def defs_and_uses(step: Step) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if step.kind is StepKind.RUN:
+            op = graph.op(step.name)
+            return op.outputs, tuple(dict.fromkeys(op.inputs))
+        if step.kind is StepKind.PREFETCH:
+            return (step.name,), ()
+        if step.kind is StepKind.OFFLOAD:
+            return (), (step.name,)
+        raise InvalidPlanError(f"insert_frees takes run/offload/prefetch steps, got {step}")
+
+    frees_after: list[list[str]] = [[] for _ in steps]
+    needed = set(live_out)
+    for index in range(len(steps) - 1, -1, -1):
+        defs, uses = defs_and_uses(steps[index])
+        for name in defs:
+            if name not in needed:
+                frees_after[index].append(name)       # produced and never read
+        needed.difference_update(defs)
+        for name in uses:
+            if name not in needed and name not in placeholders:
+                frees_after[index].append(name)       # last use of this instance
+                needed.add(name)
+    result: list[Step] = [free(name) for name in sorted(set(live_in) - needed - placeholders)]
+    for step, names in zip(steps, frees_after):
+        result.append(step)
+        result.extend(free(name) for name in dict.fromkeys(names))
+    return tuple(result)
+

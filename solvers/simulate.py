@@ -1,0 +1,208 @@
+"""Independent replay of a `Plan` on its `Graph`: peak bytes, time, memory timeline.
+
+The replay is the checker of every solver (Checkmate's schedule checker plays the same
+role): it raises `InvalidPlanError` on a use before definition, a free of a dead value, a
+prefetch with no host copy, or a missing output, and otherwise reports what the runtime
+will see.
+
+Memory model (storages, DESIGN.md "Budget semantics"):
+  * a storage is counted while any value aliasing it is alive on the device;
+  * parameters, buffers and inputs are alive for the whole step; tangents for the whole
+    backward (autograd holds them); forward outputs and gradients from their production
+    to the end of the step (the caller and autograd hold them);
+  * an op counts its inputs, its new outputs and its workspace while it runs;
+  * an offloaded value's device storage is released by ``free`` only once its copy has
+    finished (compute waits for it); a prefetch allocates when it is issued.
+
+Time model: one compute stream and two copy channels (device->host, host->device) that
+overlap compute; a read of a prefetched value waits for its copy. O(steps + sum of op
+arity) time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from solvers.errors import InvalidPlanError
+from solvers.graph import Graph, Phase, ValueKind
+from solvers.plan import Plan, StepKind
+
+
+@dataclass(frozen=True)
+class TimelinePoint:
+    phase: Phase
+    step_index: int       # index into the phase's steps
+    bytes_in_use: int     # device bytes right after the step (the peak within it is in SimResult)
+    time_ms: float        # compute clock after the step
+
+
+@dataclass(frozen=True)
+class SimResult:
+    peak_bytes: int
+    time_ms: float                  # end-to-end step time, transfers included where they stall
+    compute_ms: float               # sum of the run steps' times
+    recompute_ms: float             # time of forward ops run again in the backward
+    stall_ms: float                 # time compute waited for copies
+    peak_phase: Phase
+    peak_step_index: int
+    saved_bytes: int                # device bytes held at the end of the forward beyond the pinned ones
+    offloaded_bytes: int
+    timeline: tuple[TimelinePoint, ...] = field(repr=False, default=())
+
+
+class _Memory:
+    """Reference counts per storage root; bytes of the live storages."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.refs: dict[str, int] = {}
+        self.bytes_in_use = 0
+
+    def acquire(self, value_name: str) -> None:
+        root = self.graph.value(value_name).root
+        count = self.refs.get(root, 0)
+        if count == 0:
+            self.bytes_in_use += self.graph.value(root).size_bytes
+        self.refs[root] = count + 1
+
+    def release(self, value_name: str) -> None:
+        root = self.graph.value(value_name).root
+        count = self.refs[root] - 1
+        if count == 0:
+            del self.refs[root]
+            self.bytes_in_use -= self.graph.value(root).size_bytes
+        else:
+            self.refs[root] = count
+
+    def new_bytes(self, value_names: tuple[str, ...]) -> int:
+        """Bytes that defining these values would allocate (roots not alive yet)."""
+        roots = {self.graph.value(name).root for name in value_names}
+        return sum(self.graph.value(root).size_bytes for root in roots if root not in self.refs)
+
+
+def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
+    """Replay ``plan`` on ``graph``; raise `InvalidPlanError` if it cannot execute."""
+    if check_hash:
+        plan.check_graph(graph)
+    memory = _Memory(graph)
+    live: set[str] = set()            # values the program holds a reference to, on the device
+    ready_at: dict[str, float] = {}   # value -> time its prefetch finishes
+    host_ready_at: dict[str, float] = {}   # value -> time its host copy is complete
+    offload_done_at: dict[str, float] = {}
+    pinned_outputs = set(graph.forward_outputs) | set(graph.gradients)
+    transfer = graph.transfer
+
+    for name in graph.placeholders:
+        if graph.value(name).kind is not ValueKind.TANGENT:
+            memory.acquire(name)      # pin for the whole step
+            live.add(name)
+
+    clock_ms = compute_ms = recompute_ms = stall_ms = 0.0
+    d2h_free_at = h2d_free_at = 0.0
+    peak_bytes = memory.bytes_in_use
+    peak_phase, peak_index = Phase.FORWARD, -1
+    saved_bytes = offloaded_bytes = 0
+    timeline: list[TimelinePoint] = []
+    ran_forward: set[str] = set()
+    defined: set[str] = set()
+
+    def fail(phase: Phase, index: int, message: str) -> InvalidPlanError:
+        step = plan.steps(phase)[index]
+        return InvalidPlanError(f"plan by {plan.solver!r}, {phase.value} step {index} {step}: {message}")
+
+    for phase in (Phase.FORWARD, Phase.BACKWARD):
+        if phase is Phase.BACKWARD:
+            for name in graph.placeholders:
+                if graph.value(name).kind is ValueKind.TANGENT:
+                    memory.acquire(name)
+                    live.add(name)
+        for index, step in enumerate(plan.steps(phase)):
+            high_water = memory.bytes_in_use
+            if step.kind is StepKind.RUN:
+                if step.name not in graph.op_by_name:
+                    raise fail(phase, index, "no such op in the graph")
+                op = graph.op(step.name)
+                if op.phase is Phase.BACKWARD and phase is Phase.FORWARD:
+                    raise fail(phase, index, "a backward op cannot run in the forward phase")
+                if op.phase is Phase.FORWARD and phase is Phase.BACKWARD and not op.recomputable:
+                    raise fail(phase, index, f"op {op.name!r} ({op.target}) has effects and cannot be recomputed")
+                if op.phase is Phase.FORWARD and phase is Phase.FORWARD and op.name in ran_forward \
+                        and not op.recomputable:
+                    raise fail(phase, index, f"op {op.name!r} ({op.target}) has effects and must run once")
+                start_ms = clock_ms
+                for name in op.inputs:
+                    if name not in live:
+                        raise fail(phase, index, f"input {name!r} is not on the device")
+                    start_ms = max(start_ms, ready_at.get(name, 0.0))
+                stall_ms += start_ms - clock_ms
+                high_water = memory.bytes_in_use + memory.new_bytes(op.outputs) + op.tmp_bytes
+                for name in op.outputs:
+                    memory.acquire(name)
+                    if name in live:
+                        memory.release(name)      # the new instance replaces the old one
+                    live.add(name)
+                    defined.add(name)
+                    ready_at.pop(name, None)
+                    if name in pinned_outputs and op.phase is phase:
+                        pinned_outputs.discard(name)
+                        memory.acquire(name)      # the caller / autograd keeps it to the end
+                clock_ms = start_ms + op.time_ms
+                compute_ms += op.time_ms
+                if op.phase is Phase.FORWARD:
+                    if phase is Phase.BACKWARD or op.name in ran_forward:
+                        recompute_ms += op.time_ms
+                    ran_forward.add(op.name)
+            elif step.kind is StepKind.FREE:
+                if step.name not in live:
+                    raise fail(phase, index, "value is not on the device")
+                if step.name in offload_done_at:
+                    wait_until = offload_done_at.pop(step.name)
+                    if wait_until > clock_ms:
+                        stall_ms += wait_until - clock_ms
+                        clock_ms = wait_until
+                live.discard(step.name)
+                memory.release(step.name)
+            elif step.kind is StepKind.OFFLOAD:
+                if step.name not in live:
+                    raise fail(phase, index, "cannot offload a value that is not on the device")
+                size = graph.value(graph.value(step.name).root).size_bytes
+                start_ms = max(clock_ms, d2h_free_at, ready_at.get(step.name, 0.0))
+                d2h_free_at = start_ms + transfer.latency_ms + size / transfer.device_to_host_bytes_per_ms
+                host_ready_at[step.name] = d2h_free_at
+                offload_done_at[step.name] = d2h_free_at
+                offloaded_bytes += size
+            elif step.kind is StepKind.PREFETCH:
+                if step.name not in host_ready_at:
+                    raise fail(phase, index, "no host copy to prefetch (offload it first)")
+                if step.name in live:
+                    raise fail(phase, index, "value is already on the device")
+                size = graph.value(graph.value(step.name).root).size_bytes
+                start_ms = max(clock_ms, h2d_free_at, host_ready_at[step.name])
+                h2d_free_at = start_ms + transfer.latency_ms + size / transfer.host_to_device_bytes_per_ms
+                ready_at[step.name] = h2d_free_at
+                memory.acquire(step.name)
+                live.add(step.name)
+                high_water = memory.bytes_in_use
+            if high_water > peak_bytes:
+                peak_bytes, peak_phase, peak_index = high_water, phase, index
+            timeline.append(TimelinePoint(phase, index, memory.bytes_in_use, clock_ms))
+
+        if phase is Phase.FORWARD:
+            missing = [name for name in graph.forward_outputs if name not in defined and name not in live]
+            if missing:
+                raise InvalidPlanError(f"plan by {plan.solver!r}: forward never computes output(s) {missing[:5]}")
+            saved_bytes = memory.bytes_in_use - _pinned_forward_bytes(graph)
+    missing = [name for name in graph.gradients if name not in defined and name not in live]
+    if missing:
+        raise InvalidPlanError(f"plan by {plan.solver!r}: backward never computes gradient(s) {missing[:5]}")
+    return SimResult(peak_bytes=peak_bytes, time_ms=clock_ms, compute_ms=compute_ms, recompute_ms=recompute_ms,
+                     stall_ms=stall_ms, peak_phase=peak_phase, peak_step_index=peak_index,
+                     saved_bytes=max(0, saved_bytes), offloaded_bytes=offloaded_bytes, timeline=tuple(timeline))
+
+
+def _pinned_forward_bytes(graph: Graph) -> int:
+    """Bytes pinned at the end of the forward: parameters, buffers, inputs, outputs."""
+    roots = {graph.value(name).root for name in graph.placeholders
+             if graph.value(name).kind is not ValueKind.TANGENT}
+    roots |= {graph.value(name).root for name in graph.forward_outputs}
+    return sum(graph.value(root).size_bytes for root in roots)
