@@ -89,6 +89,7 @@ class Plan:
     gap: float | None = None             # relative gap to the proved bound, when known
     solve_time_s: float = 0.0
     options: Mapping[str, Any] = field(default_factory=dict)
+    graph: Graph | None = field(default=None, compare=False, repr=False)   # embedded for plan-inspect
 
     def steps(self, phase: Phase) -> tuple[Step, ...]:
         return self.forward if phase is Phase.FORWARD else self.backward
@@ -122,15 +123,19 @@ class Plan:
                 "stages": dict(sorted(self.stages.items())),
                 "predicted_peak_bytes": self.predicted_peak_bytes, "predicted_time_ms": self.predicted_time_ms,
                 "baseline_time_ms": self.baseline_time_ms, "optimal": self.optimal, "gap": self.gap,
-                "solve_time_s": self.solve_time_s, "options": dict(self.options)}
+                "solve_time_s": self.solve_time_s, "options": dict(self.options),
+                **({"graph": self.graph.to_json()} if self.graph is not None else {})}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Plan":
         if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
             found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
             raise PlanFormatError(f"not a memsched plan: format {found!r}, expected {PLAN_FORMAT!r}")
+        graph = Graph.from_json(data["graph"]) if "graph" in data else None
+        if graph is not None and graph.hash != data.get("graph_hash"):
+            raise PlanFormatError(f"plan file embeds graph {graph.hash} but names graph {data.get('graph_hash')}")
         try:
-            return cls(graph_hash=str(data["graph_hash"]), solver=str(data["solver"]),
+            return cls(graph=graph, graph_hash=str(data["graph_hash"]), solver=str(data["solver"]),
                        budget_bytes=int(data["budget_bytes"]),
                        forward=tuple(Step.from_json(s) for s in data["forward"]),
                        backward=tuple(Step.from_json(s) for s in data["backward"]),

@@ -66,7 +66,8 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", **options: obje
     log.info("solver %s: peak %d / budget %d bytes, time %.3f ms, solved in %.2f s",
              name, result.peak_bytes, budget_bytes, result.time_ms, elapsed_s)
     return replace(plan, predicted_peak_bytes=result.peak_bytes, predicted_time_ms=result.time_ms,
-                   baseline_time_ms=graph.total_time_ms, solve_time_s=elapsed_s, budget_bytes=budget_bytes)
+                   baseline_time_ms=graph.total_time_ms, solve_time_s=elapsed_s, budget_bytes=budget_bytes,
+                   graph=graph)
 
 
 class LowerBound:
