@@ -1,0 +1,56 @@
+"""``optimize(model, budget, example_inputs)``: trace, profile, plan, and return the
+drop-in module that runs the plan."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from planner.budget import resolve_budget
+from planner.capture import capture
+from planner.profile import profile
+from runtime.module import ScheduledModule
+from solvers.plan import Plan
+from solvers.registry import solve
+
+log = logging.getLogger(__name__)
+
+
+def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: Sequence[Any] | Any,
+             *, example_kwargs: Mapping[str, Any] | None = None, solver: str = "auto",
+             plan: str | os.PathLike | Plan | None = None, repeats: int = 3,
+             solver_options: Mapping[str, Any] | None = None) -> ScheduledModule:
+    """Return ``model`` wrapped so that one training step (forward + backward) peaks at
+    most at ``budget`` with the same gradients, at the least extra time the solver finds.
+
+    Args:
+        model: any ``nn.Module``; it is not copied: the result shares its parameters.
+        budget: bytes (int), a size string (``"6GiB"``, ``"800MB"``, ``"50%"``) or a float in
+            (0, 1], the fraction of the un-optimized step's activation memory.
+        example_inputs: the positional inputs of one step (a tuple, or one tensor); the
+            plan is specialised to their shapes and dtypes.
+        solver: a name from `solvers.available_solvers()`, or ``"auto"``.
+        plan: a saved plan (path or `Plan`) to run instead of solving; it must have been
+            made for this model and input shapes (`PlanMismatchError` otherwise).
+        repeats: timing repeats per op while profiling.
+
+    Raises:
+        UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError.
+    """
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    started = time.perf_counter()
+    step = capture(model, example_inputs, example_kwargs)
+    graph = profile(step, model, example_inputs, example_kwargs, repeats=1 if plan is not None else repeats)
+    log.info("traced and profiled %s in %.1f s: %d ops", graph.name, time.perf_counter() - started, len(graph.ops))
+    if plan is not None:
+        chosen = plan if isinstance(plan, Plan) else Plan.load(os.fspath(plan))
+        chosen.check_graph(graph)
+    else:
+        breakdown = resolve_budget(budget, graph)
+        chosen = solve(graph, breakdown.budget_bytes, solver, **dict(solver_options or {}))
+    return ScheduledModule(model, step, graph, chosen)

@@ -1,0 +1,379 @@
+"""Trace one training step (forward + backward) of an `nn.Module` into one aten-level,
+functionalized FX graph: the *joint graph*.
+
+Two passes, both on fake tensors (no real compute, no change to the model):
+
+1. ``make_fx`` traces ``forward`` and ``torch.autograd.grad`` together, so the backward
+   formulas appear as aten ops (as AOTAutograd's joint graph does).
+2. ``functionalize`` re-traces that graph with views kept as views and in-place updates
+   rewritten as pure ops; mutations of buffers (BatchNorm running stats) become one
+   trailing ``copy_`` per buffer, which the runtime executes once in the forward.
+
+Placeholders, in order: parameters, buffers, tensor inputs, tangents (one per
+differentiable tensor output). Outputs: the tensor outputs, then the gradients of the
+parameters and inputs that require grad (None where the step does not reach them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import operator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._decomp import get_decompositions
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.func import functional_call, functionalize
+
+from planner.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+# BatchNorm's native op updates its running stats in place without saying so in its
+# schema; decomposing it lets functionalization see (and isolate) that update.
+_DECOMPOSITIONS = get_decompositions([aten.native_batch_norm, aten._batch_norm_with_update,
+                                      aten._native_batch_norm_legit, aten.batch_norm])
+
+
+class Role(str, Enum):
+    PARAMETER = "parameter"
+    BUFFER = "buffer"
+    INPUT = "input"
+    TANGENT = "tangent"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+    BUFFER_UPDATE = "buffer_update"   # the trailing copy_ into a buffer (runs in the forward)
+    OUTPUT = "output"
+
+
+@dataclass(frozen=True)
+class OutputLeaf:
+    """One leaf of the model's (pytree-flattened) output."""
+
+    is_tensor: bool
+    differentiable: bool = False    # has a tangent placeholder
+    constant: Any = None            # the value of a non-tensor leaf
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+
+
+@dataclass
+class CapturedStep:
+    """The joint graph and everything needed to call it with a model's live tensors."""
+
+    joint: fx.GraphModule
+    param_names: list[str]            # model parameters, in placeholder order
+    buffer_names: list[str]
+    input_spec: pytree.TreeSpec       # of (args, kwargs)
+    input_leaves: list[Any]           # example leaves; tensors are replaced at call time
+    tensor_input_positions: list[int]  # leaf indices that are tensors
+    output_spec: pytree.TreeSpec
+    output_leaves: list[OutputLeaf]
+    grad_param_positions: list[int]   # indices into param_names that get a gradient
+    grad_input_positions: list[int]   # indices into the tensor inputs that get a gradient
+    roles: dict[str, Role]            # node name -> role
+    buffer_updates: dict[str, str]    # copy_ node name -> buffer name
+    training: bool
+    input_signature: tuple            # shapes/dtypes/devices the graph is specialised for
+    placeholder_names: list[str] = field(default_factory=list)
+    modules: dict[str, str] = field(default_factory=dict)   # node name -> nn.Module path ("" = top level)
+
+    @property
+    def num_tangents(self) -> int:
+        return sum(leaf.differentiable for leaf in self.output_leaves)
+
+    @property
+    def num_tensor_outputs(self) -> int:
+        return sum(leaf.is_tensor for leaf in self.output_leaves)
+
+    def forward_nodes(self) -> list[fx.Node]:
+        return [n for n in self.joint.graph.nodes if self.roles.get(n.name) in (Role.FORWARD, Role.BUFFER_UPDATE)]
+
+
+def input_signature(leaves: Sequence[Any]) -> tuple:
+    """What a traced graph is specialised for: each tensor's shape, dtype, device,
+    requires_grad; each other leaf's value."""
+    signature = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            signature.append(("tensor", tuple(leaf.shape), str(leaf.dtype), str(leaf.device), leaf.requires_grad))
+        else:
+            signature.append(("const", repr(leaf)))
+    return tuple(signature)
+
+
+def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
+            example_kwargs: Mapping[str, Any] | None = None) -> CapturedStep:
+    """Trace ``model``'s training step on ``example_inputs`` into a joint FX graph.
+
+    The model, its parameters, buffers and the global RNG are left as they were.
+
+    Raises:
+        UnsupportedModelError: naming the submodule being run when tracing failed and
+            the way out (data-dependent control flow, ``.item()``, unsupported ops).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModelError(f"optimize() takes an nn.Module, got {type(model).__name__}")
+    example_kwargs = dict(example_kwargs or {})
+    input_leaves, input_spec = pytree.tree_flatten((tuple(example_inputs), example_kwargs))
+    tensor_positions = [i for i, leaf in enumerate(input_leaves) if isinstance(leaf, torch.Tensor)]
+    named_params = list(model.named_parameters())
+    named_buffers = list(model.named_buffers())
+    param_names = [name for name, _ in named_params]
+    buffer_names = [name for name, _ in named_buffers]
+    params = [p for _, p in named_params]
+    buffers = [b for _, b in named_buffers]
+    tensor_inputs = [input_leaves[i] for i in tensor_positions]
+    grad_param_positions = [i for i, p in enumerate(params) if p.requires_grad]
+    grad_input_positions = [i for i, t in enumerate(tensor_inputs) if t.requires_grad]
+    if not grad_param_positions and not grad_input_positions:
+        raise UnsupportedModelError(f"{type(model).__name__}: no parameter or input requires grad, so there is "
+                                    "no training step to optimize; call the model under torch.no_grad() instead")
+
+    def call_model(param_values, buffer_values, tensor_values):
+        leaves = list(input_leaves)
+        for position, value in zip(tensor_positions, tensor_values):
+            leaves[position] = value
+        args, kwargs = pytree.tree_unflatten(leaves, input_spec)
+        state = {**dict(zip(param_names, param_values)), **dict(zip(buffer_names, buffer_values))}
+        return functional_call(model, state, args, kwargs, strict=True)
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with _restore_module_state(model):
+        output_leaves, output_spec = _infer_outputs(model, fake_mode, call_model, params, buffers, tensor_inputs)
+    tangent_count = sum(leaf.differentiable for leaf in output_leaves)
+    n_params, n_buffers, n_inputs = len(params), len(buffers), len(tensor_inputs)
+
+    def joint(*flat: torch.Tensor):
+        param_values = list(flat[:n_params])
+        buffer_values = list(flat[n_params:n_params + n_buffers])
+        tensor_values = list(flat[n_params + n_buffers:n_params + n_buffers + n_inputs])
+        tangents = list(flat[n_params + n_buffers + n_inputs:])
+        param_values = [p.detach().requires_grad_(p.requires_grad) for p in param_values]
+        tensor_values = [t.detach().requires_grad_(t.requires_grad) for t in tensor_values]
+        with torch.enable_grad():
+            outputs = pytree.tree_leaves(call_model(param_values, buffer_values, tensor_values))
+            differentiable = [o for o, leaf in zip(outputs, output_leaves) if leaf.differentiable]
+            wrt = [param_values[i] for i in grad_param_positions] + [tensor_values[i] for i in grad_input_positions]
+            grads = torch.autograd.grad(differentiable, wrt, tangents, allow_unused=True)
+        return tuple(o for o in outputs if isinstance(o, torch.Tensor)) + tuple(grads)
+
+    scopes: list[tuple[int, str]] = []
+    with _restore_module_state(model), fake_mode, _tracing_errors(model, scopes):
+        fake_flat = ([fake_mode.from_tensor(t) for t in params] + [fake_mode.from_tensor(t) for t in buffers]
+                     + [fake_mode.from_tensor(t) for t in tensor_inputs])
+        fake_flat += [torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+                      for leaf in output_leaves if leaf.differentiable]
+        autograd_graph = make_fx(joint, decomposition_table=_DECOMPOSITIONS, record_module_stack=True)(*fake_flat)
+        log.debug("pass 1: %d placeholders for %d args", sum(n.op == "placeholder" for n in autograd_graph.graph.nodes), len(fake_flat))
+        functional = make_fx(functionalize(_meta_preserving_runner(autograd_graph), remove="mutations"))(*fake_flat)
+    _eliminate_dead_code(functional)
+    modules = _module_paths(autograd_graph, functional, scopes)
+    placeholders = [n for n in functional.graph.nodes if n.op == "placeholder"]
+    assert len(placeholders) == n_params + n_buffers + n_inputs + tangent_count
+    roles = _assign_roles(functional, n_params, n_buffers, n_inputs, num_tensor_outputs=sum(
+        leaf.is_tensor for leaf in output_leaves))
+    buffer_updates = {}
+    for node in functional.graph.nodes:
+        if roles.get(node.name) is Role.BUFFER_UPDATE:
+            target_placeholder = node.args[0]
+            buffer_updates[node.name] = buffer_names[placeholders.index(target_placeholder) - n_params]
+    log.info("captured %s: %d nodes (%d forward, %d backward)", type(model).__name__, len(functional.graph.nodes),
+             sum(r is Role.FORWARD for r in roles.values()), sum(r is Role.BACKWARD for r in roles.values()))
+    return CapturedStep(joint=functional, param_names=param_names, buffer_names=buffer_names,
+                        input_spec=input_spec, input_leaves=input_leaves, tensor_input_positions=tensor_positions,
+                        output_spec=output_spec, output_leaves=output_leaves,
+                        grad_param_positions=grad_param_positions, grad_input_positions=grad_input_positions,
+                        roles=roles, buffer_updates=buffer_updates, training=model.training,
+                        input_signature=input_signature(input_leaves),
+                        placeholder_names=[p.name for p in placeholders], modules=modules)
+
+
+def _meta_preserving_runner(graph_module: fx.GraphModule):
+    """Run an FX graph node by node so that the re-trace keeps each node's module path."""
+
+    def run(*args: Any) -> Any:
+        with torch.fx.traceback.preserve_node_meta():
+            return fx.Interpreter(graph_module).run(*args)
+
+    return run
+
+
+def _infer_outputs(model, fake_mode, call_model, params, buffers, tensor_inputs):
+    """Run the model once on fake tensors to learn its output structure."""
+    with fake_mode, _tracing_errors(model):
+        fake_params = [fake_mode.from_tensor(p) for p in params]
+        fake_buffers = [fake_mode.from_tensor(b) for b in buffers]
+        fake_inputs = [fake_mode.from_tensor(t) for t in tensor_inputs]
+        with torch.enable_grad():
+            fake_params = [p.detach().requires_grad_(p.requires_grad) for p in fake_params]
+            fake_inputs = [t.detach().requires_grad_(t.requires_grad) for t in fake_inputs]
+            output = call_model(fake_params, fake_buffers, fake_inputs)
+    _register_dataclasses(output)
+    leaves, spec = pytree.tree_flatten(output)
+    result = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            result.append(OutputLeaf(is_tensor=True, differentiable=leaf.requires_grad and leaf.dtype.is_floating_point,
+                                     shape=tuple(leaf.shape), dtype=leaf.dtype, device=leaf.device))
+        else:
+            result.append(OutputLeaf(is_tensor=False, constant=leaf))
+    if not any(leaf.differentiable for leaf in result):
+        raise UnsupportedModelError(f"{type(model).__name__}: no output depends on a parameter that requires grad; "
+                                    "nothing to differentiate")
+    return result, spec
+
+
+def _register_dataclasses(output: Any) -> None:
+    """Let pytree flatten dataclass outputs (e.g. a ModelOutput-like dataclass)."""
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        cls = type(output)
+        if cls not in pytree.SUPPORTED_NODES:
+            pytree.register_dataclass(cls)
+        for item in dataclasses.fields(output):
+            _register_dataclasses(getattr(output, item.name))
+    elif isinstance(output, (list, tuple)):
+        for item in output:
+            _register_dataclasses(item)
+    elif isinstance(output, dict):
+        for item in output.values():
+            _register_dataclasses(item)
+
+
+def _module_paths(autograd_graph: fx.GraphModule, functional: fx.GraphModule,
+                  scopes: list[tuple[int, str]]) -> dict[str, str]:
+    """Module path of every node of the functional graph: forward nodes from the scope
+    that was running when pass 1 created them, backward nodes from the forward values
+    they read ("backward of <module>")."""
+    first_pass: dict[str, str] = {}
+    scope_index, current = 0, ""
+    for index, node in enumerate(autograd_graph.graph.nodes):
+        while scope_index < len(scopes) and scopes[scope_index][0] <= index:
+            current = scopes[scope_index][1]
+            scope_index += 1
+        first_pass[node.name] = current
+    paths: dict[str, str] = {}
+    for node in functional.graph.nodes:
+        sources = node.meta.get("from_node") or []
+        path = first_pass.get(sources[-1].name, "") if sources else ""
+        if not path and node.op == "call_function":
+            path = next((paths[arg.name] for arg in node.all_input_nodes if paths.get(arg.name)), "")
+        paths[node.name] = path
+    return paths
+
+
+def _eliminate_dead_code(graph_module: fx.GraphModule) -> None:
+    """Drop unused pure nodes; keep the buffer updates (``copy_``)."""
+    graph_module.graph.eliminate_dead_code(
+        is_impure_node=lambda node: node.is_impure() or (node.op == "call_function"
+                                                          and node.target is aten.copy_.default))
+    graph_module.recompile()
+
+
+def _assign_roles(graph_module: fx.GraphModule, n_params: int, n_buffers: int, n_inputs: int,
+                  num_tensor_outputs: int) -> dict[str, Role]:
+    """Placeholders by position; forward = what the forward outputs and the buffer
+    updates depend on; every other op belongs to the backward."""
+    roles: dict[str, Role] = {}
+    nodes = list(graph_module.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        if index < n_params:
+            roles[node.name] = Role.PARAMETER
+        elif index < n_params + n_buffers:
+            roles[node.name] = Role.BUFFER
+        elif index < n_params + n_buffers + n_inputs:
+            roles[node.name] = Role.INPUT
+        else:
+            roles[node.name] = Role.TANGENT
+    output_node = next(n for n in reversed(nodes) if n.op == "output")
+    forward_roots = [n for n in output_node.args[0][:num_tensor_outputs] if isinstance(n, fx.Node)]
+    updates = [n for n in nodes if n.op == "call_function" and n.target is aten.copy_.default]
+    for node in updates:
+        roles[node.name] = Role.BUFFER_UPDATE
+    stack = forward_roots + [arg for n in updates for arg in n.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node.name in roles:
+            continue
+        roles[node.name] = Role.FORWARD
+        stack.extend(node.all_input_nodes)
+    for node in nodes:
+        if node.op == "call_function" and node.name not in roles:
+            roles[node.name] = Role.BACKWARD
+    for node in nodes:   # an output of a multi-output op belongs to that op's phase
+        if node.op == "call_function" and node.target is operator.getitem:
+            roles[node.name] = roles[node.args[0].name]
+    roles[output_node.name] = Role.OUTPUT
+    return roles
+
+
+@contextlib.contextmanager
+def _restore_module_state(model: torch.nn.Module) -> Iterator[None]:
+    """Tracing must leave the model and the RNG exactly as they were."""
+    rng_state = torch.get_rng_state()
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rng_state)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in buffers and not torch.equal(buffer, buffers[name]):
+                    buffer.copy_(buffers[name])
+
+
+@contextlib.contextmanager
+def _tracing_errors(model: torch.nn.Module, scopes: list[tuple[int, str]] | None = None) -> Iterator[None]:
+    """Turn a tracing failure into `UnsupportedModelError` naming the submodule that was
+    running and the way out. With ``scopes``, also record ``(graph length, module path)``
+    each time the running submodule changes, so traced nodes can be attributed."""
+    stack: list[str] = []
+    names = {module: name for name, module in model.named_modules()}
+
+    def note() -> None:
+        mode = get_proxy_mode()
+        if scopes is not None and mode is not None:
+            scopes.append((len(mode.tracer.graph.nodes), stack[-1] if stack else ""))
+
+    def enter(module, _args):
+        stack.append(names.get(module, type(module).__name__) or type(model).__name__)
+        note()
+
+    def leave(module, _args, _output):
+        if stack:
+            stack.pop()
+        note()
+
+    handles = []
+    for module in names:
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield
+    except UnsupportedModelError:
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised with the module and the fix
+        where = stack[-1] if stack else type(model).__name__
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lowered = (type(error).__name__ + text).lower()
+        if "datadependent" in lowered or "data-dependent" in lowered or "data dependent" in lowered \
+                or "item()" in lowered or "guard" in lowered:
+            fix = ("data-dependent control flow or a tensor read on the host (.item(), .tolist(), `if x.sum() > 0`); "
+                   "use torch.where / masking instead")
+        else:
+            fix = "an op or Python construct that cannot be traced to aten ops"
+        raise UnsupportedModelError(f"cannot trace {where!r} ({type(error).__name__}: {text}); "
+                                    f"cause: {fix}") from error
+    finally:
+        for handle in handles:
+            handle.remove()

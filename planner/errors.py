@@ -1,0 +1,12 @@
+"""Errors of the torch-facing front end; they join the hierarchy in `solvers.errors`."""
+
+from solvers.errors import MemschedError
+
+
+class UnsupportedModelError(MemschedError):
+    """The model cannot be traced into a training-step graph; the message names the
+    submodule and the way out."""
+
+
+class BudgetError(MemschedError, ValueError):
+    """A budget that cannot be read (``"6 GB"`` typo, negative, fraction outside (0, 1])."""

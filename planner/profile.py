@@ -1,0 +1,221 @@
+"""Measure every op of a captured step and describe it as a torch-free `solvers.Graph`.
+
+For each node of the joint graph, on the model's device, with its real parameters:
+  * time: median of ``repeats`` runs (CUDA: synchronised, CUDA-event timed);
+  * bytes: the storage its outputs newly own; a view or alias owns none and points to the
+    value whose storage it shares (found by storage identity, not by op name, so ops that
+    alias only sometimes, like ``reshape``, are classified by what they did);
+  * workspace: on CUDA the allocator's high-water mark during the op beyond its outputs;
+    outputs of a multi-output op that nothing reads count as workspace too.
+
+Profiling does not change the model: buffers are cloned, the RNG state is restored, and
+parameters are only read.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import statistics
+import time
+import weakref
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from planner.capture import CapturedStep, Role
+from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+_PLACEHOLDER_KINDS = {Role.PARAMETER: ValueKind.PARAMETER, Role.BUFFER: ValueKind.BUFFER,
+                      Role.INPUT: ValueKind.INPUT, Role.TANGENT: ValueKind.TANGENT}
+
+
+def step_arguments(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence[Any],
+                   example_kwargs: Mapping[str, Any] | None = None, *, clone_buffers: bool = False,
+                   tangents: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The joint graph's flat arguments for this model and inputs."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    leaves = pytree.tree_leaves((tuple(example_inputs), dict(example_kwargs or {})))
+    flat = [params[name].detach() for name in step.param_names]
+    flat += [buffers[name].detach().clone() if clone_buffers else buffers[name] for name in step.buffer_names]
+    flat += [leaves[i].detach() for i in step.tensor_input_positions]
+    if tangents is None:
+        tangents = [torch.ones(leaf.shape, dtype=leaf.dtype, device=leaf.device)
+                    for leaf in step.output_leaves if leaf.differentiable]
+    return flat + list(tangents)
+
+
+def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence[Any],
+            example_kwargs: Mapping[str, Any] | None = None, *, repeats: int = 3,
+            transfer: Transfer | None = None, name: str = "") -> Graph:
+    """Run the captured step once (plus ``repeats - 1`` timing repeats per op) and return
+    its `Graph`. ``repeats=1`` gives sizes with single-shot times (enough to re-use a plan)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    arguments = step_arguments(step, model, example_inputs, example_kwargs, clone_buffers=True)
+    device = next((t.device for t in arguments), torch.device("cpu"))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        graph = _GraphBuilder(step, device, repeats).run(arguments)
+    transfer = transfer or Transfer(source="nominal (not measured)")
+    return Graph(ops=tuple(graph.ops), values=tuple(graph.values), placeholders=tuple(graph.placeholders),
+                 forward_outputs=tuple(graph.forward_outputs), gradients=tuple(graph.gradients),
+                 transfer=transfer, device=str(device), name=name or type(model).__name__)
+
+
+class _GraphBuilder:
+    """Executes the joint graph node by node, recording sizes, aliases and times."""
+
+    def __init__(self, step: CapturedStep, device: torch.device, repeats: int) -> None:
+        self.step = step
+        self.device = device
+        self.repeats = repeats
+        self.ops: list[Op] = []
+        self.values: list[Value] = []
+        self.placeholders: list[str] = []
+        self.forward_outputs: list[str] = []
+        self.gradients: list[str] = []
+        self.storage_owner: dict[int, tuple[weakref.ref, str]] = {}   # data_ptr -> (storage, root value)
+        self.root_of: dict[str, str] = {}
+        # placeholders the step updates in place: an op reading them must not be re-run
+        # after the update, or it would see the new value
+        self.updated_in_place = {node.args[0].name for node in step.joint.graph.nodes
+                                 if step.roles.get(node.name) is Role.BUFFER_UPDATE}
+
+    # -- storage identity ----------------------------------------------------------------
+    def _owner(self, tensor: torch.Tensor) -> str | None:
+        storage = tensor.untyped_storage()
+        if storage.nbytes() == 0:
+            return None
+        entry = self.storage_owner.get(storage.data_ptr())
+        if entry is not None and entry[0]() is storage:
+            return entry[1]
+        return None
+
+    def _describe(self, name: str, tensor: Any, kind: ValueKind, producer: str | None) -> Value:
+        value = self._classify(name, tensor, kind, producer)
+        self.root_of[name] = value.root
+        return value
+
+    def _classify(self, name: str, tensor: Any, kind: ValueKind, producer: str | None) -> Value:
+        if not isinstance(tensor, torch.Tensor):
+            return Value(name, 0, kind, producer=producer)
+        owner = self._owner(tensor)
+        storage = tensor.untyped_storage()
+        shape, dtype = tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
+        if owner is not None:
+            return Value(name, 0, kind, producer=producer, alias_of=owner, shape=shape, dtype=dtype)
+        if storage.nbytes() > 0:
+            self.storage_owner[storage.data_ptr()] = (weakref.ref(storage), name)
+        return Value(name, int(storage.nbytes()), kind, producer=producer, shape=shape, dtype=dtype)
+
+    # -- timing --------------------------------------------------------------------------
+    def _timed(self, target: Any, args: tuple, kwargs: dict) -> tuple[Any, float, int]:
+        """Result of the first run, median time in ms, workspace bytes (CUDA only)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            base_bytes = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.perf_counter()
+        result = target(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        times_ms = [(time.perf_counter() - started) * 1e3]
+        workspace_bytes = 0
+        if cuda:
+            high_water = torch.cuda.max_memory_allocated(self.device) - base_bytes
+            workspace_bytes = max(0, high_water - (torch.cuda.memory_allocated(self.device) - base_bytes))
+        for _ in range(self.repeats - 1):
+            if cuda:
+                start_event = torch.cuda.Event(enable_timing=True)
+                end_event = torch.cuda.Event(enable_timing=True)
+                start_event.record()
+                target(*args, **kwargs)
+                end_event.record()
+                end_event.synchronize()
+                times_ms.append(start_event.elapsed_time(end_event))
+            else:
+                started = time.perf_counter()
+                target(*args, **kwargs)
+                times_ms.append((time.perf_counter() - started) * 1e3)
+        if len(times_ms) > 1:
+            times_ms = times_ms[1:]   # the first run pays for warm-up
+        return result, statistics.median(times_ms), workspace_bytes
+
+    # -- the walk ------------------------------------------------------------------------
+    def run(self, arguments: list[torch.Tensor]) -> "_GraphBuilder":
+        step, roles = self.step, self.step.roles
+        nodes = list(step.joint.graph.nodes)
+        remaining_users = {node: len(node.users) for node in nodes}
+        env: dict[str, Any] = {}
+        argument_iter = iter(arguments)
+
+        def release(node: fx.Node) -> None:
+            for source in node.all_input_nodes:
+                remaining_users[source] -= 1
+                if remaining_users[source] == 0 and source.op != "placeholder":
+                    env.pop(source.name, None)
+
+        for node in nodes:
+            role = roles.get(node.name)
+            if node.op == "placeholder":
+                env[node.name] = next(argument_iter)
+                self.values.append(self._describe(node.name, env[node.name], _PLACEHOLDER_KINDS[role], None))
+                self.placeholders.append(node.name)
+            elif node.op == "get_attr":
+                env[node.name] = getattr(step.joint, node.target)
+                self.values.append(self._describe(node.name, env[node.name], ValueKind.BUFFER, None))
+                self.placeholders.append(node.name)
+            elif node.op == "call_function" and node.target is operator.getitem:
+                continue   # recorded with its producer
+            elif node.op == "call_function":
+                self._run_op(node, role, env)
+                release(node)
+            elif node.op == "output":
+                outputs = node.args[0]
+                tensor_outputs = outputs[:step.num_tensor_outputs]
+                self.forward_outputs = list(dict.fromkeys(o.name for o in tensor_outputs if isinstance(o, fx.Node)))
+                self.gradients = list(dict.fromkeys(g.name for g in outputs[step.num_tensor_outputs:]
+                                                    if isinstance(g, fx.Node)))
+        return self
+
+    def _run_op(self, node: fx.Node, role: Role, env: dict[str, Any]) -> None:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
+        result, time_ms, workspace_bytes = self._timed(node.target, args, kwargs)
+        phase = Phase.BACKWARD if role is Role.BACKWARD else Phase.FORWARD
+        kind = ValueKind.GRADIENT_WORK if phase is Phase.BACKWARD else ValueKind.ACTIVATION
+        getitems = {user.args[1]: user for user in node.users if user.target is operator.getitem}
+        outputs: list[str] = []
+        if isinstance(result, (tuple, list)):
+            for index, item in enumerate(result):
+                if index in getitems:
+                    user = getitems[index]
+                    env[user.name] = item
+                    self.values.append(self._describe(user.name, item, kind, node.name))
+                    outputs.append(user.name)
+                elif isinstance(item, torch.Tensor) and self._owner(item) is None:
+                    workspace_bytes += item.untyped_storage().nbytes()   # computed, never read
+        else:
+            env[node.name] = result
+            self.values.append(self._describe(node.name, result, kind, node.name))
+            outputs.append(node.name)
+        inputs = tuple(dict.fromkeys(n.name for n in node.all_input_nodes))
+        is_random = torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+        self.ops.append(Op(name=node.name, inputs=inputs, outputs=tuple(outputs), phase=phase, time_ms=time_ms,
+                           tmp_bytes=int(workspace_bytes),
+                           recomputable=role is not Role.BUFFER_UPDATE
+                           and not any(self.root_of.get(name) in self.updated_in_place for name in inputs),
+                           random=is_random, target=_target_name(node.target),
+                           module=self.step.modules.get(node.name, "")))
+
+
+def _target_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target.__name__}" if target.namespace == "aten" else str(target)
+    return getattr(target, "__name__", str(target))

@@ -1,0 +1,161 @@
+"""FX code generation of a `Plan`: one GraphModule for the forward phase, one for the
+backward phase, each a straight-line program of aten calls in the plan's order.
+
+    forward(params..., buffers..., inputs...)  -> (outputs..., saved..., rng states...)
+    backward([saved..., rng states..., tangents...]) -> (grads...)   # boxed: the list is cleared
+
+Freeing is FX's own: generated code drops each variable after its last use, which is
+where the plan's ``free`` steps stand (the schedule builder frees at last use). The
+backward takes its inputs as one list that it clears ("boxed" calling convention), so a
+saved activation dies at its last use in the backward instead of when the step ends.
+
+A run of a forward op in the backward is a recomputation: it becomes a new FX node, and a
+random op is wrapped in `runtime.rng.run_with_rng_state` with the state the forward saved.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.fx.graph import _BoxedCodeGen
+
+from planner.capture import CapturedStep, Role
+from runtime import rng
+from solvers.errors import InvalidPlanError, PlanMismatchError
+from solvers.graph import Graph, Phase
+from solvers.plan import Plan, StepKind
+
+
+@dataclass
+class Programs:
+    forward: fx.GraphModule
+    backward: fx.GraphModule
+    num_outputs: int         # tensor outputs the forward returns first
+    saved_names: list[str]   # values the forward hands to the backward (after the outputs)
+    rng_ops: list[str]       # random ops whose generator state the forward saves (after the saved values)
+    gradient_slots: list[int | None]   # for each joint gradient output: index into backward's result, or None
+
+
+def generate(step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> Programs:
+    """Build the forward and backward GraphModules that execute ``plan``."""
+    if plan.graph_hash != graph.hash:
+        raise PlanMismatchError(f"plan for graph {plan.graph_hash} cannot run graph {graph.hash}; re-plan this model")
+    if any(s.kind in (StepKind.OFFLOAD, StepKind.PREFETCH) for s in plan.forward + plan.backward):
+        raise InvalidPlanError("this runtime does not execute offload/prefetch steps yet; "
+                               "plan without offload (solver 'greedy' or 'none')")
+    joint_nodes = {node.name: node for node in step.joint.graph.nodes}
+    getitem_of = {}   # value name -> (producer node name, index)
+    for node in step.joint.graph.nodes:
+        if node.op == "call_function" and node.target is operator.getitem:
+            getitem_of[node.name] = (node.args[0].name, node.args[1])
+    output_node = next(n for n in reversed(step.joint.graph.nodes) if n.op == "output")
+    joint_outputs = list(output_node.args[0])
+    num_outputs = step.num_tensor_outputs
+
+    backward_runs = [s.name for s in plan.backward if s.kind is StepKind.RUN]
+    rng_ops = [name for name in dict.fromkeys(backward_runs)
+               if graph.op(name).random and graph.op(name).phase is Phase.FORWARD]
+    saved_names = _backward_reads_from_forward(graph, plan)
+
+    # -- forward ---------------------------------------------------------------------------
+    forward_graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    rng_nodes: dict[str, fx.Node] = {}
+    for node in step.joint.graph.nodes:
+        if node.op == "placeholder" and step.roles[node.name] is not Role.TANGENT:
+            env[node.name] = forward_graph.placeholder(node.name)
+        elif node.op == "get_attr":
+            env[node.name] = forward_graph.get_attr(node.target)
+    for plan_step in plan.forward:
+        if plan_step.kind is not StepKind.RUN:
+            continue
+        if plan_step.name in rng_ops:
+            rng_nodes[plan_step.name] = forward_graph.call_function(rng.save_rng_state, (device_type,))
+        _emit(forward_graph, joint_nodes[plan_step.name], env, getitem_of, graph, replay_state=None)
+    forward_results = [env[n.name] for n in joint_outputs[:num_outputs]]
+    forward_results += [env[name] for name in saved_names]
+    forward_results += [rng_nodes[name] for name in rng_ops]
+    forward_graph.output(tuple(forward_results))
+
+    # -- backward --------------------------------------------------------------------------
+    backward_graph = fx.Graph()
+    backward_graph.set_codegen(_BoxedCodeGen())
+    env = {}
+    for name in saved_names:
+        env[name] = backward_graph.placeholder(name)
+    replay_states = {name: backward_graph.placeholder(f"rng_state_{name}") for name in rng_ops}
+    for node in step.joint.graph.nodes:
+        if node.op == "placeholder" and step.roles[node.name] is Role.TANGENT:
+            env[node.name] = backward_graph.placeholder(node.name)
+        elif node.op == "get_attr":
+            env[node.name] = backward_graph.get_attr(node.target)
+    for plan_step in plan.backward:
+        if plan_step.kind is not StepKind.RUN:
+            continue
+        op = graph.op(plan_step.name)
+        state = replay_states.get(op.name) if op.phase is Phase.FORWARD else None
+        _emit(backward_graph, joint_nodes[op.name], env, getitem_of, graph, replay_state=state,
+              device_type=device_type)
+    gradient_slots: list[int | None] = []
+    gradient_results: list[fx.Node] = []
+    for item in joint_outputs[num_outputs:]:
+        if isinstance(item, fx.Node):
+            if item.name not in env:
+                raise InvalidPlanError(f"plan by {plan.solver!r} never computes gradient {item.name!r}")
+            gradient_slots.append(len(gradient_results))
+            gradient_results.append(env[item.name])
+        else:
+            gradient_slots.append(None)
+    backward_graph.output(tuple(gradient_results))
+
+    forward_module = fx.GraphModule(step.joint, forward_graph, class_name="ScheduledForward")
+    backward_module = fx.GraphModule(step.joint, backward_graph, class_name="ScheduledBackward")
+    return Programs(forward=forward_module, backward=backward_module, num_outputs=num_outputs,
+                    saved_names=saved_names, rng_ops=rng_ops, gradient_slots=gradient_slots)
+
+
+def _emit(target_graph: fx.Graph, node: fx.Node, env: dict[str, fx.Node], getitem_of: dict[str, tuple[str, int]],
+          graph: Graph, replay_state: fx.Node | None, device_type: str = "cpu") -> None:
+    """Append one run of ``node`` and bind its output values in ``env``."""
+    def value(arg: fx.Node) -> fx.Node:
+        if arg.name not in env:
+            raise InvalidPlanError(f"op {node.name!r} reads {arg.name!r}, which the plan has not made available")
+        return env[arg.name]
+
+    if replay_state is not None:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+        new_node = target_graph.call_function(rng.run_with_rng_state,
+                                              (replay_state, device_type, node.target, args, kwargs))
+    else:
+        new_node = target_graph.node_copy(node, value)
+    new_node.meta = {key: node.meta[key] for key in ("val", "tensor_meta") if key in node.meta}
+    outputs = graph.op(node.name).outputs
+    if len(outputs) == 1 and outputs[0] == node.name:
+        env[node.name] = new_node
+        return
+    for output_name in outputs:
+        _, index = getitem_of[output_name]
+        env[output_name] = target_graph.call_function(operator.getitem, (new_node, index))
+
+
+def _backward_reads_from_forward(graph: Graph, plan: Plan) -> list[str]:
+    """Values the backward reads before (re)defining them: the forward must hand them over."""
+    defined = {name for name in graph.placeholders if graph.value(name).kind.value == "tangent"}
+    needed: dict[str, None] = {}
+    for plan_step in plan.backward:
+        if plan_step.kind is StepKind.RUN:
+            op = graph.op(plan_step.name)
+            for name in op.inputs:
+                if name not in defined:
+                    needed.setdefault(name)
+            defined.update(op.outputs)
+        elif plan_step.kind is StepKind.PREFETCH:
+            defined.add(plan_step.name)
+    return list(needed)
+
+
+def device_type_of(tensors: list[torch.Tensor]) -> str:
+    return next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")

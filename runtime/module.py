@@ -1,0 +1,141 @@
+"""The drop-in module: runs the plan's forward and backward programs inside one
+`torch.autograd.Function`, on the ORIGINAL parameters and buffers.
+
+Because the wrapped model is held as is, ``state_dict``, optimizers, ``.grad``
+accumulation and ``train()/eval()`` behave as on the plain model. In eval mode or under
+``torch.no_grad()`` there is no backward to plan for, so the plain forward runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from planner.capture import CapturedStep, input_signature
+from runtime.codegen import Programs, generate
+from solvers.errors import PlanMismatchError
+from solvers.graph import Graph
+from solvers.plan import Plan
+
+
+class _StepProgram:
+    """The generated programs of one plan and how to call them."""
+
+    def __init__(self, step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> None:
+        self.step = step
+        self.programs: Programs = generate(step, graph, plan, device_type)
+        self.differentiable = [leaf.differentiable for leaf in step.output_leaves if leaf.is_tensor]
+        self.num_params = len(step.param_names)
+        self.num_buffers = len(step.buffer_names)
+        self.num_inputs = len(step.tensor_input_positions)
+
+
+class _ScheduledStep(torch.autograd.Function):
+    """forward: run the forward program, keep what the backward reads; backward: hand it
+    over in a list the backward program clears, so each value dies at its last use."""
+
+    @staticmethod
+    def forward(ctx: Any, program: _StepProgram, *flat_args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        programs = program.programs
+        results = programs.forward(*flat_args)
+        outputs = results[:programs.num_outputs]
+        # detached aliases: the same storage, but no reference cycle through the outputs' grad_fn
+        ctx.handover = [t.detach() if isinstance(t, torch.Tensor) else t for t in results[programs.num_outputs:]]
+        ctx.program = program
+        non_differentiable = [out for out, grad in zip(outputs, program.differentiable) if not grad]
+        if non_differentiable:
+            ctx.mark_non_differentiable(*non_differentiable)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        program: _StepProgram = ctx.program
+        if ctx.handover is None:
+            raise RuntimeError("memsched: backward ran twice through one optimized step; retain_graph=True is "
+                               "not supported because saved activations are freed as the backward uses them")
+        arguments = ctx.handover
+        ctx.handover = None
+        arguments.extend(g.contiguous() for g, grad in zip(grad_outputs, program.differentiable) if grad)
+        gradients = program.programs.backward(arguments)
+        step = program.step
+        result: list[torch.Tensor | None] = [None] * (program.num_params + program.num_buffers + program.num_inputs)
+        slots = iter(program.programs.gradient_slots)
+        for position in step.grad_param_positions:
+            slot = next(slots)
+            result[position] = None if slot is None else gradients[slot]
+        for position in step.grad_input_positions:
+            slot = next(slots)
+            result[program.num_params + program.num_buffers + position] = None if slot is None else gradients[slot]
+        return (None, *result)
+
+
+class ScheduledModule(torch.nn.Module):
+    """``model`` executing ``plan``: same parameters, same math, peak within the plan's budget.
+
+    Attributes:
+        module: the original model (its parameters are this module's parameters).
+        plan: the `solvers.Plan` being executed.
+        graph: the `solvers.Graph` it was made for.
+    """
+
+    def __init__(self, model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan) -> None:
+        super().__init__()
+        plan.check_graph(graph)
+        self.module = model
+        self.plan = plan
+        self.graph = graph
+        self._step = step
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self._program = _StepProgram(step, graph, plan, device.type)
+
+    @property
+    def forward_code(self) -> str:
+        """The generated Python of the forward program (for inspection)."""
+        return self._program.programs.forward.code
+
+    @property
+    def backward_code(self) -> str:
+        return self._program.programs.backward.code
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled() or self.training != self._step.training:
+            return self.module(*args, **kwargs)
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        step = self._step
+        if spec != step.input_spec or input_signature(leaves) != step.input_signature:
+            raise PlanMismatchError(
+                f"{type(self.module).__name__} was optimized for inputs {_describe(step.input_signature)} but got "
+                f"{_describe(input_signature(leaves)) if spec == step.input_spec else 'another input structure'}; "
+                "call optimize() again with example inputs of this shape (or use drop_last=True in the DataLoader)")
+        params = dict(self.module.named_parameters())
+        buffers = dict(self.module.named_buffers())
+        flat = [params[name] for name in step.param_names] + [buffers[name] for name in step.buffer_names]
+        flat += [leaves[i] for i in step.tensor_input_positions]
+        tensor_outputs = iter(_ScheduledStep.apply(self._program, *flat))
+        output_leaves = [next(tensor_outputs) if leaf.is_tensor else leaf.constant for leaf in step.output_leaves]
+        return pytree.tree_unflatten(output_leaves, step.output_spec)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The wrapped model's state dict, with its own keys."""
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("module"), name)
+
+
+def _describe(signature: tuple) -> str:
+    parts = []
+    for item in signature:
+        if item[0] == "tensor":
+            parts.append(f"{list(item[1])} {item[2].removeprefix('torch.')}")
+        else:
+            parts.append(item[1])
+    return "(" + ", ".join(parts) + ")"
