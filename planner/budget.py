@@ -51,6 +51,8 @@ def parse_budget(budget: int | float | str) -> int | float:
         if not match or match.group(2).lower() not in _UNITS:
             raise BudgetError(f"cannot read budget {budget!r}; write bytes with a unit such as '6GiB', '800MB', "
                               "'512MiB', or a percentage such as '50%'")
+        if not match.group(2) and "." in match.group(1):
+            return parse_budget(float(match.group(1)))     # "0.5": a fraction
         size_bytes = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
         if size_bytes <= 0:
             raise BudgetError(f"budget {budget!r} must be positive")

@@ -1,0 +1,64 @@
+"""Measure training steps side by side: peak memory (`planner.memory`) and time ratios.
+
+Times are wall-clock medians of steps run round-robin in one process, so that the ratio of
+two methods is meaningful even on a noisy machine; quote ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from planner.memory import MemoryReport, measure_step_memory
+
+
+def training_loss(output: Any) -> torch.Tensor:
+    """A scalar to backpropagate from a model's output: the output itself when it is a
+    scalar (a model that returns its loss), else the sum of the means of its floating-point
+    tensors (a reduction that saves nothing for its backward)."""
+    if isinstance(output, torch.Tensor) and output.dim() == 0:
+        return output
+    leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()
+              and t.requires_grad]
+    if not leaves:
+        raise ValueError("the model's output has no floating-point tensor that requires grad")
+    return sum(t.mean() for t in leaves)
+
+
+def train_step(model: torch.nn.Module, inputs: Sequence[Any]) -> torch.Tensor:
+    """One forward + backward from fresh gradients (``.grad`` set to None first)."""
+    for parameter in model.parameters():
+        parameter.grad = None
+    loss = training_loss(model(*inputs))
+    loss.backward()
+    return loss.detach()
+
+
+def step_memory(model: torch.nn.Module, inputs: Sequence[Any]) -> MemoryReport:
+    """Peak device memory of one `train_step`, parameters, buffers and inputs included."""
+    for parameter in model.parameters():
+        parameter.grad = None
+    resident = list(model.parameters()) + list(model.buffers())
+    resident += [t for t in pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    _, report = measure_step_memory(lambda: train_step(model, inputs), device, resident)
+    return report
+
+
+def step_times_ms(steps: Mapping[str, Callable[[], Any]], repeats: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median wall time of each step, the steps run round-robin ``repeats`` times."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for round_index in range(warmup + repeats):
+        for name, step in steps.items():
+            synchronize()
+            started = time.perf_counter()
+            step()
+            synchronize()
+            if round_index >= warmup:
+                samples[name].append((time.perf_counter() - started) * 1e3)
+    return {name: statistics.median(times) for name, times in samples.items()}

@@ -1,0 +1,144 @@
+"""planner.capture and planner.profile on small models built for each case."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from planner import UnsupportedModelError, capture, profile
+from planner.capture import Role
+from solvers import Phase, ValueKind
+
+
+class BatchNormDropout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32)
+        self.norm = nn.BatchNorm1d(32)
+        self.drop = nn.Dropout(0.5)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(F.relu(self.norm(self.fc1(x)))))
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_capture_and_profile_leave_model_and_rng_unchanged() -> None:
+    torch.manual_seed(0)
+    model, x = BatchNormDropout(), torch.randn(16, 8)
+    before, rng_before = state_of(model), torch.get_rng_state()
+    step = capture(model, (x,))
+    profile(step, model, (x,), repeats=2)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_roles_buffer_updates_and_random_ops() -> None:
+    model, x = BatchNormDropout(), torch.randn(16, 8)
+    step = capture(model, (x,))
+    assert sorted(step.buffer_updates.values()) == ["norm.num_batches_tracked", "norm.running_mean",
+                                                    "norm.running_var"]
+    roles = list(step.roles.values())
+    assert roles.count(Role.PARAMETER) == 6 and roles.count(Role.BUFFER) == 3
+    assert roles.count(Role.INPUT) == 1 and roles.count(Role.TANGENT) == 1
+    graph = profile(step, model, (x,), repeats=1)
+    random_ops = [op for op in graph.ops if op.random]
+    assert random_ops and all(op.phase is Phase.FORWARD for op in random_ops)
+    # every buffer update runs once in the forward and can never be recomputed
+    updates = [op for op in graph.ops if op.name in step.buffer_updates]
+    assert len(updates) == 3 and all(op.phase is Phase.FORWARD and not op.recomputable for op in updates)
+    # the backward reads no tangent-free forward-only thing it cannot have
+    assert {graph.value(g).kind for g in graph.gradients} == {ValueKind.GRADIENT_WORK}
+    assert len(graph.gradients) == 6
+
+
+def test_views_own_no_storage_and_point_to_their_root() -> None:
+    class Views(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(12, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)                       # (4, 12) new storage
+            return h.view(4, 3, 4).transpose(1, 2).sum()
+
+    model, x = Views(), torch.randn(4, 12)
+    graph = profile(capture(model, (x,)), model, (x,), repeats=1)
+    addmm = next(v for v in graph.values if v.producer and graph.op(v.producer).target == "aten.addmm.default")
+    assert addmm.size_bytes == 4 * 12 * 4 and addmm.alias_of is None
+    views = [v for v in graph.values if v.producer and graph.op(v.producer).phase is Phase.FORWARD
+             and graph.op(v.producer).target in ("aten.view.default", "aten.transpose.int")]
+    assert views and all(v.size_bytes == 0 and v.alias_of == addmm.name for v in views)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    steps: int
+
+
+def test_tuple_dict_and_dataclass_outputs_round_trip() -> None:
+    class Structured(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(6, 6)
+
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> dict:
+            h = self.fc(x) * scale
+            return {"out": Output(logits=h.relu(), hidden=h, steps=3), "pair": (h.sum(), x.argmax(dim=1))}
+
+    model, x = Structured(), torch.randn(5, 6)
+    step = capture(model, (x,), {"scale": 2.0})
+    assert [leaf.is_tensor for leaf in step.output_leaves].count(False) == 1
+    differentiable = [leaf.differentiable for leaf in step.output_leaves if leaf.is_tensor]
+    assert differentiable.count(False) == 1      # argmax is an integer output
+
+
+def test_data_dependent_control_flow_names_the_module_and_the_fix() -> None:
+    class Branchy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 if x.sum() > 0 else x
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.gate = Branchy()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.gate(self.fc(x))
+
+    with pytest.raises(UnsupportedModelError, match=r"'gate'.*torch\.where"):
+        capture(Net(), (torch.randn(2, 4),))
+
+
+def test_model_without_trainable_parameters_is_refused() -> None:
+    model = nn.Linear(3, 3).requires_grad_(False)
+    with pytest.raises(UnsupportedModelError, match="requires grad"):
+        capture(model, (torch.randn(2, 3),))
+
+
+def test_not_a_module_is_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match="nn.Module"):
+        capture(lambda x: x, (torch.randn(2),))
+
+
+def test_profile_times_are_positive_and_graph_is_json_stable() -> None:
+    model, x = BatchNormDropout(), torch.randn(16, 8)
+    step = capture(model, (x,))
+    first = profile(step, model, (x,), repeats=3)
+    second = profile(step, copy.deepcopy(model), (x,), repeats=1)
+    assert first.hash == second.hash                     # timings differ, structure does not
+    assert sum(op.time_ms for op in first.ops) > 0
+    assert all(op.time_ms >= 0 for op in first.ops)
