@@ -1,13 +1,26 @@
 """memsched's torch front end: trace and profile a training step, plan it, run it.
 
     model = planner.optimize(model, budget="6GiB", example_inputs=(x,))
+
+Names are loaded on first use (PEP 562) so that torch-free tools such as ``plan-inspect``
+start without importing torch.
 """
 
-from planner.api import optimize
-from planner.budget import parse_budget, resolve_budget
-from planner.capture import capture
-from planner.errors import BudgetError, UnsupportedModelError
-from planner.profile import profile
+from __future__ import annotations
 
-__all__ = ["BudgetError", "UnsupportedModelError", "capture", "optimize", "parse_budget", "profile",
-           "resolve_budget"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "optimize": "planner.api", "parse_budget": "planner.budget", "resolve_budget": "planner.budget",
+    "capture": "planner.capture", "profile": "planner.profile",
+    "BudgetError": "planner.errors", "UnsupportedModelError": "planner.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'planner' has no attribute {name!r}")

@@ -17,10 +17,11 @@ from solvers.simulate import simulate
 
 
 def plan_from_decisions(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int,
-                        optimal: bool = False) -> Plan:
-    forward, backward = build_program(graph, decisions)
+                        optimal: bool = False, free_intermediates: bool = False) -> Plan:
+    forward, backward = build_program(graph, decisions, free_intermediates=free_intermediates)
     return Plan(graph_hash=graph.hash, solver=solver, budget_bytes=budget_bytes, forward=forward,
-                backward=backward, decisions=dict(decisions), optimal=optimal)
+                backward=backward, decisions=dict(decisions), optimal=optimal,
+                options={"free_intermediates": True} if free_intermediates else {})
 
 
 @register("none")
@@ -37,22 +38,42 @@ def solve_none(graph: Graph, budget_bytes: int) -> Plan:
 @register("greedy")
 def solve_greedy(graph: Graph, budget_bytes: int) -> Plan:
     """Drop saved storages in order of bytes per recompute millisecond, keeping a drop
-    only when it lowers the simulated peak, until the peak fits; then restore the drops
-    the budget does not need, cheapest-to-keep first.
+    only when it lowers the simulated excess over the budget (summed over all steps, so a
+    drop that helps one of several equal peaks counts), until the peak fits; then restore
+    the drops the budget does not need, most recently added first.
 
+    Tried first with recomputed values kept until their last backward use, then, if that
+    cannot fit, with recompute intermediates freed at once (recomputed again when needed).
     O(R) simulations of O(steps) each for R saved storages. Raises
     `InfeasibleBudgetError` with the lowest peak it reached.
     """
+    lowest_peak = None
+    for free_intermediates in (False, True):
+        plan, peak = _greedy_pass(graph, budget_bytes, free_intermediates)
+        if plan is not None:
+            return plan
+        lowest_peak = peak if lowest_peak is None else min(lowest_peak, peak)
+    floor = least_feasible_lower_bound(graph)
+    raise InfeasibleBudgetError(budget_bytes, lowest_peak, {"greedy's lowest peak": lowest_peak,
+                                                            "lower bound for any plan": floor.total}, solver="greedy")
+
+
+def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool) -> tuple[Plan | None, int]:
+    """One greedy pass under one recompute policy: (plan, peak) or (None, lowest peak)."""
     decisions = {root: Decision.KEEP for root in saved_roots(graph)}
     pinned_roots = {graph.value(name).root for name in graph.pinned_values}
 
-    def peak_of(trial: dict[str, Decision]) -> tuple[int, float]:
-        result = simulate(graph, plan_from_decisions(graph, trial, "greedy", budget_bytes), check_hash=False)
-        return result.peak_bytes, result.time_ms
+    def plan_of(trial: dict[str, Decision]) -> Plan:
+        return plan_from_decisions(graph, trial, "greedy", budget_bytes, free_intermediates=free_intermediates)
 
-    peak, _ = peak_of(decisions)
+    def measure(trial: dict[str, Decision]) -> tuple[int, int]:
+        """(excess over budget summed over steps, peak)."""
+        result = simulate(graph, plan_of(trial), check_hash=False)
+        return result.excess_bytes(budget_bytes), result.peak_bytes
+
+    excess, peak = measure(decisions)
     if peak <= budget_bytes:
-        return plan_from_decisions(graph, decisions, "greedy", budget_bytes, optimal=True)
+        return plan_from_decisions(graph, decisions, "greedy", budget_bytes, optimal=True), peak
 
     def score(root: str) -> float:
         op = graph.op(graph.value(root).producer)
@@ -65,21 +86,18 @@ def solve_greedy(graph: Graph, budget_bytes: int) -> Plan:
     dropped: list[str] = []
     for root in candidates:
         decisions[root] = Decision.RECOMPUTE
-        trial_peak, _ = peak_of(decisions)
-        if trial_peak < peak:
-            peak = trial_peak
+        trial_excess, trial_peak = measure(decisions)
+        if (trial_excess, trial_peak) < (excess, peak):
+            excess, peak = trial_excess, trial_peak
             dropped.append(root)
             if peak <= budget_bytes:
                 break
         else:
             decisions[root] = Decision.KEEP
     if peak > budget_bytes:
-        floor = least_feasible_lower_bound(graph)
-        raise InfeasibleBudgetError(budget_bytes, peak, {"greedy's lowest peak": peak,
-                                                         "lower bound for any plan": floor.total}, solver="greedy")
-    for root in reversed(dropped):          # least valuable drops last in, first restored
+        return None, peak
+    for root in reversed(dropped):
         decisions[root] = Decision.KEEP
-        trial_peak, _ = peak_of(decisions)
-        if trial_peak > budget_bytes:
+        if measure(decisions)[1] > budget_bytes:
             decisions[root] = Decision.RECOMPUTE
-    return plan_from_decisions(graph, decisions, "greedy", budget_bytes)
+    return plan_of(decisions), peak

@@ -36,9 +36,15 @@ def decisions_for(graph: Graph, recompute: Iterable[str] = (), offloaded: Iterab
             else Decision.KEEP for root in saved_roots(graph)}
 
 
-def build_program(graph: Graph, decisions: dict[str, Decision], *,
-                  prefetch_ahead_ops: int = 1) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
-    """Forward and backward steps for the given root decisions (missing roots are kept)."""
+def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahead_ops: int = 1,
+                  free_intermediates: bool = False) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+    """Forward and backward steps for the given root decisions (missing roots are kept).
+
+    A value recomputed for a backward op stays until its last backward use. With
+    ``free_intermediates``, the values recomputed only on the way to it (its dropped
+    ancestors) are released right after that op and recomputed again when needed: less
+    memory, more time (Revolve-like multiple recomputation).
+    """
     dropped = {root for root, decision in decisions.items() if decision is not Decision.KEEP}
     offloaded = {root for root, decision in decisions.items() if decision is Decision.OFFLOAD}
     backward_reads = {name for op in graph.backward_ops for name in op.inputs}
@@ -58,9 +64,10 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *,
     backward_core: list[Step] = []
     prefetched: set[str] = set()
 
-    def make_available(value_name: str) -> None:
+    def make_available(value_name: str, intermediates: set[str]) -> None:
         """Post-order walk of the producers that must run again (explicit stack: chains
-        of thousands of dropped values must not hit Python's recursion limit)."""
+        of thousands of dropped values must not hit Python's recursion limit). Values
+        computed only to feed another recomputation are added to ``intermediates``."""
         stack: list[tuple[str, bool]] = [(value_name, False)]
         while stack:
             name, inputs_ready = stack.pop()
@@ -80,6 +87,8 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *,
             if inputs_ready:
                 backward_core.append(run(op.name))
                 live.update(op.outputs)
+                if value_name not in op.outputs:
+                    intermediates.update(op.outputs)
                 continue
             stack.append((name, True))
             stack.extend((inp, False) for inp in reversed(op.inputs) if inp not in live)
@@ -91,10 +100,13 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *,
                     backward_core.append(prefetch(name))
                     prefetched.add(name)
                     live.add(name)
+        intermediates: set[str] = set()
         for name in op.inputs:
-            make_available(name)
+            make_available(name, intermediates)
         backward_core.append(run(op.name))
         live.update(op.outputs)
+        if free_intermediates:
+            live.difference_update(intermediates - set(op.inputs))
     backward_steps = insert_frees(graph, backward_core, live_out=set(graph.gradients),
                                   live_in=kept_for_backward | set(graph.placeholders))
     return forward_steps, backward_steps

@@ -32,8 +32,9 @@ from solvers.plan import Plan, StepKind
 class TimelinePoint:
     phase: Phase
     step_index: int       # index into the phase's steps
-    bytes_in_use: int     # device bytes right after the step (the peak within it is in SimResult)
+    bytes_in_use: int     # device bytes right after the step
     time_ms: float        # compute clock after the step
+    high_water_bytes: int = 0   # the most bytes alive during the step (an op's inputs, outputs, workspace)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,11 @@ class SimResult:
     saved_bytes: int                # device bytes held at the end of the forward beyond the pinned ones
     offloaded_bytes: int
     timeline: tuple[TimelinePoint, ...] = field(repr=False, default=())
+
+    def excess_bytes(self, budget_bytes: int) -> int:
+        """Sum over the steps of how far each one's high-water mark exceeds the budget:
+        falls whenever any over-budget moment improves, even if the peak does not."""
+        return sum(max(0, point.high_water_bytes - budget_bytes) for point in self.timeline)
 
 
 class _Memory:
@@ -185,7 +191,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
                 high_water = memory.bytes_in_use
             if high_water > peak_bytes:
                 peak_bytes, peak_phase, peak_index = high_water, phase, index
-            timeline.append(TimelinePoint(phase, index, memory.bytes_in_use, clock_ms))
+            timeline.append(TimelinePoint(phase, index, memory.bytes_in_use, clock_ms, high_water))
 
         if phase is Phase.FORWARD:
             missing = [name for name in graph.forward_outputs if name not in defined and name not in live]
