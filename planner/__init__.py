@@ -2,6 +2,7 @@
 
     model = planner.optimize(model, budget="6GiB", example_inputs=(x,))
 
+``planner.capture.capture`` and ``planner.profile.profile`` are the lower-level steps.
 Names are loaded on first use (PEP 562) so that torch-free tools such as ``plan-inspect``
 start without importing torch.
 """
@@ -13,7 +14,6 @@ from typing import Any
 
 _EXPORTS = {
     "optimize": "planner.api", "parse_budget": "planner.budget", "resolve_budget": "planner.budget",
-    "capture": "planner.capture", "profile": "planner.profile",
     "BudgetError": "planner.errors", "UnsupportedModelError": "planner.errors",
 }
 

@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from planner import UnsupportedModelError, capture, profile
+from planner import UnsupportedModelError
+from planner.capture import capture
+from planner.profile import profile
 from planner.capture import Role
 from solvers import Phase, ValueKind
 

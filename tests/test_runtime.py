@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from planner import BudgetError, capture, optimize, profile
+from planner import BudgetError, optimize
+from planner.capture import capture
+from planner.profile import profile
 from planner.budget import parse_budget
 from runtime.module import ScheduledModule
 from solvers import Decision, InfeasibleBudgetError, Plan, PlanMismatchError, simulate, solve
