@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from planner.capture import CapturedStep, Role
-from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind
+from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind, backward_as_late_as_possible
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -63,7 +63,8 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         graph = _GraphBuilder(step, device, repeats).run(arguments)
     transfer = transfer or Transfer(source="nominal (not measured)")
-    return Graph(ops=tuple(graph.ops), values=tuple(graph.values), placeholders=tuple(graph.placeholders),
+    tangents = [name for name in graph.placeholders if step.roles[name] is Role.TANGENT]
+    return Graph(ops=backward_as_late_as_possible(graph.ops, tangents), values=tuple(graph.values), placeholders=tuple(graph.placeholders),
                  forward_outputs=tuple(graph.forward_outputs), gradients=tuple(graph.gradients),
                  transfer=transfer, device=str(device), name=name or type(model).__name__)
 

@@ -327,3 +327,46 @@ class Graph:
         except json.JSONDecodeError as error:
             raise PlanFormatError(f"{path}: not valid JSON ({error})") from error
         return cls.from_json(data)
+
+
+
+def backward_as_late_as_possible(ops: Iterable[Op], tangents: Iterable[str]) -> tuple[Op, ...]:
+    """The same ops with the backward reordered: the ops that carry gradients (read a
+    tangent, directly or through other backward ops) keep their order, and each op that
+    reads only forward values (the ``detach`` of a saved tensor, a BatchNorm statistic's
+    ``squeeze``) moves to just before its first consumer. Left at the start of the
+    backward, such ops would force every dropped value to be recomputed at once. Forward
+    order is unchanged; the result is a valid execution order. O(ops + edges).
+    """
+    ops = tuple(ops)
+    backward = [op for op in ops if op.phase is Phase.BACKWARD]
+    producer = {name: op for op in backward for name in op.outputs}
+    carries_gradient = set(tangents)
+    for op in backward:
+        if any(name in carries_gradient for name in op.inputs):
+            carries_gradient.update(op.outputs)
+    emitted: set[str] = set()
+    order: list[Op] = [op for op in ops if op.phase is Phase.FORWARD]
+
+    def emit(op: Op) -> None:
+        stack: list[tuple[Op, bool]] = [(op, False)]
+        while stack:
+            current, inputs_emitted = stack.pop()
+            if current.name in emitted:
+                continue
+            if inputs_emitted:
+                emitted.add(current.name)
+                order.append(current)
+                continue
+            stack.append((current, True))
+            for name in reversed(current.inputs):
+                dependency = producer.get(name)
+                if dependency is not None and dependency.name not in emitted:
+                    stack.append((dependency, False))
+
+    for op in backward:
+        if any(name in carries_gradient for name in op.outputs):
+            emit(op)
+    for op in backward:
+        emit(op)
+    return tuple(order)
