@@ -30,11 +30,14 @@ def training_loss(output: Any) -> torch.Tensor:
 
 
 def train_step(model: torch.nn.Module, inputs: Sequence[Any]) -> torch.Tensor:
-    """One forward + backward from fresh gradients (``.grad`` set to None first)."""
+    """One forward + backward from fresh gradients (``.grad`` set to None first), holding
+    the output through the backward as a training loop does (``out = model(x)``)."""
     for parameter in model.parameters():
         parameter.grad = None
-    loss = training_loss(model(*inputs))
+    output = model(*inputs)
+    loss = training_loss(output)
     loss.backward()
+    del output
     return loss.detach()
 
 

@@ -37,6 +37,34 @@ from planner.errors import UnsupportedModelError
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
+# Functionalization turns an in-place random fill (``x.bernoulli_(p)``) into its functional
+# form, which returns a contiguous tensor; on a permuted layout the same random stream then
+# lands on other elements than in eager mode. These fills ignore the values of ``x``, so
+# they are run the eager way: fill a fresh tensor laid out like ``x``.
+_IN_PLACE_RANDOM = {
+    aten.bernoulli.p: aten.bernoulli_.float,
+    aten.bernoulli.Tensor: aten.bernoulli_.Tensor,
+    aten.uniform.default: aten.uniform_.default,
+    aten.normal_functional.default: aten.normal_.default,
+    aten.exponential.default: aten.exponential_.default,
+    aten.random.default: aten.random_.default,
+    getattr(aten.random, "from"): getattr(aten.random_, "from"),
+    aten.random.to: aten.random_.to,
+}
+
+
+def random_fill_like(in_place_op: torch._ops.OpOverload, like: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``in_place_op(torch.empty_like(like), *args)``: a random fill with eager's layout."""
+    out = torch.empty_like(like)
+    in_place_op(out, *args, **kwargs)
+    return out
+
+
+def is_random(target: Any) -> bool:
+    """Does this graph target draw random numbers (so a recomputation must replay them)?"""
+    return target is random_fill_like or torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
+
+
 # BatchNorm's native op updates its running stats in place without saying so in its
 # schema; decomposing it lets functionalization see (and isolate) that update.
 _DECOMPOSITIONS = get_decompositions([aten.native_batch_norm, aten._batch_norm_with_update,
@@ -177,6 +205,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
         log.debug("pass 1: %d placeholders for %d args", sum(n.op == "placeholder" for n in autograd_graph.graph.nodes), len(fake_flat))
         functional = make_fx(functionalize(_meta_preserving_runner(autograd_graph), remove="mutations"))(*fake_flat)
     _eliminate_dead_code(functional)
+    _random_fills_in_eager_layout(functional)
     modules = _module_paths(autograd_graph, functional, scopes)
     placeholders = [n for n in functional.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == n_params + n_buffers + n_inputs + tangent_count
@@ -269,6 +298,14 @@ def _module_paths(autograd_graph: fx.GraphModule, functional: fx.GraphModule,
             path = next((paths[arg.name] for arg in node.all_input_nodes if paths.get(arg.name)), "")
         paths[node.name] = path
     return paths
+
+
+def _random_fills_in_eager_layout(graph_module: fx.GraphModule) -> None:
+    for node in list(graph_module.graph.nodes):
+        if node.op == "call_function" and node.target in _IN_PLACE_RANDOM:
+            node.args = (_IN_PLACE_RANDOM[node.target], *node.args)
+            node.target = random_fill_like
+    graph_module.recompile()
 
 
 def _eliminate_dead_code(graph_module: fx.GraphModule) -> None:

@@ -25,11 +25,13 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from planner.capture import CapturedStep, Role
+from planner.capture import CapturedStep, Role, is_random
 from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind, backward_as_late_as_possible
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
+
+_CALLER_REDUCTION_BYTES = 64   # room for the loss scalar, its seed gradient, a few partial sums
 
 _PLACEHOLDER_KINDS = {Role.PARAMETER: ValueKind.PARAMETER, Role.BUFFER: ValueKind.BUFFER,
                       Role.INPUT: ValueKind.INPUT, Role.TANGENT: ValueKind.TANGENT}
@@ -60,13 +62,19 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     arguments = step_arguments(step, model, example_inputs, example_kwargs, clone_buffers=True)
     device = next((t.device for t in arguments), torch.device("cpu"))
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+    # grad mode on, as when tracing (some kernels consult it); the arguments are detached
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
         graph = _GraphBuilder(step, device, repeats).run(arguments)
     transfer = transfer or Transfer(source="nominal (not measured)")
     tangents = [name for name in graph.placeholders if step.roles[name] is Role.TANGENT]
+    differentiable = [leaf for leaf in step.output_leaves if leaf.differentiable]
+    returns_its_loss = len(differentiable) == 1 and differentiable[0].shape == ()
+    # A model that returns its loss needs nothing more; otherwise the caller reduces the
+    # outputs to a loss (a few scalars) and autograd seeds the backward with a scalar.
+    caller_bytes = 0 if returns_its_loss else _CALLER_REDUCTION_BYTES
     return Graph(ops=backward_as_late_as_possible(graph.ops, tangents), values=tuple(graph.values), placeholders=tuple(graph.placeholders),
                  forward_outputs=tuple(graph.forward_outputs), gradients=tuple(graph.gradients),
-                 transfer=transfer, device=str(device), name=name or type(model).__name__)
+                 transfer=transfer, device=str(device), name=name or type(model).__name__, caller_bytes=caller_bytes)
 
 
 class _GraphBuilder:
@@ -207,12 +215,11 @@ class _GraphBuilder:
             self.values.append(self._describe(node.name, result, kind, node.name))
             outputs.append(node.name)
         inputs = tuple(dict.fromkeys(n.name for n in node.all_input_nodes))
-        is_random = torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
         self.ops.append(Op(name=node.name, inputs=inputs, outputs=tuple(outputs), phase=phase, time_ms=time_ms,
                            tmp_bytes=int(workspace_bytes),
                            recomputable=role is not Role.BUFFER_UPDATE
                            and not any(self.root_of.get(name) in self.updated_in_place for name in inputs),
-                           random=is_random, target=_target_name(node.target),
+                           random=is_random(node.target), target=_target_name(node.target),
                            module=self.step.modules.get(node.name, "")))
 
 

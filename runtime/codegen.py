@@ -127,8 +127,7 @@ def _emit(target_graph: fx.Graph, node: fx.Node, env: dict[str, fx.Node], getite
 
     if replay_state is not None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-        new_node = target_graph.call_function(rng.run_with_rng_state,
-                                              (replay_state, device_type, node.target, args, kwargs))
+        new_node = target_graph.call_function(rng.replaying(node.target, device_type), (replay_state, *args), kwargs)
     else:
         new_node = target_graph.node_copy(node, value)
     new_node.meta = {key: node.meta[key] for key in ("val", "tensor_meta") if key in node.meta}

@@ -39,7 +39,10 @@ class _ScheduledStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, program: _StepProgram, *flat_args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         programs = program.programs
-        results = programs.forward(*flat_args)
+        # Kernels that consult grad mode (oneDNN's RNN keeps a training workspace only when
+        # it is on) must see what the trace saw; detached inputs keep autograd out of it.
+        with torch.enable_grad():
+            results = programs.forward(*(t.detach() for t in flat_args))
         outputs = results[:programs.num_outputs]
         # detached aliases: the same storage, but no reference cycle through the outputs' grad_fn
         ctx.handover = [t.detach() if isinstance(t, torch.Tensor) else t for t in results[programs.num_outputs:]]
@@ -57,8 +60,13 @@ class _ScheduledStep(torch.autograd.Function):
                                "not supported because saved activations are freed as the backward uses them")
         arguments = ctx.handover
         ctx.handover = None
-        arguments.extend(g.contiguous() for g, grad in zip(grad_outputs, program.differentiable) if grad)
+        # The traced backward expects contiguous gradients. When autograd hands over an
+        # expanded one (after .sum() or .mean()), the copy is held to the end like the ones
+        # autograd holds itself: the plan counts every tangent for the whole backward.
+        tangents = [g.contiguous() for g, grad in zip(grad_outputs, program.differentiable) if grad]
+        arguments.extend(tangents)
         gradients = program.programs.backward(arguments)
+        del tangents
         step = program.step
         result: list[torch.Tensor | None] = [None] * (program.num_params + program.num_buffers + program.num_inputs)
         slots = iter(program.programs.gradient_slots)

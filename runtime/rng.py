@@ -8,6 +8,7 @@ it draws the same numbers and the caller's RNG stream is unchanged (as
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -36,3 +37,14 @@ def run_with_rng_state(state: torch.Tensor, device_type: str, op: Callable[..., 
         return op(*args, **kwargs)
     finally:
         torch.set_rng_state(current)
+
+
+@functools.cache
+def replaying(op: Callable[..., Any], device_type: str) -> Callable[..., Any]:
+    """``replay(state, *args, **kwargs)``: ``op`` under a saved generator state, as a
+    function an FX graph can call (FX cannot print a Python function as an argument)."""
+
+    def replay_random(state: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return run_with_rng_state(state, device_type, op, args, kwargs)
+
+    return replay_random

@@ -151,6 +151,8 @@ class Graph:
     transfer: Transfer = field(default_factory=Transfer)
     device: str = "cpu"
     name: str = ""
+    caller_bytes: int = 0   # what the caller allocates around the step from the backward on:
+                            # the loss reduction of non-scalar outputs and autograd's seed gradient
 
     def __post_init__(self) -> None:
         self.validate()
@@ -284,6 +286,7 @@ class Graph:
             "placeholders": list(self.placeholders),
             "forward_outputs": list(self.forward_outputs),
             "gradients": list(self.gradients),
+            "caller_bytes": self.caller_bytes,
         }
 
     @cached_property
@@ -293,6 +296,7 @@ class Graph:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": GRAPH_FORMAT, "name": self.name, "device": self.device, "hash": self.hash,
+                "caller_bytes": self.caller_bytes,
                 "transfer": self.transfer.to_json(),
                 "placeholders": list(self.placeholders), "forward_outputs": list(self.forward_outputs),
                 "gradients": list(self.gradients),
@@ -307,9 +311,12 @@ class Graph:
                         values=tuple(Value.from_json(v) for v in data["values"]),
                         placeholders=tuple(data["placeholders"]), forward_outputs=tuple(data["forward_outputs"]),
                         gradients=tuple(data["gradients"]), transfer=Transfer.from_json(data.get("transfer", {})),
-                        device=data.get("device", "cpu"), name=data.get("name", ""))
-        except (KeyError, TypeError, ValueError) as error:
+                        device=data.get("device", "cpu"), name=data.get("name", ""),
+                        caller_bytes=int(data.get("caller_bytes", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PlanFormatError(f"corrupt memsched graph: {error!r}") from error
+        except UnsupportedGraphError as error:
+            raise PlanFormatError(f"invalid memsched graph: {error}") from error
         if "hash" in data and data["hash"] != graph.hash:
             raise PlanFormatError(f"graph file hash {data['hash']} does not match its content ({graph.hash}); "
                                   "the file was edited or truncated")
@@ -324,7 +331,7 @@ class Graph:
         try:
             with open(path, encoding="utf-8") as file:
                 data = json.load(file)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise PlanFormatError(f"{path}: not valid JSON ({error})") from error
         return cls.from_json(data)
 

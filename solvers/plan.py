@@ -146,7 +146,7 @@ class Plan:
                        baseline_time_ms=float(data.get("baseline_time_ms", 0.0)),
                        optimal=bool(data.get("optimal", False)), gap=data.get("gap"),
                        solve_time_s=float(data.get("solve_time_s", 0.0)), options=dict(data.get("options", {})))
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PlanFormatError(f"corrupt memsched plan: {error!r}") from error
 
     def save(self, path: str) -> None:
@@ -158,6 +158,6 @@ class Plan:
         try:
             with open(path, encoding="utf-8") as file:
                 data = json.load(file)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise PlanFormatError(f"{path}: not valid JSON ({error}); was the file truncated?") from error
         return cls.from_json(data)

@@ -94,10 +94,12 @@ def least_feasible_lower_bound(graph: Graph) -> LowerBound:
     working = 0
     for op in graph.ops:
         roots = {graph.value(n).root for n in op.inputs + op.outputs} - resident_roots
+        caller = 0
         if op.phase is Phase.BACKWARD:
             roots |= tangent_roots
-        working = max(working, size(roots) + op.tmp_bytes)
+            caller = graph.caller_bytes
+        working = max(working, size(roots) + op.tmp_bytes + caller)
     end_roots = {graph.value(n).root for n in graph.forward_outputs + graph.gradients} | tangent_roots
     return LowerBound({"parameters+buffers+inputs": size(resident_roots),
                        "largest op working set": working,
-                       "outputs+gradients+tangents at the end": size(end_roots - resident_roots)})
+                       "outputs+gradients+tangents at the end": size(end_roots - resident_roots) + graph.caller_bytes})

@@ -11,6 +11,7 @@ Memory model (storages, DESIGN.md "Budget semantics"):
     backward (autograd holds them); forward outputs and gradients from their production
     to the end of the step (the caller and autograd hold them);
   * an op counts its inputs, its new outputs and its workspace while it runs;
+  * ``graph.caller_bytes`` (the caller's loss reduction) are counted from the backward on;
   * an offloaded value's device storage is released by ``free`` only once its copy has
     finished (compute waits for it); a prefetch allocates when it is issued.
 
@@ -118,6 +119,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
 
     for phase in (Phase.FORWARD, Phase.BACKWARD):
         if phase is Phase.BACKWARD:
+            memory.bytes_in_use += graph.caller_bytes
             for name in graph.placeholders:
                 if graph.value(name).kind is ValueKind.TANGENT:
                     memory.acquire(name)
