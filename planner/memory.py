@@ -39,6 +39,8 @@ import torch
 from torch.utils._python_dispatch import (TorchDispatchMode, is_traceable_wrapper_subclass,
                                           is_traceable_wrapper_subclass_type)
 
+from planner.scratch import measure_scratch, uses_cpu_scratch
+
 __all__ = ["MemoryReport", "StepMemoryTracker", "mark_host", "measure_step_memory",
            "STORAGE_TRACKER", "CUDA_ALLOCATOR"]
 
@@ -189,6 +191,14 @@ class _StorageCounter:
             else:
                 self.device_bytes -= ref.nbytes
 
+    def record_transient(self, extra_bytes: int) -> None:
+        """An op held ``extra_bytes`` of scratch on top of what is live now, while it ran."""
+        with self._lock:
+            self.device_timeline.append(self.device_bytes + extra_bytes)
+            self.host_timeline.append(self.host_bytes)
+            self.device_peak = max(self.device_peak, self.device_bytes + extra_bytes)
+            self._record_event()
+
     def _record_event(self) -> None:
         self.device_timeline.append(self.device_bytes)
         self.host_timeline.append(self.host_bytes)
@@ -274,16 +284,23 @@ class _StorageCounter:
 class _CountingMode(TorchDispatchMode):
     """Forwards every aten op's outputs to a `_StorageCounter`; changes no result."""
 
-    def __init__(self, counter: _StorageCounter) -> None:
+    def __init__(self, counter: _StorageCounter, measure_scratch: bool) -> None:
         super().__init__()
         self.counter = counter
+        self.measure_scratch = measure_scratch
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
         if any(is_traceable_wrapper_subclass_type(cls) for cls in types):
             return NotImplemented      # let the subclass unwrap; its inner ops come back here
         kwargs = kwargs or {}
-        outputs = func(*args, **kwargs)
+        scratch_bytes = 0
+        if self.measure_scratch and uses_cpu_scratch(func):
+            outputs, scratch_bytes = measure_scratch(func, args, kwargs)
+        else:
+            outputs = func(*args, **kwargs)
         self.counter.record_outputs(outputs, args, kwargs)
+        if scratch_bytes:
+            self.counter.record_transient(scratch_bytes)
         return outputs
 
 
@@ -344,12 +361,16 @@ class StepMemoryTracker:
     On CUDA the caching allocator's statistics (absolute: everything on the device counts,
     ``resident`` is not needed, and the device's peak statistic is reset on entry); on any
     other device the storage tracker described in the module docstring, which counts the
-    storages of ``resident`` from the start. Properties are live inside the block and frozen
-    after it; `report` gives the result. A tracker is used once.
+    storages of ``resident`` from the start, plus (``measure_scratch``, default on) the
+    transient scratch of CPU kernels that allocate it inside one call (`planner.scratch`).
+    Properties are live inside the block and frozen after it; `report` gives the result.
+    A tracker is used once.
     """
 
-    def __init__(self, device: torch.device | str, resident: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, device: torch.device | str, resident: Iterable[torch.Tensor] = (), *,
+                 measure_scratch: bool = True) -> None:
         self.device = _normalize_device(device)
+        self.measure_scratch = measure_scratch
         self.method = CUDA_ALLOCATOR if self.device.type == "cuda" else STORAGE_TRACKER
         self._resident = tuple(resident)
         self._counter: _StorageCounter | None = None
@@ -371,7 +392,7 @@ class StepMemoryTracker:
         else:
             self._counter = _StorageCounter(self.device)
             self._counter.start(self._resident)
-            self._mode = _CountingMode(self._counter)
+            self._mode = _CountingMode(self._counter, self.measure_scratch)
             self._mode.__enter__()
         self._resident = ()
         self._state = "active"

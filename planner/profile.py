@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from planner.capture import CapturedStep, Role, is_random
+from planner.scratch import measure_scratch, uses_cpu_scratch
 from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind, backward_as_late_as_possible
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class _GraphBuilder:
         self.gradients: list[str] = []
         self.storage_owner: dict[int, tuple[weakref.ref, str]] = {}   # data_ptr -> (storage, root value)
         self.root_of: dict[str, str] = {}
+        self.cpu_scratch_bytes: dict[tuple, int] = {}   # op signature -> measured scratch
         # placeholders the step updates in place: an op reading them must not be re-run
         # after the update, or it would see the new value
         self.updated_in_place = {node.args[0].name for node in step.joint.graph.nodes
@@ -157,6 +159,14 @@ class _GraphBuilder:
             times_ms = times_ms[1:]   # the first run pays for warm-up
         return result, statistics.median(times_ms), workspace_bytes
 
+    def _cpu_scratch(self, target: Any, args: tuple, kwargs: dict) -> int:
+        """Scratch of a CPU kernel, measured once per signature (see `planner.scratch`)."""
+        signature = (target, repr(fx.node.map_aggregate(
+            (args, kwargs), lambda a: (tuple(a.shape), a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a)))
+        if signature not in self.cpu_scratch_bytes:
+            _, self.cpu_scratch_bytes[signature] = measure_scratch(target, args, kwargs)
+        return self.cpu_scratch_bytes[signature]
+
     # -- the walk ------------------------------------------------------------------------
     def run(self, arguments: list[torch.Tensor]) -> "_GraphBuilder":
         step, roles = self.step, self.step.roles
@@ -197,6 +207,8 @@ class _GraphBuilder:
     def _run_op(self, node: fx.Node, role: Role, env: dict[str, Any]) -> None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
         result, time_ms, workspace_bytes = self._timed(node.target, args, kwargs)
+        if self.device.type == "cpu" and uses_cpu_scratch(node.target):
+            workspace_bytes += self._cpu_scratch(node.target, args, kwargs)
         phase = Phase.BACKWARD if role is Role.BACKWARD else Phase.FORWARD
         kind = ValueKind.GRADIENT_WORK if phase is Phase.BACKWARD else ValueKind.ACTIVATION
         getitems = {user.args[1]: user for user in node.users if user.target is operator.getitem}

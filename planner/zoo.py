@@ -148,7 +148,7 @@ class ResNet(nn.Module):
 
 
 _RESNET_PRESETS = {
-    "tiny": dict(batch_size=4, image_size=16, in_channels=3, widths=(8, 16), blocks_per_stage=1, num_classes=10),
+    "tiny": dict(batch_size=4, image_size=16, in_channels=3, widths=(8, 16), blocks_per_stage=2, num_classes=10),
     "small": dict(batch_size=32, image_size=32, in_channels=3, widths=(32, 64, 128), blocks_per_stage=2,
                   num_classes=10),
 }

@@ -3,7 +3,6 @@ enough for unit tests, and traces with fake tensors (what `planner.capture` need
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -88,16 +87,6 @@ def test_make_leaves_the_global_rng_alone() -> None:
     state_before = torch.get_rng_state()
     zoo.make("gpt", size="tiny", seed=0)
     assert torch.equal(torch.get_rng_state(), state_before)
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_tiny_step_is_fast(name: str) -> None:
-    model, inputs = zoo.make(name, size="tiny", seed=0)
-    scalar_loss(model(*inputs)).backward()           # warm-up: lazy initialisation
-    model.zero_grad(set_to_none=True)
-    started = time.perf_counter()
-    scalar_loss(model(*inputs)).backward()
-    assert time.perf_counter() - started < 1.0
 
 
 @pytest.mark.parametrize("name", MODELS)
