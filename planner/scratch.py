@@ -10,8 +10,11 @@ high-water mark shows workspace directly (see `planner.profile`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable
+import os
+import sys
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -41,11 +44,13 @@ def measure_scratch(op: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[
     except ImportError as error:
         log.warning("CPU scratch memory not measured: %s", error)
         return op(*args, **kwargs), 0
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as profiler:
+    with _kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                                  with_stack=True) as profiler:
         result = op(*args, **kwargs)
+    with _kineto_quiet():
+        timeline = profiler._memory_profile().timeline
     live_bytes = high_water_bytes = 0
-    for _, action, _, size_bytes in profiler._memory_profile().timeline:
+    for _, action, _, size_bytes in timeline:
         if action == Action.CREATE:
             live_bytes += size_bytes
         elif action == Action.DESTROY:
@@ -55,6 +60,21 @@ def measure_scratch(op: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[
     output_bytes = sum(t.untyped_storage().nbytes() for t in _tensors(result)
                        if t.untyped_storage().data_ptr() not in input_storages)
     return result, max(0, high_water_bytes - output_bytes)
+
+
+@contextlib.contextmanager
+def _kineto_quiet() -> Iterator[None]:
+    """The profiler's C++ backend prints a line to stderr at every start and stop,
+    whatever its log level; silence file descriptor 2 for that short window only."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
 
 
 def _tensors(tree: Any) -> list[torch.Tensor]:
