@@ -56,6 +56,8 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
         forward_runs.extend(offload(name) for name in op.outputs if name in offloaded)
     kept_for_backward = {name for name in backward_reads
                          if graph.value(name).kind is ValueKind.ACTIVATION and graph.value(name).root not in dropped}
+    kept_for_backward |= _unrecomputable_sources(graph, kept_for_backward | offloaded | set(graph.placeholders),
+                                                 dropped)
     forward_steps = insert_frees(graph, forward_runs, live_out=kept_for_backward)
 
     live = {name for name in graph.placeholders} | kept_for_backward
@@ -110,6 +112,27 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
     backward_steps = insert_frees(graph, backward_core, live_out=set(graph.gradients),
                                   live_in=kept_for_backward | set(graph.placeholders))
     return forward_steps, backward_steps
+
+
+def _unrecomputable_sources(graph: Graph, available: set[str], dropped: set[str]) -> set[str]:
+    """Values that recomputing the dropped storages would read but whose op cannot run
+    again (a buffer update's result): the forward must keep them. Their own storage
+    being dropped is left to `make_available` to refuse. O(forward ops + edges)."""
+    stack = [name for op in graph.backward_ops for name in op.inputs
+             if graph.value(name).kind is ValueKind.ACTIVATION and name not in available]
+    seen: set[str] = set()
+    sources: set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name in available:
+            continue
+        seen.add(name)
+        op = graph.op(graph.value(name).producer)
+        if op.recomputable:
+            stack.extend(op.inputs)
+        elif graph.value(name).root not in dropped:
+            sources.add(name)
+    return sources
 
 
 def insert_frees(graph: Graph, steps: list[Step], live_out: set[str],

@@ -101,7 +101,8 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
 
     for name in graph.placeholders:
         if graph.value(name).kind is not ValueKind.TANGENT:
-            memory.acquire(name)      # pin for the whole step
+            memory.acquire(name)      # the caller's pin for the whole step
+            memory.acquire(name)      # the program's reference, which a free drops
             live.add(name)
 
     clock_ms = compute_ms = recompute_ms = stall_ms = 0.0
@@ -122,6 +123,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
             memory.bytes_in_use += graph.caller_bytes
             for name in graph.placeholders:
                 if graph.value(name).kind is ValueKind.TANGENT:
+                    memory.acquire(name)      # autograd's pin for the whole backward
                     memory.acquire(name)
                     live.add(name)
         for index, step in enumerate(plan.steps(phase)):
