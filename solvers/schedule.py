@@ -56,6 +56,12 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
         forward_runs.extend(offload(name) for name in op.outputs if name in offloaded)
     kept_for_backward = {name for name in backward_reads
                          if graph.value(name).kind is ValueKind.ACTIVATION and graph.value(name).root not in dropped}
+    # a kept storage keeps all its names: the storage is alive anyway, and a recomputation
+    # that reads the root (not the view the backward reads) must not re-run its producer
+    kept_roots = {graph.value(name).root for name in kept_for_backward}
+    kept_roots |= {root for root, decision in decisions.items() if decision is Decision.KEEP}
+    kept_for_backward |= {value.name for value in graph.values if value.kind is ValueKind.ACTIVATION
+                          and value.root in kept_roots and graph.consumers[value.name]}
     kept_for_backward |= _unrecomputable_sources(graph, kept_for_backward | offloaded | set(graph.placeholders),
                                                  dropped)
     forward_steps = insert_frees(graph, forward_runs, live_out=kept_for_backward)
