@@ -22,12 +22,11 @@ import logging
 import operator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
-from torch._decomp import get_decompositions
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.func import functional_call, functionalize
@@ -65,10 +64,20 @@ def is_random(target: Any) -> bool:
     return target is random_fill_like or torch.Tag.nondeterministic_seeded in getattr(target, "tags", ())
 
 
-# BatchNorm's native op updates its running stats in place without saying so in its
-# schema; decomposing it lets functionalization see (and isolate) that update.
-_DECOMPOSITIONS = get_decompositions([aten.native_batch_norm, aten._batch_norm_with_update,
-                                      aten._native_batch_norm_legit, aten.batch_norm])
+def native_batch_norm_rerun(x: torch.Tensor, weight: Any, bias: Any, running_mean: Any, running_var: Any,
+                            training: bool, momentum: float, eps: float) -> tuple[torch.Tensor, ...]:
+    """A re-run of ``native_batch_norm``: in training mode the output depends on the batch
+    statistics only, so the running statistics are left out and not updated a second time."""
+    if training:
+        running_mean = running_var = None
+    return aten.native_batch_norm.default(x, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+# How to run an op again (a recomputation) when that differs from its first run. BatchNorm
+# stays eager's fused kernel, which updates its running statistics in place: exact
+# gradients and buffers, where a decomposition into primitives is off by rounding that
+# BatchNorm's backward amplifies.
+RERUN_TARGETS: dict[Any, Callable[..., Any]] = {aten.native_batch_norm.default: native_batch_norm_rerun}
 
 
 class Role(str, Enum):
@@ -201,7 +210,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
                      + [fake_mode.from_tensor(t) for t in tensor_inputs])
         fake_flat += [torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
                       for leaf in output_leaves if leaf.differentiable]
-        autograd_graph = make_fx(joint, decomposition_table=_DECOMPOSITIONS, record_module_stack=True)(*fake_flat)
+        autograd_graph = make_fx(joint, record_module_stack=True)(*fake_flat)
         log.debug("pass 1: %d placeholders for %d args", sum(n.op == "placeholder" for n in autograd_graph.graph.nodes), len(fake_flat))
         functional = make_fx(functionalize(_meta_preserving_runner(autograd_graph), remove="mutations"))(*fake_flat)
     _eliminate_dead_code(functional)

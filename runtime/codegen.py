@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.fx.graph import _BoxedCodeGen
 
-from planner.capture import CapturedStep, Role
+from planner.capture import RERUN_TARGETS, CapturedStep, Role
 from runtime import rng
 from solvers.errors import InvalidPlanError, PlanMismatchError
 from solvers.graph import Graph, Phase
@@ -69,12 +69,15 @@ def generate(step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> 
             env[node.name] = forward_graph.placeholder(node.name)
         elif node.op == "get_attr":
             env[node.name] = forward_graph.get_attr(node.target)
+    runs_so_far: set[str] = set()
     for plan_step in plan.forward:
         if plan_step.kind is not StepKind.RUN:
             continue
         if plan_step.name in rng_ops:
             rng_nodes[plan_step.name] = forward_graph.call_function(rng.save_rng_state, (device_type,))
-        _emit(forward_graph, joint_nodes[plan_step.name], env, getitem_of, graph, replay_state=None)
+        _emit(forward_graph, joint_nodes[plan_step.name], env, getitem_of, graph, replay_state=None,
+              rerun=plan_step.name in runs_so_far)
+        runs_so_far.add(plan_step.name)
     forward_results = [env[n.name] for n in joint_outputs[:num_outputs]]
     forward_results += [env[name] for name in saved_names]
     forward_results += [rng_nodes[name] for name in rng_ops]
@@ -98,7 +101,7 @@ def generate(step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> 
         op = graph.op(plan_step.name)
         state = replay_states.get(op.name) if op.phase is Phase.FORWARD else None
         _emit(backward_graph, joint_nodes[op.name], env, getitem_of, graph, replay_state=state,
-              device_type=device_type)
+              device_type=device_type, rerun=op.phase is Phase.FORWARD)
     gradient_slots: list[int | None] = []
     gradient_results: list[fx.Node] = []
     for item in joint_outputs[num_outputs:]:
@@ -118,8 +121,9 @@ def generate(step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> 
 
 
 def _emit(target_graph: fx.Graph, node: fx.Node, env: dict[str, fx.Node], getitem_of: dict[str, tuple[str, int]],
-          graph: Graph, replay_state: fx.Node | None, device_type: str = "cpu") -> None:
-    """Append one run of ``node`` and bind its output values in ``env``."""
+          graph: Graph, replay_state: fx.Node | None, device_type: str = "cpu", rerun: bool = False) -> None:
+    """Append one run of ``node`` and bind its output values in ``env``; a ``rerun`` of an
+    op with side effects on its first run uses its `RERUN_TARGETS` variant."""
     def value(arg: fx.Node) -> fx.Node:
         if arg.name not in env:
             raise InvalidPlanError(f"op {node.name!r} reads {arg.name!r}, which the plan has not made available")
@@ -128,6 +132,9 @@ def _emit(target_graph: fx.Graph, node: fx.Node, env: dict[str, fx.Node], getite
     if replay_state is not None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
         new_node = target_graph.call_function(rng.replaying(node.target, device_type), (replay_state, *args), kwargs)
+    elif rerun and node.target in RERUN_TARGETS:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+        new_node = target_graph.call_function(RERUN_TARGETS[node.target], args, kwargs)
     else:
         new_node = target_graph.node_copy(node, value)
     new_node.meta = {key: node.meta[key] for key in ("val", "tensor_meta") if key in node.meta}

@@ -10,6 +10,7 @@ from solvers.plan import Decision, Plan, Step, StepKind
 from solvers.registry import available_solvers, least_feasible_lower_bound, register, solve
 from solvers.simulate import SimResult, simulate
 from solvers import baselines as _baselines  # noqa: F401  (registers none, greedy)
+from solvers import brute_force as _brute_force, ilp as _ilp  # noqa: F401  (registers brute_force, ilp)
 from solvers import checkpoint_baselines as _checkpoint_baselines  # noqa: F401  (registers every_block, sqrt_n)
 
 __all__ = [

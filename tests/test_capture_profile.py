@@ -48,8 +48,10 @@ def test_capture_and_profile_leave_model_and_rng_unchanged() -> None:
 def test_roles_buffer_updates_and_random_ops() -> None:
     model, x = BatchNormDropout(), torch.randn(16, 8)
     step = capture(model, (x,))
-    assert sorted(step.buffer_updates.values()) == ["norm.num_batches_tracked", "norm.running_mean",
-                                                    "norm.running_var"]
+    # running statistics are updated in place by eager's fused native_batch_norm (a re-run
+    # uses a variant that leaves them alone); the step counter by a trailing copy_
+    assert sorted(step.buffer_updates.values()) == ["norm.num_batches_tracked"]
+    assert any(str(node.target) == "aten.native_batch_norm.default" for node in step.joint.graph.nodes)
     roles = list(step.roles.values())
     assert roles.count(Role.PARAMETER) == 6 and roles.count(Role.BUFFER) == 3
     assert roles.count(Role.INPUT) == 1 and roles.count(Role.TANGENT) == 1
@@ -58,7 +60,7 @@ def test_roles_buffer_updates_and_random_ops() -> None:
     assert random_ops and all(op.phase is Phase.FORWARD for op in random_ops)
     # every buffer update runs once in the forward and can never be recomputed
     updates = [op for op in graph.ops if op.name in step.buffer_updates]
-    assert len(updates) == 3 and all(op.phase is Phase.FORWARD and not op.recomputable for op in updates)
+    assert len(updates) == 1 and all(op.phase is Phase.FORWARD and not op.recomputable for op in updates)
     # the backward reads no tangent-free forward-only thing it cannot have
     assert {graph.value(g).kind for g in graph.gradients} == {ValueKind.GRADIENT_WORK}
     assert len(graph.gradients) == 6

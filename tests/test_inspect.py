@@ -139,7 +139,9 @@ def test_table_shows_the_summary_and_every_decision(graph: Graph, plan: Plan, pl
     assert f"overhead {(sim.time_ms / graph.total_time_ms - 1) * 100:+.2f}%" in out
     assert "solver greedy, optimality not proved" in out
     assert f"tiny-mlp hash {graph.hash}, 18 ops (9 forward, 9 backward), 7 saved storages" in out
-    assert "backward step 17: gelu1_bw running (gelu_backward @ blocks.1.act)" in out
+    peak_op = graph.op(plan.steps(sim.peak_phase)[sim.peak_step_index].name)
+    assert (f"{sim.peak_phase.value} step {sim.peak_step_index}: {peak_op.name} running "
+            f"({peak_op.target} @ {peak_op.module})") in out
     assert "recompute  1 saved storage (4.00 MiB); 1 op rerun in the backward (1 run, 0.04 ms)" in out
 
     rows = table_rows(out)

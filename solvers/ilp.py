@@ -1,0 +1,393 @@
+"""Checkmate-style MILP (Jain et al., MLSys 2020) over the exact solvers' plan space.
+
+The space is the one `solvers.brute_force` enumerates (see its docstring): the forward
+runs once and keeps or drops each saved storage; backward stage t runs forward
+recomputations in graph order, each at most once per stage, then backward op t.
+Checkmate's stages are all ops and its forward is part of the MILP; here the stages are
+the backward ops and the forward is fixed but for its keep set, so the model is the
+"frontier-advancing" Checkmate restricted to the backward.
+
+Variables (paper symbols, inside the model builder only):
+
+    R[t,k]     binary   forward op k is recomputed in backward stage t
+    S[t,v]     binary   forward value v is live entering stage t (S[0,v]: kept by the forward)
+    res[t,r]   in [0,1] storage root r is live entering stage t (>= S of each value on it)
+    FREE[t,r,k] in [0,1] storage r is released right after op k of stage t
+    U[t,k]     >= 0     bytes of the variable storages while op k of stage t runs
+
+Memory is counted as `simulate` counts it: by storage root (a storage is alive while any
+value on it is), with the storages alive whatever the plan does (resident and pinned
+values, tangents, live backward values, ``caller_bytes``) folded into a per-stage
+constant, and an op's workspace while it runs. A storage is allocated by the op that owns
+it (or is live from the stage's start), and freed after the last op of the stage that
+touches it (reads a value on it or produces it) unless the backward op of the stage reads
+it or a value on it is carried into the next stage: Checkmate's FREE with its hazards,
+linearised with one inequality per hazard (FREE only needs upper bounds, since a storage
+not freed is only counted longer).
+
+Pruning: S[t,v] exists only for values some backward op >= t may need (directly, or as
+an input of a recomputation of such a value), R[t,k] only for recomputable ops with such
+an output whose inputs can be live at stage t, FREE[t,r,k] only for the ops touching r.
+Model size: with B backward ops, F forward ops, V forward values and E forward edges,
+at most B*F binaries R, B*V binaries S, B*(E + F) continuous FREE and U, and
+O(B*(E + F + V) + F*V) constraints (the pairwise hazard inequalities add, per stage and
+storage, the square of the number of ops touching it, a small constant in practice);
+nonzeros grow the same way. Exact for the space: every plan of it is a solution with the
+same time and memory, and every solution is a plan whose simulated peak is at most the
+model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from solvers.brute_force import PlanSpace, assemble_plan, forward_high_water, plan_space
+from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
+from solvers.graph import Graph
+from solvers.plan import Plan, StepKind
+from solvers.registry import least_feasible_lower_bound, register
+from solvers.simulate import simulate
+
+log = logging.getLogger(__name__)
+
+
+class _Model:
+    """The MILP for one graph and budget, with the variables needed to read a plan back."""
+
+    def __init__(self, graph: Graph, budget_bytes: int, space: PlanSpace) -> None:
+        import pulp
+
+        self.pulp = pulp
+        self.graph, self.space, self.budget_bytes = graph, space, budget_bytes
+        self.problem = pulp.LpProblem("memsched_checkmate", pulp.LpMinimize)
+        self.recompute: list[dict[str, Any]] = []       # stage -> op -> R var
+        self.resident: list[dict[str, Any]] = []        # stage -> value -> S var or 1
+        self._constraints = 0
+        self._build()
+
+    # -- helpers ------------------------------------------------------------------------
+    def _add(self, constraint: Any) -> None:
+        self.problem += constraint, f"c{self._constraints}"
+        self._constraints += 1
+
+    def _producer_index(self, value: str) -> int:
+        return self.space.forward_index[self.graph.value(value).producer]
+
+    def _available(self, stage: int, value: str) -> list[Any]:
+        """Terms whose sum is 1 when ``value`` is live for a reader in ``stage``."""
+        terms = []
+        if value in self.resident[stage]:
+            terms.append(self.resident[stage][value])
+        producer = self.graph.value(value).producer
+        if producer in self.recompute[stage]:
+            terms.append(self.recompute[stage][producer])
+        return terms
+
+    # -- the model ------------------------------------------------------------------------
+    def _build(self) -> None:
+        pulp, graph, space = self.pulp, self.graph, self.space
+        forward_ops, backward_ops = graph.forward_ops, graph.backward_ops
+        objective = []
+        saved = set(graph.saved_candidates)
+        for stage, backward_op in enumerate(backward_ops):
+            # S[t, v]: stage 0 = the forward's keep set; later stages what was live or recomputed before
+            resident: dict[str, Any] = {}
+            for name in sorted(space.useful[stage], key=self._producer_index):
+                if stage == 0:
+                    if name not in saved:
+                        continue
+                    resident[name] = (1 if name in space.kept_always
+                                      else self.problem.add_variable(f"S_0_{len(resident)}", cat="Binary"))
+                elif name in self.resident[stage - 1] or graph.value(name).producer in self.recompute[stage - 1]:
+                    resident[name] = self.problem.add_variable(f"S_{stage}_{len(resident)}", cat="Binary")
+            self.resident.append(resident)
+            # R[t, k]: recomputable ops with an output some backward op >= t may need
+            recompute: dict[str, Any] = {}
+            self.recompute.append(recompute)
+            for op in forward_ops:
+                if op.name not in space.recomputable or not any(n in space.useful[stage] for n in op.outputs):
+                    continue
+                inputs = [n for n in dict.fromkeys(op.inputs) if n in space.activations]
+                if all(self._available(stage, n) for n in inputs):
+                    var = self.problem.add_variable(f"R_{stage}_{space.forward_index[op.name]}", cat="Binary")
+                    recompute[op.name] = var
+                    objective.append(op.time_ms * var)
+                    for name in inputs:          # (1d) a recomputation's inputs are live
+                        self._add(var <= pulp.lpSum(self._available(stage, name)))
+            for name in dict.fromkeys(backward_op.inputs):   # (1b) backward op t runs: its inputs are live
+                if name in space.activations:
+                    self._add(pulp.lpSum(self._available(stage, name)) >= 1)
+            for op_name, var in recompute.items():   # no recomputation onto a live view of its old storage
+                for root in space.own_roots[op_name]:
+                    for name in space.aliases.get(root, ()):
+                        if isinstance(resident.get(name), pulp.LpVariable):
+                            self._add(var + resident[name] <= 1)
+                        elif resident.get(name) == 1:
+                            self._add(var <= 0)
+            if stage > 0:                            # (1c) live entering t only if live or recomputed in t-1
+                for name, var in resident.items():
+                    self._add(var <= pulp.lpSum(self._available(stage - 1, name)))
+        for stage in range(len(backward_ops)):
+            self._stage_memory(stage)
+        self._forward_memory()
+        self.problem += pulp.lpSum(objective) if objective else pulp.LpAffineExpression(0)
+
+    def _stage_memory(self, stage: int) -> None:
+        """(2) running memory through stage t, Checkmate's U recurrence with FREE."""
+        pulp, graph, space = self.pulp, self.graph, self.space
+        backward_op = graph.backward_ops[stage]
+        resident, recompute = self.resident[stage], self.recompute[stage]
+        carried = self.resident[stage + 1] if stage + 1 < len(self.resident) else {}
+        fixed = space.fixed_roots[stage]
+        room = self.budget_bytes - space.fixed_bytes(stage)
+
+        def variable(root: str) -> bool:
+            return root not in fixed and space.size(root) > 0
+
+        roots_resident: dict[str, list[Any]] = {}
+        for name, var in resident.items():
+            if variable(space.root(name)):
+                roots_resident.setdefault(space.root(name), []).append(var)
+        start_terms = []
+        for root, vars_ in roots_resident.items():
+            if len(vars_) == 1:
+                start_terms.append(space.size(root) * vars_[0])
+            else:
+                res = self.problem.add_variable(f"res_{stage}_{len(start_terms)}", 0, 1)
+                for var in vars_:
+                    self._add(res >= var)
+                start_terms.append(space.size(root) * res)
+        start = pulp.lpSum(start_terms)
+        if stage == 0:                               # the backward's first moment: all kept storages
+            self._add(start <= room)
+
+        read_by_backward = {space.root(n) for n in backward_op.inputs if n in space.activations}
+        touchers: dict[str, list[str]] = {}
+        for op_name in recompute:
+            op = graph.op(op_name)
+            roots = {space.root(n) for n in op.inputs if n in space.activations} | set(space.own_roots[op_name])
+            for root in roots:
+                if variable(root):
+                    touchers.setdefault(root, []).append(op_name)
+        frees_after: dict[str, list[tuple[int, Any]]] = {op_name: [] for op_name in recompute}
+        for root, ops in touchers.items():
+            if root in read_by_backward:
+                continue                              # live until backward op t has run
+            carries = [carried[n] for n in space.aliases.get(root, ()) if n in carried]
+            for position, op_name in enumerate(ops):
+                free = self.problem.add_variable(
+                    f"F_{stage}_{space.forward_index[op_name]}_{len(frees_after[op_name])}", 0, 1)
+                frees_after[op_name].append((space.size(root), free))
+                self._add(free <= recompute[op_name])           # (3) hazards: k itself did not run,
+                for later in ops[position + 1:]:                # a later toucher runs in stage t,
+                    self._add(free + recompute[later] <= 1)
+                for var in carries:                             # or a value on r is carried to t+1
+                    self._add(free + var <= 1)
+
+        previous = start
+        for op_name, var in recompute.items():
+            op = graph.op(op_name)
+            new_bytes = sum(space.size(root) for root in space.own_roots[op_name] if variable(root))
+            memory = self.problem.add_variable(f"U_{stage}_{space.forward_index[op_name]}", 0)
+            self._add(memory == previous + new_bytes * var)
+            self._add(memory + op.tmp_bytes * var <= room)
+            previous = memory - pulp.lpSum(size * free for size, free in frees_after[op_name])
+        input_roots = {graph.value(n).root for n in backward_op.inputs}
+        new_roots = {graph.value(n).root for n in backward_op.outputs} - fixed - input_roots
+        backward_bytes = sum(graph.value(root).size_bytes for root in new_roots) + backward_op.tmp_bytes
+        self._add(previous <= room - backward_bytes)
+
+    def _forward_memory(self) -> None:
+        """The forward runs every op once; a kept storage stays from its last forward use
+        to the end of the forward, on top of the plan that keeps only what it must."""
+        pulp, graph, space = self.pulp, self.graph, self.space
+        steps, high_water = forward_high_water(graph, space.kept_always)
+        op_high_water = [hw for step, hw in zip(steps, high_water) if step.kind is StepKind.RUN]
+        keep_terms: dict[str, list[Any]] = {}
+        for name, var in self.resident[0].items() if self.resident else ():
+            if name not in space.kept_always:
+                keep_terms.setdefault(space.root(name), []).append(var)
+        last_touch: dict[str, int] = {}
+        for index, op in enumerate(graph.forward_ops):
+            for name in op.inputs + op.outputs:
+                if graph.value(name).root in keep_terms:
+                    last_touch[graph.value(name).root] = index
+        kept_roots: dict[str, Any] = {}
+        for root, vars_ in keep_terms.items():
+            if len(vars_) == 1:
+                kept_roots[root] = vars_[0]
+            else:
+                kept_roots[root] = self.problem.add_variable(f"keep_{len(kept_roots)}", 0, 1)
+                for var in vars_:
+                    self._add(kept_roots[root] >= var)
+        for index, high in enumerate(op_high_water):
+            extra = [(space.size(root), var) for root, var in kept_roots.items() if last_touch[root] < index]
+            if high + sum(size for size, _ in extra) > self.budget_bytes:
+                self._add(pulp.lpSum(size * var for size, var in extra) <= self.budget_bytes - high)
+
+    # -- reading the solution ---------------------------------------------------------------
+    def size(self) -> dict[str, int]:
+        variables = self.problem.variables()
+        return {"variables": len(variables), "binaries": sum(1 for v in variables if v.cat == "Integer"),
+                "constraints": self._constraints}
+
+    def start_values(self, keep: frozenset[str], runs: list[str]) -> dict[Any, float]:
+        """Values of the binaries R and S for the plan (keep, runs); S from the liveness
+        of `insert_frees` (a value is live entering stage t if a later run reads it before
+        its producer runs again)."""
+        graph = self.graph
+        values: dict[Any, float] = {}
+        stages: list[list[str]] = [[]]
+        for name in runs:
+            stages[-1].append(name)
+            if graph.op(name).phase.value == "backward":
+                stages.append([])
+        needed: set[str] = set()
+        live_at_start: list[set[str]] = [set() for _ in graph.backward_ops]
+        for stage in range(len(graph.backward_ops) - 1, -1, -1):
+            for name in reversed(stages[stage]):
+                op = graph.op(name)
+                needed.difference_update(op.outputs)
+                needed.update(op.inputs)
+            live_at_start[stage] = set(needed)
+        for stage, recompute in enumerate(self.recompute):
+            ran = set(stages[stage])
+            for op_name, var in recompute.items():
+                values[var] = 1.0 if op_name in ran else 0.0
+            for name, var in self.resident[stage].items():
+                if not isinstance(var, int):
+                    on = name in keep if stage == 0 else name in live_at_start[stage]
+                    values[var] = 1.0 if on else 0.0
+        return values
+
+    def solution(self) -> tuple[frozenset[str], list[str]]:
+        """(keep set, backward runs) of the solved model."""
+        def chosen(var: Any) -> bool:
+            if isinstance(var, int):
+                return var == 1
+            return var.varValue is not None and var.varValue > 0.5
+
+        keep = frozenset(name for name, var in (self.resident[0].items() if self.resident else ()) if chosen(var))
+        runs: list[str] = []
+        for stage, backward_op in enumerate(self.graph.backward_ops):
+            runs.extend(op_name for op_name, var in self.recompute[stage].items() if chosen(var))
+            runs.append(backward_op.name)
+        return keep, runs
+
+
+def _start_runs(graph: Graph, budget_bytes: int, space: PlanSpace) -> tuple[frozenset[str], list[str]] | None:
+    """A plan of the space to start the MILP from: greedy's keep set, and before each
+    backward op the recomputations its missing inputs need, in graph order (the MILP has
+    no incumbent for minutes on graphs of hundreds of ops without one). None if it does
+    not fit or leaves the space."""
+    from solvers.baselines import solve_greedy
+    from solvers.plan import Decision
+
+    try:
+        greedy = solve_greedy(graph, budget_bytes)
+    except InfeasibleBudgetError:
+        return None
+    dropped = {root for root, decision in greedy.decisions.items() if decision is not Decision.KEEP}
+    keep = space.keep_set(dropped & set(space.droppable_roots))
+    live, runs = set(keep), []
+    for stage, backward_op in enumerate(graph.backward_ops):
+        chosen: set[str] = set()
+        stack = [n for n in backward_op.inputs if n in space.activations and n not in live]
+        while stack:
+            producer = graph.value(stack.pop()).producer
+            if producer not in space.recomputable:
+                return None
+            if producer not in chosen:
+                chosen.add(producer)
+                stack.extend(n for n in graph.op(producer).inputs if n in space.activations and n not in live)
+        for op_name in sorted(chosen, key=space.forward_index.__getitem__):
+            if any(space.root(n) in space.own_roots[op_name] for n in live):
+                return None
+            live.update(graph.op(op_name).outputs)
+            runs.append(op_name)
+        runs.append(backward_op.name)
+        live &= space.useful[stage + 1]
+    plan = assemble_plan(graph, "ilp", budget_bytes, keep, runs, optimal=False, gap=None)
+    return (keep, runs) if simulate(graph, plan).peak_bytes <= budget_bytes else None
+
+
+def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, float] | None = None) -> Any:
+    import pulp
+
+    if name in ("auto", "highs") and pulp.HiGHS().available():
+        solver = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=rel_gap, threads=1)
+        if start:
+            run_highs = solver.callSolver
+
+            def call_with_start(problem: Any) -> None:
+                """Hand HiGHS the start's binaries; it completes the continuous ones."""
+                import numpy as np
+
+                indices = np.array([var.index for var in start], dtype=np.int32)
+                problem.solverModel.setSolution(len(indices), indices, np.array(list(start.values()), dtype=float))
+                run_highs(problem)
+
+            solver.callSolver = call_with_start
+        return solver
+    if name in ("auto", "cbc") and pulp.PULP_CBC_CMD().available():
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=rel_gap)
+    raise SolverUnavailableError(f"ilp: MILP backend {name!r} is not available; install highspy "
+                                 "(pip install highspy) or use pulp's bundled CBC with backend='cbc'")
+
+
+@register("ilp")
+def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, backend: str = "auto",
+              rel_gap: float = 0.0, warm_start: bool = True) -> Plan:
+    """Least-time keep/recompute plan of the exact solvers' space under ``budget_bytes``.
+
+    MILP after Checkmate (Jain et al., MLSys 2020), see the module docstring; pulp with
+    HiGHS (``backend="highs"``), CBC as fallback (``"cbc"``). When ``time_limit_s`` runs out
+    the best incumbent is returned with ``optimal=False`` and its proved relative ``gap``
+    (HiGHS; None from CBC). With ``warm_start`` (HiGHS only) the search starts from greedy's
+    keep set with graph-ordered just-in-time recomputation, when that plan fits. The plan
+    is replayed by `simulate` before it is returned.
+
+    Raises:
+        InfeasibleBudgetError: the MILP is infeasible (no plan of the space fits).
+        SolverUnavailableError: no MILP backend, or no plan found within the time limit.
+    """
+    import pulp
+
+    budget_bytes = int(budget_bytes)
+    started = time.perf_counter()
+    space = plan_space(graph)
+    model = _Model(graph, budget_bytes, space)
+    start = _start_runs(graph, budget_bytes, space) if warm_start and graph.backward_ops else None
+    built = time.perf_counter()
+    model.problem.solve(_backend(backend, time_limit_s, rel_gap, model.start_values(*start) if start else None))
+    solved = time.perf_counter()
+    size = model.size()
+    log.info("ilp: %d variables (%d binary), %d constraints; built in %.2f s, solved in %.2f s",
+             size["variables"], size["binaries"], size["constraints"], built - started, solved - built)
+    status = model.problem.sol_status
+    if status == pulp.LpSolutionInfeasible or model.problem.status == pulp.LpStatusInfeasible:
+        floor = least_feasible_lower_bound(graph)
+        raise InfeasibleBudgetError(budget_bytes, floor.total,
+                                    {**floor.breakdown, "ilp: no keep/recompute plan fits": budget_bytes},
+                                    solver="ilp (least feasible is at least the lower bound)")
+    if status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        raise SolverUnavailableError(
+            f"ilp: no plan found within time_limit_s={time_limit_s} ({pulp.LpStatus[model.problem.status]}); "
+            "raise time_limit_s or use solver='greedy'")
+    optimal = status == pulp.LpSolutionOptimal
+    gap: float | None = 0.0 if optimal else None
+    solver_model = getattr(model.problem, "solverModel", None)
+    if not optimal and solver_model is not None and hasattr(solver_model, "getInfo"):
+        gap = float(solver_model.getInfo().mip_gap)
+    keep, runs = model.solution()
+    plan = assemble_plan(graph, "ilp", budget_bytes, keep, runs, optimal=optimal, gap=gap,
+                         options={"time_limit_s": time_limit_s, "backend": backend, **size,
+                                  "warm_start": start is not None,
+                                  "build_time_s": round(built - started, 3), "milp_time_s": round(solved - built, 3)})
+    result = simulate(graph, plan)
+    if result.peak_bytes > budget_bytes:
+        raise AssertionError(f"ilp: simulated peak {result.peak_bytes} > budget {budget_bytes}: "
+                             "the MILP's memory model undercounts (a solver bug)")
+    return plan

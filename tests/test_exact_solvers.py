@@ -1,0 +1,189 @@
+"""The exact solvers: `ilp` reaches `brute_force`'s optimum on random tiny graphs.
+
+Both search the same plan space (solvers/brute_force.py docstring): the forward runs once
+and keeps or drops each saved storage; each backward stage recomputes forward ops in graph
+order, then runs its backward op. Every plan is judged by `simulate`, never by the
+solver's own accounting.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from solvers import (Graph, InfeasibleBudgetError, Op, Phase, Plan, UnsupportedGraphError, Value, ValueKind, simulate,
+                     solve)
+from solvers.brute_force import least_feasible_plan, plan_space
+from solvers.plan import StepKind
+from strategies import budget_between, chain_graphs, keep_all_peak_bytes, small_graphs
+
+pytest.importorskip("pulp")
+
+MAX_FORWARD_OPS = 8
+
+
+def feasible_budget(graph: Graph, frac: float) -> int:
+    """``frac`` 0 -> the least peak any plan of the space reaches, 1 -> the keep-all peak."""
+    least, _ = least_feasible_plan(graph)
+    return least + int(frac * (keep_all_peak_bytes(graph) - least))
+
+
+def out_of_space(graph: Graph, plan: Plan) -> str | None:
+    """Why ``plan`` is not in the exact solvers' space, or None when it is."""
+    space = plan_space(graph)
+    if [s.name for s in plan.forward if s.kind is StepKind.RUN] != [op.name for op in graph.forward_ops]:
+        return "the forward does not run every forward op once, in order"
+    if any(s.kind in (StepKind.OFFLOAD, StepKind.PREFETCH) for s in plan.forward + plan.backward):
+        return "offloads"
+    live: set[str] = set()
+    last = -1       # graph index of the last forward op recomputed in the current stage
+    for phase, step in [(Phase.FORWARD, s) for s in plan.forward] + [(Phase.BACKWARD, s) for s in plan.backward]:
+        if step.kind is StepKind.FREE:
+            live.discard(step.name)
+            continue
+        op = graph.op(step.name)
+        if phase is Phase.FORWARD or op.phase is Phase.BACKWARD:
+            last = -1
+        else:
+            index = space.forward_index[op.name]
+            if op.name not in space.recomputable:
+                return f"recomputes {op.name}, which the space never recomputes"
+            if index <= last:
+                return f"recomputes {op.name} out of graph order within a stage"
+            if any(graph.value(name).root in space.own_roots[op.name] for name in live):
+                return f"recomputes {op.name} while a value on its old storage is live"
+            last = index
+        live.update(op.outputs)
+    return None
+
+
+def replay_time(graph: Graph, plan: Plan, budget_bytes: int) -> float:
+    result = simulate(graph, plan)
+    assert result.peak_bytes <= budget_bytes
+    assert plan.predicted_peak_bytes == result.peak_bytes and plan.predicted_time_ms == result.time_ms
+    return result.time_ms
+
+
+@given(graph=small_graphs(max_forward_ops=MAX_FORWARD_OPS), frac=st.floats(0.0, 1.2))
+def test_ilp_matches_brute_force(graph: Graph, frac: float) -> None:
+    budget = budget_between(graph, frac)
+    try:
+        best = solve(graph, budget, "brute_force")
+    except InfeasibleBudgetError as error:
+        least, _ = least_feasible_plan(graph)
+        assert error.least_feasible_bytes >= least > budget or error.solver.startswith("lower bound")
+        with pytest.raises(InfeasibleBudgetError):
+            solve(graph, budget, "ilp")
+        return
+    plan = solve(graph, budget, "ilp")
+    assert plan.optimal and plan.gap == 0.0 and best.optimal
+    assert replay_time(graph, plan, budget) == pytest.approx(replay_time(graph, best, budget), rel=1e-6)
+
+
+@given(graph=small_graphs(max_forward_ops=MAX_FORWARD_OPS), frac=st.floats(0.0, 1.0))
+def test_ilp_optimal_and_no_slower_than_greedy(graph: Graph, frac: float) -> None:
+    """Budgets where a plan exists: ilp = brute_force, and ilp <= greedy whenever greedy's
+    plan lies in the space (greedy recomputes depth-first just in time, so its order within
+    a stage can leave it)."""
+    budget = feasible_budget(graph, frac)
+    plan = solve(graph, budget, "ilp")
+    assert out_of_space(graph, plan) is None
+    ilp_ms = replay_time(graph, plan, budget)
+    assert ilp_ms == pytest.approx(replay_time(graph, solve(graph, budget, "brute_force"), budget), rel=1e-6)
+    try:
+        greedy = solve(graph, budget, "greedy")
+    except InfeasibleBudgetError:
+        return
+    if out_of_space(graph, greedy) is None:
+        assert ilp_ms <= replay_time(graph, greedy, budget) * (1 + 1e-9)
+
+
+@given(graph=st.integers(1, 6).flatmap(chain_graphs), frac=st.floats(0.0, 1.0))
+def test_ilp_matches_brute_force_on_chains(graph: Graph, frac: float) -> None:
+    budget = feasible_budget(graph, frac)
+    ilp_ms = replay_time(graph, solve(graph, budget, "ilp"), budget)
+    assert ilp_ms == pytest.approx(replay_time(graph, solve(graph, budget, "brute_force"), budget), rel=1e-6)
+
+
+@given(graph=small_graphs(max_forward_ops=MAX_FORWARD_OPS), extra=st.integers(0, 1000))
+def test_no_overhead_at_or_above_keep_all_peak(graph: Graph, extra: int) -> None:
+    budget = keep_all_peak_bytes(graph) + extra
+    for solver in ("ilp", "brute_force"):
+        plan = solve(graph, budget, solver)
+        result = simulate(graph, plan)
+        assert result.recompute_ms == 0.0 and result.time_ms == pytest.approx(graph.total_time_ms)
+        assert plan.overhead == pytest.approx(0.0)
+
+
+@given(graph=small_graphs(max_forward_ops=MAX_FORWARD_OPS))
+def test_brute_force_least_feasible_is_exact(graph: Graph) -> None:
+    """The least peak is reached by a plan (simulate agrees) and one byte less is refused."""
+    least, plan = least_feasible_plan(graph)
+    assert simulate(graph, plan).peak_bytes == least
+    assert simulate(graph, solve(graph, least, "brute_force")).peak_bytes <= least
+    with pytest.raises(InfeasibleBudgetError) as refused:
+        solve(graph, least - 1, "brute_force")
+    assert refused.value.least_feasible_bytes >= least or refused.value.solver.startswith("lower bound")
+    with pytest.raises(InfeasibleBudgetError):
+        solve(graph, least - 1, "ilp")
+
+
+def two_branch_graph() -> Graph:
+    """x -> f0 -> a (64) -> f1 -> b (64) -> f2 -> out (16); the backward reads a and b.
+
+    Keep-all peak 208 bytes (during b2: w, x, a, b, out, t, g_b). One byte less: drop a
+    (recomputed from x, w in 1 ms before b1; peak 160) rather than b (2 ms).
+    """
+    act, work = ValueKind.ACTIVATION, ValueKind.GRADIENT_WORK
+    values = (Value("w", 16, ValueKind.PARAMETER), Value("x", 16, ValueKind.INPUT), Value("t", 16, ValueKind.TANGENT),
+              Value("a", 64, act, "f0"), Value("b", 64, act, "f1"), Value("out", 16, act, "f2"),
+              Value("g_b", 16, work, "b2"), Value("g_a", 16, work, "b1"), Value("g_w", 16, work, "b0"))
+    ops = (Op("f0", ("x", "w"), ("a",), Phase.FORWARD, 1.0), Op("f1", ("a",), ("b",), Phase.FORWARD, 2.0),
+           Op("f2", ("b",), ("out",), Phase.FORWARD, 1.0),
+           Op("b2", ("t", "b"), ("g_b",), Phase.BACKWARD, 1.0), Op("b1", ("g_b", "a"), ("g_a",), Phase.BACKWARD, 1.0),
+           Op("b0", ("g_a", "x"), ("g_w",), Phase.BACKWARD, 1.0))
+    return Graph(ops=ops, values=values, placeholders=("w", "x", "t"), forward_outputs=("out",),
+                 gradients=("g_w",), name="two_branch")
+
+
+@pytest.mark.parametrize("solver", ["ilp", "brute_force"])
+def test_hand_graph_optimum(solver: str) -> None:
+    graph = two_branch_graph()
+    keep_all = keep_all_peak_bytes(graph)
+    assert simulate(graph, solve(graph, keep_all, solver)).time_ms == 7.0
+    assert keep_all == 208
+    plan = solve(graph, keep_all - 1, solver)
+    assert plan.optimal
+    assert simulate(graph, plan).time_ms == 8.0
+    assert plan.decisions == {"a": "recompute", "b": "keep"}
+
+
+def test_ilp_backends_agree_and_plans_are_deterministic() -> None:
+    graph = two_branch_graph()
+    budget = keep_all_peak_bytes(graph) - 1
+    highs = solve(graph, budget, "ilp", backend="highs")
+    again = solve(graph, budget, "ilp", backend="highs")
+    assert (again.forward, again.backward, again.decisions) == (highs.forward, highs.backward, highs.decisions)
+    cbc = solve(graph, budget, "ilp", backend="cbc", time_limit_s=10)
+    assert cbc.optimal and simulate(graph, cbc).time_ms == simulate(graph, highs).time_ms
+    assert Plan.from_json(highs.to_json()) == highs
+
+
+def chain(length: int) -> Graph:
+    """``a_i = f_i(a_{i-1})``, the backward reads every ``a_i``; 16 bytes and 1 ms each."""
+    values = [Value("a0", 16, ValueKind.INPUT), Value("t", 16, ValueKind.TANGENT)]
+    ops = []
+    for i in range(1, length + 1):
+        values.append(Value(f"a{i}", 16, ValueKind.ACTIVATION, f"f{i}"))
+        ops.append(Op(f"f{i}", (f"a{i - 1}",), (f"a{i}",), Phase.FORWARD, 1.0))
+    values.append(Value("g", 16, ValueKind.GRADIENT_WORK, "b"))
+    ops.append(Op("b", ("t",) + tuple(f"a{i}" for i in range(length + 1)), ("g",), Phase.BACKWARD, 1.0))
+    return Graph(ops=tuple(ops), values=tuple(values), placeholders=("a0", "t"), forward_outputs=(f"a{length}",),
+                 gradients=("g",), name=f"chain{length}")
+
+
+def test_brute_force_refuses_large_graphs() -> None:
+    graph = chain(12)
+    with pytest.raises(UnsupportedGraphError, match="too large for brute_force"):
+        solve(graph, 10**12, "brute_force")
