@@ -6,7 +6,9 @@ prefetch with no host copy, or a missing output, and otherwise reports what the 
 will see.
 
 Memory model (storages, DESIGN.md "Budget semantics"):
-  * a storage is counted while any value aliasing it is alive on the device;
+  * a storage is counted while any value aliasing it is alive on the device; each run of
+    an op allocates new storages (a recomputed value is a second copy while a view of the
+    first is still alive), a view shares the storage of the input it views;
   * parameters, buffers and inputs are alive for the whole step; tangents for the whole
     backward (autograd holds them); forward outputs and gradients from their production
     to the end of the step (the caller and autograd hold them);
@@ -58,33 +60,66 @@ class SimResult:
 
 
 class _Memory:
-    """Reference counts per storage root; bytes of the live storages."""
+    """Reference counts per storage *instance*: every run of an op allocates fresh
+    storages for the values it creates (a recomputed storage is a second allocation while
+    a view of the first is alive); a view shares the instance of the input it views."""
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
-        self.refs: dict[str, int] = {}
+        self.size_of: dict[int, int] = {}       # instance -> bytes
+        self.refs: dict[int, int] = {}          # instance -> references
+        self.instance_of: dict[str, int] = {}   # live value name -> instance it refers to
         self.bytes_in_use = 0
 
+    def fresh(self, size_bytes: int) -> int:
+        instance = len(self.size_of)
+        self.size_of[instance] = size_bytes
+        return instance
+
+    def bind(self, value_name: str, instance: int) -> None:
+        """``value_name`` now refers to ``instance`` (one reference, the program's)."""
+        self.instance_of[value_name] = instance
+        self.acquire(value_name)
+
     def acquire(self, value_name: str) -> None:
-        root = self.graph.value(value_name).root
-        count = self.refs.get(root, 0)
+        instance = self.instance_of[value_name]
+        count = self.refs.get(instance, 0)
         if count == 0:
-            self.bytes_in_use += self.graph.value(root).size_bytes
-        self.refs[root] = count + 1
+            self.bytes_in_use += self.size_of[instance]
+        self.refs[instance] = count + 1
+
+    def release_instance(self, instance: int) -> None:
+        count = self.refs[instance] - 1
+        if count == 0:
+            del self.refs[instance]
+            self.bytes_in_use -= self.size_of[instance]
+        else:
+            self.refs[instance] = count
 
     def release(self, value_name: str) -> None:
-        root = self.graph.value(value_name).root
-        count = self.refs[root] - 1
-        if count == 0:
-            del self.refs[root]
-            self.bytes_in_use -= self.graph.value(root).size_bytes
-        else:
-            self.refs[root] = count
+        self.release_instance(self.instance_of[value_name])
 
-    def new_bytes(self, value_names: tuple[str, ...]) -> int:
-        """Bytes that defining these values would allocate (roots not alive yet)."""
-        roots = {self.graph.value(name).root for name in value_names}
-        return sum(self.graph.value(root).size_bytes for root in roots if root not in self.refs)
+    def instances_for(self, value_names: tuple[str, ...], inputs: tuple[str, ...]) -> dict[str, int]:
+        """The instance each value will refer to: a fresh one for a storage root, the
+        instance of the input (or earlier output) with the same root for a view."""
+        chosen: dict[str, int] = {}
+        for name in value_names:
+            value = self.graph.value(name)
+            if value.alias_of is None:
+                chosen[name] = self.fresh(value.size_bytes)
+                continue
+            source = next((chosen[other] for other in chosen if self.graph.value(other).root == value.root), None)
+            if source is None:
+                source = next((self.instance_of[other] for other in inputs
+                               if other in self.instance_of and self.graph.value(other).root == value.root), None)
+            if source is None:   # a view of a storage the op does not read: count it anew
+                source = self.fresh(self.graph.value(value.root).size_bytes)
+            chosen[name] = source
+        return chosen
+
+    def new_bytes(self, instances: dict[str, int]) -> int:
+        """Bytes that binding these instances would add."""
+        return sum(self.size_of[i] for i in set(instances.values()) if i not in self.refs)
 
 
 def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
@@ -99,11 +134,14 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
     pinned_outputs = set(graph.forward_outputs) | set(graph.gradients)
     transfer = graph.transfer
 
-    for name in graph.placeholders:
-        if graph.value(name).kind is not ValueKind.TANGENT:
-            memory.acquire(name)      # the caller's pin for the whole step
-            memory.acquire(name)      # the program's reference, which a free drops
+    def bind_placeholders(kinds_wanted: bool) -> None:
+        names = tuple(n for n in graph.placeholders if (graph.value(n).kind is ValueKind.TANGENT) == kinds_wanted)
+        for name, instance in memory.instances_for(names, graph.placeholders).items():
+            memory.bind(name, instance)   # the program's reference, which a free drops
+            memory.acquire(name)          # the caller's (autograd's, for tangents) pin
             live.add(name)
+
+    bind_placeholders(False)
 
     clock_ms = compute_ms = recompute_ms = stall_ms = 0.0
     d2h_free_at = h2d_free_at = 0.0
@@ -121,11 +159,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
     for phase in (Phase.FORWARD, Phase.BACKWARD):
         if phase is Phase.BACKWARD:
             memory.bytes_in_use += graph.caller_bytes
-            for name in graph.placeholders:
-                if graph.value(name).kind is ValueKind.TANGENT:
-                    memory.acquire(name)      # autograd's pin for the whole backward
-                    memory.acquire(name)
-                    live.add(name)
+            bind_placeholders(True)
         for index, step in enumerate(plan.steps(phase)):
             high_water = memory.bytes_in_use
             if step.kind is StepKind.RUN:
@@ -145,11 +179,13 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
                         raise fail(phase, index, f"input {name!r} is not on the device")
                     start_ms = max(start_ms, ready_at.get(name, 0.0))
                 stall_ms += start_ms - clock_ms
-                high_water = memory.bytes_in_use + memory.new_bytes(op.outputs) + op.tmp_bytes
+                instances = memory.instances_for(op.outputs, op.inputs)
+                high_water = memory.bytes_in_use + memory.new_bytes(instances) + op.tmp_bytes
                 for name in op.outputs:
-                    memory.acquire(name)
-                    if name in live:
-                        memory.release(name)      # the new instance replaces the old one
+                    previous = memory.instance_of.get(name) if name in live else None
+                    memory.bind(name, instances[name])
+                    if previous is not None:
+                        memory.release_instance(previous)   # the new definition replaces the old
                     live.add(name)
                     defined.add(name)
                     ready_at.pop(name, None)
@@ -172,6 +208,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
                         clock_ms = wait_until
                 live.discard(step.name)
                 memory.release(step.name)
+                del memory.instance_of[step.name]
             elif step.kind is StepKind.OFFLOAD:
                 if step.name not in live:
                     raise fail(phase, index, "cannot offload a value that is not on the device")
@@ -190,7 +227,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
                 start_ms = max(clock_ms, h2d_free_at, host_ready_at[step.name])
                 h2d_free_at = start_ms + transfer.latency_ms + size / transfer.host_to_device_bytes_per_ms
                 ready_at[step.name] = h2d_free_at
-                memory.acquire(step.name)
+                memory.bind(step.name, memory.fresh(size))
                 live.add(step.name)
                 high_water = memory.bytes_in_use
             if high_water > peak_bytes:
