@@ -154,16 +154,21 @@ _RESNET_PRESETS = {
 }
 
 
+def _image_model(model_class: type[nn.Module], config: dict, device: str | torch.device
+                 ) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """An image model from a preset and a random (batch, channels, size, size) batch."""
+    batch_size, image_size = config.pop("batch_size"), config.pop("image_size")
+    model = model_class(**config)
+    images = torch.randn(batch_size, config["in_channels"], image_size, image_size)
+    return model.to(device), (images.to(device),)
+
+
 def make_resnet(size: str = "tiny", *, device: str | torch.device = "cpu") -> tuple[nn.Module, tuple[torch.Tensor]]:
     """`ResNet` and an image batch (batch, 3, image_size, image_size).
 
     Training step: ``loss_fn(model(images)).backward()``, e.g. cross-entropy against labels.
     """
-    config = _preset(_RESNET_PRESETS, size, "resnet")
-    batch_size, image_size = config.pop("batch_size"), config.pop("image_size")
-    model = ResNet(**config)
-    images = torch.randn(batch_size, config["in_channels"], image_size, image_size)
-    return model.to(device), (images.to(device),)
+    return _image_model(ResNet, _preset(_RESNET_PRESETS, size, "resnet"), device)
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,11 +368,7 @@ def make_unet(size: str = "tiny", *, device: str | torch.device = "cpu") -> tupl
     Training step: ``loss_fn(model(images)).backward()``, e.g. per-pixel cross-entropy
     against a (batch, image_size, image_size) mask of class ids.
     """
-    config = _preset(_UNET_PRESETS, size, "unet")
-    batch_size, image_size = config.pop("batch_size"), config.pop("image_size")
-    model = UNet(**config)
-    images = torch.randn(batch_size, config["in_channels"], image_size, image_size)
-    return model.to(device), (images.to(device),)
+    return _image_model(UNet, _preset(_UNET_PRESETS, size, "unet"), device)
 
 
 # ---------------------------------------------------------------------------------------
