@@ -210,8 +210,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
                      + [fake_mode.from_tensor(t) for t in tensor_inputs])
         fake_flat += [torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
                       for leaf in output_leaves if leaf.differentiable]
-        autograd_graph = make_fx(joint, record_module_stack=True)(*fake_flat)
-        log.debug("pass 1: %d placeholders for %d args", sum(n.op == "placeholder" for n in autograd_graph.graph.nodes), len(fake_flat))
+        autograd_graph = make_fx(joint)(*fake_flat)
         functional = make_fx(functionalize(_meta_preserving_runner(autograd_graph), remove="mutations"))(*fake_flat)
     _eliminate_dead_code(functional)
     _random_fills_in_eager_layout(functional)
@@ -223,8 +222,14 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
     buffer_updates = {}
     for node in functional.graph.nodes:
         if roles.get(node.name) is Role.BUFFER_UPDATE:
-            target_placeholder = node.args[0]
-            buffer_updates[node.name] = buffer_names[placeholders.index(target_placeholder) - n_params]
+            position = placeholders.index(node.args[0]) - n_params
+            if not 0 <= position < n_buffers:
+                what = "a parameter" if position < 0 else "its input"
+                where = modules.get(node.args[1].name) if isinstance(node.args[1], fx.Node) else ""
+                raise UnsupportedModelError(
+                    f"cannot trace {where or type(model).__name__!r}: it modifies {what} in place, which a "
+                    "training step cannot replay; clone it first (x = x.clone()) or keep the state in a buffer")
+            buffer_updates[node.name] = buffer_names[position]
     log.info("captured %s: %d nodes (%d forward, %d backward)", type(model).__name__, len(functional.graph.nodes),
              sum(r is Role.FORWARD for r in roles.values()), sum(r is Role.BACKWARD for r in roles.values()))
     return CapturedStep(joint=functional, param_names=param_names, buffer_names=buffer_names,

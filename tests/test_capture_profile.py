@@ -146,3 +146,17 @@ def test_profile_times_are_positive_and_graph_is_json_stable() -> None:
     assert first.hash == second.hash                     # timings differ, structure does not
     assert sum(op.time_ms for op in first.ops) > 0
     assert all(op.time_ms >= 0 for op in first.ops)
+
+
+def test_in_place_update_of_an_input_is_refused_with_the_fix() -> None:
+    class MutatesInput(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x.mul_(2)
+            return self.fc(x)
+
+    with pytest.raises(UnsupportedModelError, match=r"modifies its input in place.*clone"):
+        capture(MutatesInput(), (torch.randn(2, 4),))
