@@ -40,24 +40,45 @@ def available_solvers() -> tuple[str, ...]:
     return tuple(sorted(_SOLVERS))
 
 
-def pick_auto(graph: Graph) -> str:
-    """The solver ``solver="auto"`` uses for this graph."""
-    return "greedy"
+# What ``solver="auto"`` tries, in order; the fastest plan that fits wins (ties: first).
+AUTO_CANDIDATES = ("hierarchical", "greedy", "every_block", "sqrt_n")
+
+
+def _solve_auto(graph: Graph, budget_bytes: int, **options: object) -> Plan:
+    """Run every registered candidate and keep the plan with the least simulated time;
+    when none fits, raise the `InfeasibleBudgetError` with the smallest least-feasible budget."""
+    best: tuple[float, Plan] | None = None
+    failures: list[InfeasibleBudgetError] = []
+    tried = [name for name in AUTO_CANDIDATES if name in _SOLVERS]
+    for name in tried:
+        try:
+            plan = _SOLVERS[name](graph, budget_bytes, **options)
+        except InfeasibleBudgetError as error:
+            failures.append(error)
+            continue
+        result = simulate(graph, plan)
+        if result.peak_bytes <= budget_bytes and (best is None or result.time_ms < best[0]):
+            best = (result.time_ms, plan)
+    if best is None:
+        raise min(failures, key=lambda error: error.least_feasible_bytes)
+    return replace(best[1], options={**best[1].options, "auto_tried": tried})
 
 
 def solve(graph: Graph, budget_bytes: int, solver: str = "auto", **options: object) -> Plan:
     """Plan ``graph`` under ``budget_bytes`` with the named solver; predictions filled in
     by `simulate`. Raises `InfeasibleBudgetError` (budget too small) or
     `SolverUnavailableError` (unknown name)."""
-    name = pick_auto(graph) if solver == "auto" else solver
-    if name not in _SOLVERS:
-        raise SolverUnavailableError(f"no solver named {solver!r}; choose one of {', '.join(available_solvers())}")
+    if solver != "auto" and solver not in _SOLVERS:
+        raise SolverUnavailableError(f"no solver named {solver!r}; choose auto or one of "
+                                     f"{', '.join(available_solvers())}")
     budget_bytes = int(budget_bytes)
     floor = least_feasible_lower_bound(graph)
     if budget_bytes < floor.total:
-        raise InfeasibleBudgetError(budget_bytes, floor.total, floor.breakdown, solver=f"lower bound, any solver")
+        raise InfeasibleBudgetError(budget_bytes, floor.total, floor.breakdown, solver="lower bound, any solver")
     started = time.perf_counter()
-    plan = _SOLVERS[name](graph, budget_bytes, **options)
+    plan = _solve_auto(graph, budget_bytes, **options) if solver == "auto" else _SOLVERS[solver](
+        graph, budget_bytes, **options)
+    name = plan.solver
     elapsed_s = time.perf_counter() - started
     result = simulate(graph, plan)
     if result.peak_bytes > budget_bytes:
