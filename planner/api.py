@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: Sequence[Any] | Any,
              *, example_kwargs: Mapping[str, Any] | None = None, solver: str = "auto",
              plan: str | os.PathLike | Plan | None = None, repeats: int = 3,
-             solver_options: Mapping[str, Any] | None = None) -> ScheduledModule:
+             solver_options: Mapping[str, Any] | None = None, progress: bool | None = None) -> ScheduledModule:
     """Return ``model`` wrapped so that one training step (forward + backward) peaks at
     most at ``budget`` with the same gradients, at the least extra time the solver finds.
 
@@ -37,6 +37,7 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
         plan: a saved plan (path or `Plan`) to run instead of solving; it must have been
             made for this model and input shapes (`PlanMismatchError` otherwise).
         repeats: timing repeats per op while profiling.
+        progress: show a progress bar while profiling (default: when stderr is a terminal).
 
     Raises:
         UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError.
@@ -45,7 +46,8 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
         example_inputs = (example_inputs,)
     started = time.perf_counter()
     step = capture(model, example_inputs, example_kwargs)
-    graph = profile(step, model, example_inputs, example_kwargs, repeats=1 if plan is not None else repeats)
+    graph = profile(step, model, example_inputs, example_kwargs, repeats=1 if plan is not None else repeats,
+                    progress=progress)
     log.info("traced and profiled %s in %.1f s: %d ops", graph.name, time.perf_counter() - started, len(graph.ops))
     if plan is not None:
         chosen = plan if isinstance(plan, Plan) else Plan.load(os.fspath(plan))

@@ -17,13 +17,16 @@ from __future__ import annotations
 import logging
 import operator
 import statistics
+import sys
 import time
 import weakref
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from planner.capture import CapturedStep, Role, is_random
 from planner.scratch import measure_scratch, uses_cpu_scratch
@@ -56,16 +59,17 @@ def step_arguments(step: CapturedStep, model: torch.nn.Module, example_inputs: S
 
 def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence[Any],
             example_kwargs: Mapping[str, Any] | None = None, *, repeats: int = 3,
-            transfer: Transfer | None = None, name: str = "") -> Graph:
+            transfer: Transfer | None = None, name: str = "", progress: bool | None = None) -> Graph:
     """Run the captured step once (plus ``repeats - 1`` timing repeats per op) and return
-    its `Graph`. ``repeats=1`` gives sizes with single-shot times (enough to re-use a plan)."""
+    its `Graph`. ``repeats=1`` gives sizes with single-shot times (enough to re-use a plan).
+    ``progress`` shows a progress bar (default: when stderr is a terminal)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     arguments = step_arguments(step, model, example_inputs, example_kwargs, clone_buffers=True)
     device = next((t.device for t in arguments), torch.device("cpu"))
     # grad mode on, as when tracing (some kernels consult it); the arguments are detached
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
-        graph = _GraphBuilder(step, device, repeats).run(arguments)
+        graph = _GraphBuilder(step, device, repeats).run(arguments, progress)
     transfer = transfer or Transfer(source="nominal (not measured)")
     tangents = [name for name in graph.placeholders if step.roles[name] is Role.TANGENT]
     differentiable = [leaf for leaf in step.output_leaves if leaf.differentiable]
@@ -168,9 +172,12 @@ class _GraphBuilder:
         return self.cpu_scratch_bytes[signature]
 
     # -- the walk ------------------------------------------------------------------------
-    def run(self, arguments: list[torch.Tensor]) -> "_GraphBuilder":
-        step, roles = self.step, self.step.roles
-        nodes = list(step.joint.graph.nodes)
+    def run(self, arguments: list[torch.Tensor], progress: bool | None = None) -> "_GraphBuilder":
+        nodes = list(self.step.joint.graph.nodes)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        bar = Progress(TextColumn("memsched: profiling {task.total} nodes"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=not progress)
         remaining_users = {node: len(node.users) for node in nodes}
         env: dict[str, Any] = {}
         argument_iter = iter(arguments)
@@ -181,28 +188,33 @@ class _GraphBuilder:
                 if remaining_users[source] == 0 and source.op != "placeholder":
                     env.pop(source.name, None)
 
-        for node in nodes:
-            role = roles.get(node.name)
-            if node.op == "placeholder":
-                env[node.name] = next(argument_iter)
-                self.values.append(self._describe(node.name, env[node.name], _PLACEHOLDER_KINDS[role], None))
-                self.placeholders.append(node.name)
-            elif node.op == "get_attr":
-                env[node.name] = getattr(step.joint, node.target)
-                self.values.append(self._describe(node.name, env[node.name], ValueKind.BUFFER, None))
-                self.placeholders.append(node.name)
-            elif node.op == "call_function" and node.target is operator.getitem:
-                continue   # recorded with its producer
-            elif node.op == "call_function":
-                self._run_op(node, role, env)
-                release(node)
-            elif node.op == "output":
-                outputs = node.args[0]
-                tensor_outputs = outputs[:step.num_tensor_outputs]
-                self.forward_outputs = list(dict.fromkeys(o.name for o in tensor_outputs if isinstance(o, fx.Node)))
-                self.gradients = list(dict.fromkeys(g.name for g in outputs[step.num_tensor_outputs:]
-                                                    if isinstance(g, fx.Node)))
+        with bar:
+            task = bar.add_task("profile", total=len(nodes))
+            for node in nodes:
+                self._visit(node, env, argument_iter, release)
+                bar.advance(task)
         return self
+
+    def _visit(self, node: fx.Node, env: dict[str, Any], argument_iter: Iterator[torch.Tensor],
+               release: Callable[[fx.Node], None]) -> None:
+        step, role = self.step, self.step.roles.get(node.name)
+        if node.op == "placeholder":
+            env[node.name] = next(argument_iter)
+            self.values.append(self._describe(node.name, env[node.name], _PLACEHOLDER_KINDS[role], None))
+            self.placeholders.append(node.name)
+        elif node.op == "get_attr":
+            env[node.name] = getattr(step.joint, node.target)
+            self.values.append(self._describe(node.name, env[node.name], ValueKind.BUFFER, None))
+            self.placeholders.append(node.name)
+        elif node.op == "call_function" and node.target is not operator.getitem:   # getitems: with their producer
+            self._run_op(node, role, env)
+            release(node)
+        elif node.op == "output":
+            outputs = node.args[0]
+            tensor_outputs = outputs[:step.num_tensor_outputs]
+            self.forward_outputs = list(dict.fromkeys(o.name for o in tensor_outputs if isinstance(o, fx.Node)))
+            self.gradients = list(dict.fromkeys(g.name for g in outputs[step.num_tensor_outputs:]
+                                                if isinstance(g, fx.Node)))
 
     def _run_op(self, node: fx.Node, role: Role, env: dict[str, Any]) -> None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
