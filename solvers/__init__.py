@@ -12,6 +12,7 @@ from solvers.simulate import SimResult, simulate
 from solvers import baselines as _baselines  # noqa: F401  (registers none, greedy)
 from solvers import brute_force as _brute_force, ilp as _ilp  # noqa: F401  (registers brute_force, ilp)
 from solvers import checkpoint_baselines as _checkpoint_baselines  # noqa: F401  (registers every_block, sqrt_n)
+from solvers import hierarchical as _hierarchical  # noqa: F401  (registers hierarchical)
 
 __all__ = [
     "Decision", "Graph", "InfeasibleBudgetError", "InvalidPlanError", "MemschedError", "Op", "Phase", "Plan",

@@ -1,0 +1,392 @@
+"""``hierarchical``: per-segment recompute options joined by a dynamic program over the chain.
+
+After Rockmate / HiRemate (Zhao, Le Hellard, Eyraud-Dubois, Gusak, Beaumont, ICML 2023;
+Beaumont et al., 2024): the step is cut into a chain of segments (`segments.segment_chain`:
+transformer blocks, residual stages, U-Net levels), each segment gets a few *options*, and a
+chain DP in the spirit of Rotor (Beaumont, Eyraud-Dubois, Herrmann, Joly, Shilova, NeurIPS
+2021 for the offload extension) picks one option per segment.
+
+Options. The decisions an option makes are about the segment's own storages: the saved
+roots its forward ops allocate, except the ones a later segment's forward reads (the
+segment's outputs, ``crossing_in`` of the later segments), pinned ones and ones whose op
+cannot run twice; those are always kept, so recomputing a segment never reaches into
+another one and the options of different segments compose. The droppable storages are
+ordered as `baselines._greedy_pass` orders them (bytes per recompute millisecond), the
+independent ones first (a storage whose recomputation reads no other dropped storage,
+`baselines.recompute_frontier`), then the rest; every option drops a prefix of that order:
+nothing (keep all), everything (checkpoint the block: what ``every_block`` does), and up to
+``options_per_segment - 2`` prefixes in between, spread evenly over the dropped bytes.
+Identical blocks (same op targets, output sizes and shapes, in order) share one order.
+
+Costs. Each option level is *probed*: the plan with that level in every segment is built and
+replayed by `simulate`, and for each segment k the probe gives ``saved[k]`` (bytes of k's
+storages alive at the end of the forward), ``time[k]`` (time of k's forward ops run again
+in the backward) and ``need[k]`` (the highest memory while k's forward or k's backward
+runs, recomputations included, minus the saved bytes of the segments before k). The model
+is additive: the peak while segment k runs is ``sum(saved[j] for j < k) + need[k]``.
+
+DP. State = bytes saved by the segments so far, in units of ``budget / resolution``
+(saved and need rounded up, the budget down: safe side); minimize the sum of ``time`` subject
+to ``saved so far + need[k] <= budget`` for every k; Pareto states (bytes, time) only.
+
+Check. The chosen plan is built with `baselines.plan_from_decisions` and replayed; if the
+additive model was wrong and the peak exceeds the budget, the DP's budget is bisected
+downwards. The ``every_block`` plan is a candidate too, so the result is never slower than
+it when it fits. A last pass restores dropped storages (most recompute time per byte
+first) while the replayed peak fits and the time falls. If nothing fits, ``greedy`` is the
+fallback; `InfeasibleBudgetError` only when it fails too.
+
+Complexity, for S segments, L = options_per_segment levels, R saved storages, N program
+steps and U = resolution: L probes and at most ``max_bisections + 1`` checks of O(N) each,
+DP O(S * L * U), restore pass O(R * N), frontiers O(R * graph) once per distinct block.
+Not optimal: the options are a few prefixes of one heuristic order, segments never drop
+their outputs (no multi-segment recomputation as in ``sqrt_n``), and the additive memory
+model is checked, not proved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from solvers.baselines import plan_from_decisions, recompute_frontier, solve_greedy
+from solvers.checkpoint_baselines import checkpoint_decisions
+from solvers.errors import InfeasibleBudgetError, UnsupportedGraphError
+from solvers.graph import Graph, Phase, ValueKind
+from solvers.plan import Decision, Plan, StepKind
+from solvers.registry import least_feasible_lower_bound, register
+from solvers.schedule import saved_roots
+from solvers.segments import Segment, segment_chain, segment_of_forward_op
+from solvers.simulate import SimResult, simulate
+
+SOLVER = "hierarchical"
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """The droppable storages of one segment in drop order, and the prefix lengths that
+    are its options (ascending: 0 is keep-all, ``len(order)`` is checkpoint)."""
+
+    order: tuple[str, ...]
+    prefix_lengths: tuple[int, ...]
+
+    def dropped(self, level: int) -> tuple[str, ...]:
+        return self.order[:self.prefix_lengths[min(level, len(self.prefix_lengths) - 1)]]
+
+
+@dataclass(frozen=True)
+class OptionCost:
+    saved_bytes: int     # the segment's storages alive at the end of the forward
+    need_bytes: int      # peak while the segment runs, minus what earlier segments saved
+    time_ms: float       # the segment's forward ops run again in the backward
+
+
+@register(SOLVER)
+def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: int = 8,
+                       resolution: int = 2000, max_bisections: int = 12) -> Plan:
+    """Least-time plan found by the segment-option chain DP (module docstring); not optimal.
+
+    Raises:
+        InfeasibleBudgetError: neither the DP's plans nor ``greedy`` fit the budget.
+        UnsupportedGraphError: ``options_per_segment < 2`` or ``resolution < 1``.
+    """
+    if options_per_segment < 2:
+        raise UnsupportedGraphError(f"options_per_segment must be at least 2 (keep all, checkpoint), "
+                                    f"got {options_per_segment}")
+    if resolution < 1:
+        raise UnsupportedGraphError(f"resolution must be at least 1, got {resolution}")
+    keep_all = {root: Decision.KEEP for root in saved_roots(graph)}
+    checker = _Checker(graph, budget_bytes)
+    if checker.fits(keep_all):
+        return _finish(graph, budget_bytes, keep_all, {"segments": 0}, optimal=True)
+
+    segments = segment_chain(graph)
+    options = segment_options(graph, segments, options_per_segment)
+    costs = probe_costs(graph, segments, options)
+
+    candidates: list[tuple[float, dict[str, Decision]]] = []
+    dp_budget_found = None
+    low, high = 0, budget_bytes
+    dp_budget = budget_bytes
+    for _ in range(max_bisections + 1):
+        levels = choose_levels(costs, dp_budget, resolution)
+        if levels is None:
+            low = dp_budget
+        else:
+            decisions = _decisions(graph, segments, options, levels)
+            if checker.fits(decisions):
+                candidates.append((checker.time_ms(decisions), decisions))
+                dp_budget_found = dp_budget if dp_budget_found is None else max(dp_budget_found, dp_budget)
+                if dp_budget == budget_bytes:
+                    break
+                low = dp_budget
+            else:
+                high = dp_budget
+        if high - low <= max(1, budget_bytes // resolution):
+            break
+        dp_budget = (low + high) // 2
+
+    every_block = checkpoint_decisions(graph, {root for segment in segments for root in segment.crossing_in})
+    if checker.fits(every_block):
+        candidates.append((checker.time_ms(every_block), every_block))
+    if not candidates:
+        return _fallback(graph, budget_bytes, checker, len(segments))
+    _, decisions = min(candidates, key=lambda candidate: candidate[0])   # first wins ties: the DP's
+    decisions, restored = _restore(graph, decisions, checker)
+    return _finish(graph, budget_bytes, decisions,
+                   {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})
+
+
+# -- options -------------------------------------------------------------------------------------
+
+def segment_options(graph: Graph, segments: tuple[Segment, ...], options_per_segment: int
+                    ) -> list[SegmentOptions]:
+    """One `SegmentOptions` per segment; identical blocks share the object (the order is
+    computed on the first of them and mapped by position). O(R * graph) per distinct block."""
+    owner = {}
+    for segment in segments:
+        for name in segment.forward_ops:
+            for value_name in graph.op(name).outputs:
+                owner[value_name] = segment.index
+    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
+    boundaries = {root for segment in segments for root in segment.crossing_in}
+    droppable: list[list[str]] = [[] for _ in segments]
+    for root in saved_roots(graph):
+        producer = graph.op(graph.value(root).producer)
+        if (root in pinned_roots or root in boundaries or graph.value(root).size_bytes == 0
+                or not producer.recomputable or root not in owner):
+            continue
+        droppable[owner[root]].append(root)
+
+    shared: dict[tuple, tuple[list[str], SegmentOptions]] = {}
+    result = []
+    for segment in segments:
+        roots = droppable[segment.index]
+        key = (_signature(graph, segment), len(roots))
+        if key in shared:
+            first_roots, first = shared[key]
+            position = {root: i for i, root in enumerate(first_roots)}
+            order = tuple(roots[position[root]] for root in first.order)
+            result.append(first if order == first.order else SegmentOptions(order, first.prefix_lengths))
+            continue
+        options = _drop_order_options(graph, roots, options_per_segment)
+        shared[key] = (roots, options)
+        result.append(options)
+    return result
+
+
+def _signature(graph: Graph, segment: Segment) -> tuple:
+    """What makes two blocks identical: op targets and output sizes and shapes, in order."""
+    def describe(name: str) -> tuple:
+        op = graph.op(name)
+        return op.target, tuple((graph.value(v).size_bytes, graph.value(v).shape) for v in op.outputs)
+    return tuple(describe(name) for name in segment.forward_ops), tuple(describe(name) for name in segment.backward_ops)
+
+
+def _drop_order_options(graph: Graph, roots: list[str], options_per_segment: int) -> SegmentOptions:
+    """Greedy's order (bytes per recompute ms, independent drops first) and the prefixes
+    spread evenly over the dropped bytes."""
+    def score(root: str) -> float:
+        return graph.value(root).size_bytes / (graph.op(graph.value(root).producer).time_ms + 1e-6)
+
+    by_score = sorted(roots, key=score, reverse=True)   # stable: ties keep graph order
+    frontier = {root: recompute_frontier(graph, root) for root in by_score}
+    independent: list[str] = []
+    for root in by_score:
+        if not any(other in frontier[root] or root in frontier[other] for other in independent):
+            independent.append(root)
+    chosen = set(independent)
+    order = tuple(independent + [root for root in by_score if root not in chosen])
+
+    cumulative = [0]
+    for root in order:
+        cumulative.append(cumulative[-1] + graph.value(root).size_bytes)
+    lengths = {0, len(order)}
+    steps = options_per_segment - 1
+    for i in range(1, steps):
+        target = cumulative[-1] * i / steps
+        lengths.add(min(range(len(cumulative)), key=lambda n: (abs(cumulative[n] - target), n)))
+    return SegmentOptions(order, tuple(sorted(lengths)))
+
+
+def _decisions(graph: Graph, segments: tuple[Segment, ...], options: list[SegmentOptions],
+               levels: list[int]) -> dict[str, Decision]:
+    dropped = {root for segment, level in zip(segments, levels) for root in options[segment.index].dropped(level)}
+    return {root: Decision.RECOMPUTE if root in dropped else Decision.KEEP for root in saved_roots(graph)}
+
+
+# -- costs -----------------------------------------------------------------------------------------
+
+def probe_costs(graph: Graph, segments: tuple[Segment, ...], options: list[SegmentOptions]
+                ) -> list[list[OptionCost]]:
+    """``costs[k][i]``: the cost of the i-th option of segment k, read from the replay of
+    the plan with option level i in every segment (the last option where a segment has
+    fewer). One build and one replay per level."""
+    levels = max(len(o.prefix_lengths) for o in options)
+    costs: list[list[OptionCost]] = [[] for _ in segments]
+    for level in range(levels):
+        decisions = _decisions(graph, segments, options, [level] * len(segments))
+        plan = plan_from_decisions(graph, decisions, SOLVER, 0)
+        measured = _segment_costs(graph, segments, plan, simulate(graph, plan, check_hash=False))
+        for segment in segments:
+            if level < len(options[segment.index].prefix_lengths):
+                costs[segment.index].append(measured[segment.index])
+    return costs
+
+
+def _segment_costs(graph: Graph, segments: tuple[Segment, ...], plan: Plan, result: SimResult) -> list[OptionCost]:
+    """Split one replay into per-segment saved bytes, need and recompute time."""
+    forward_segment = segment_of_forward_op(segments)
+    backward_segment = {name: segment.index for segment in segments for name in segment.backward_ops}
+    count = len(segments)
+
+    # storages alive at the end of the forward, by owning segment
+    live: set[str] = set()
+    for step in plan.forward:
+        if step.kind is StepKind.RUN:
+            live.update(graph.op(step.name).outputs)
+        elif step.kind is StepKind.FREE:
+            live.discard(step.name)
+    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
+    saved = [0] * count
+    for root in {graph.value(name).root for name in live}:
+        value = graph.value(root)
+        if value.kind is ValueKind.ACTIVATION and root not in pinned_roots and value.producer in forward_segment:
+            saved[forward_segment[value.producer]] += value.size_bytes
+
+    # which segment each step works for: a forward step for the op it follows, a backward
+    # step for the next backward op (recomputations run just before the op they serve)
+    forward_owner, current = [], 0
+    for step in plan.forward:
+        if step.kind is StepKind.RUN:
+            current = forward_segment[step.name]
+        forward_owner.append(current)
+    backward_owner: list[int | None] = [None] * len(plan.backward)
+    upcoming = None
+    for index in range(len(plan.backward) - 1, -1, -1):
+        step = plan.backward[index]
+        if step.kind is StepKind.RUN and step.name in backward_segment:
+            upcoming = backward_segment[step.name]
+        backward_owner[index] = upcoming
+    # the steps after the last backward op (frees) stay with that op's segment
+    tail = next((owner for owner in reversed(backward_owner) if owner is not None), count - 1)
+    backward_owner = [tail if owner is None else owner for owner in backward_owner]
+
+    high = [0] * count
+    for point in result.timeline:
+        owners = forward_owner if point.phase is Phase.FORWARD else backward_owner
+        k = owners[point.step_index]
+        high[k] = max(high[k], point.high_water_bytes)
+
+    recompute = [0.0] * count
+    for step in plan.backward:
+        if step.kind is StepKind.RUN and step.name in forward_segment:
+            recompute[forward_segment[step.name]] += graph.op(step.name).time_ms
+
+    costs, before = [], 0
+    for k in range(count):
+        costs.append(OptionCost(saved_bytes=saved[k], need_bytes=max(0, high[k] - before), time_ms=recompute[k]))
+        before += saved[k]
+    return costs
+
+
+# -- chain DP ------------------------------------------------------------------------------------
+
+def choose_levels(costs: list[list[OptionCost]], budget_bytes: int, resolution: int) -> list[int] | None:
+    """The option per segment that minimizes the summed time subject to, for every k,
+    ``sum(saved of segments before k) + need[k] <= budget``; None when no choice fits.
+    Bytes in units of ``budget / resolution``, rounded to the safe side. States: Pareto
+    front of (units saved so far, time). O(S * L * resolution)."""
+    unit = max(1, budget_bytes // resolution)
+    capacity = budget_bytes // unit
+
+    def units(size: int) -> int:
+        return -(-size // unit)
+
+    # states: units saved so far -> (time, levels chosen)
+    states: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for segment_costs in costs:
+        following: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for used, (time_ms, levels) in sorted(states.items()):
+            for level, cost in enumerate(segment_costs):
+                saved_after = used + units(cost.saved_bytes)
+                if used + units(cost.need_bytes) > capacity or saved_after > capacity:
+                    continue
+                candidate = (time_ms + cost.time_ms, levels + (level,))
+                if saved_after not in following or candidate[0] < following[saved_after][0]:
+                    following[saved_after] = candidate
+        states, best_time = {}, None
+        for used in sorted(following):   # keep the Pareto front: more bytes only for less time
+            time_ms, levels = following[used]
+            if best_time is None or time_ms < best_time:
+                states[used] = (time_ms, levels)
+                best_time = time_ms
+        if not states:
+            return None
+    _, best = min(states.items(), key=lambda item: (item[1][0], item[0]))
+    return list(best[1])
+
+
+# -- check, restore, fallback ------------------------------------------------------------------
+
+class _Checker:
+    """Replays decision sets, memoized: (peak, time) per set of dropped storages."""
+
+    def __init__(self, graph: Graph, budget_bytes: int) -> None:
+        self.graph, self.budget_bytes = graph, budget_bytes
+        self._seen: dict[frozenset[str], tuple[int, float]] = {}
+        self.lowest_peak: int | None = None
+
+    def measure(self, decisions: dict[str, Decision]) -> tuple[int, float]:
+        key = frozenset(root for root, decision in decisions.items() if decision is not Decision.KEEP)
+        if key not in self._seen:
+            result = simulate(self.graph, plan_from_decisions(self.graph, decisions, SOLVER, self.budget_bytes),
+                              check_hash=False)
+            self._seen[key] = (result.peak_bytes, result.time_ms)
+            self.lowest_peak = min(result.peak_bytes, self.lowest_peak or result.peak_bytes)
+        return self._seen[key]
+
+    def fits(self, decisions: dict[str, Decision]) -> bool:
+        return self.measure(decisions)[0] <= self.budget_bytes
+
+    def time_ms(self, decisions: dict[str, Decision]) -> float:
+        return self.measure(decisions)[1]
+
+
+def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) -> tuple[dict[str, Decision], int]:
+    """Keep dropped storages again, most producer time per byte first, while the replayed
+    peak fits and the time falls. O(R) replays."""
+    decisions = dict(decisions)
+    current = checker.time_ms(decisions)
+
+    def value_of_keeping(root: str) -> float:
+        return graph.op(graph.value(root).producer).time_ms / (graph.value(root).size_bytes + 1)
+
+    dropped = [root for root, decision in decisions.items() if decision is Decision.RECOMPUTE]
+    restored = 0
+    for root in sorted(dropped, key=value_of_keeping, reverse=True):
+        decisions[root] = Decision.KEEP
+        if checker.fits(decisions) and checker.time_ms(decisions) < current:
+            current = checker.time_ms(decisions)
+            restored += 1
+        else:
+            decisions[root] = Decision.RECOMPUTE
+    return decisions, restored
+
+
+def _fallback(graph: Graph, budget_bytes: int, checker: _Checker, num_segments: int) -> Plan:
+    try:
+        plan = solve_greedy(graph, budget_bytes)
+    except InfeasibleBudgetError as error:
+        floor = least_feasible_lower_bound(graph)
+        lowest = min(checker.lowest_peak or error.least_feasible_bytes, error.least_feasible_bytes)
+        raise InfeasibleBudgetError(budget_bytes, lowest,
+                                    {f"lowest peak over {num_segments} segments": checker.lowest_peak or 0,
+                                     "greedy's lowest peak": error.least_feasible_bytes,
+                                     "lower bound for any plan": floor.total}, solver=SOLVER) from error
+    return replace(plan, solver=SOLVER, options={**plan.options, "segments": num_segments, "fallback": "greedy"})
+
+
+def _finish(graph: Graph, budget_bytes: int, decisions: dict[str, Decision], options: dict,
+            optimal: bool = False) -> Plan:
+    plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, optimal=optimal)
+    return replace(plan, options={**plan.options, **options})

@@ -1,0 +1,179 @@
+"""The ``hierarchical`` solver: its chain DP against enumeration, and its plans on the zoo's
+tiny graphs (replay within the budget, never slower than ``every_block``, zero overhead at
+the keep-all peak, deterministic, identical blocks sharing options), end to end with exact
+gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from planner import zoo
+from planner.benchmark import train_step
+from planner.budget import resolve_budget
+from planner.capture import capture
+from planner.profile import profile
+from runtime.module import ScheduledModule
+from solvers import InfeasibleBudgetError, UnsupportedGraphError, simulate, solve
+from solvers.hierarchical import OptionCost, choose_levels, segment_options, solve_hierarchical
+from solvers.segments import segment_chain
+from strategies import budget_between, chain_graphs, small_graphs
+
+MODELS = ("gpt", "resnet", "unet")
+FRACTIONS = (0.7, 0.5, 0.4)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def traced(request):
+    model, inputs = zoo.make(request.param, size="tiny", seed=0)
+    step = capture(model, inputs)
+    return request.param, model, inputs, step, profile(step, model, inputs, repeats=1)
+
+
+# -- the chain DP ----------------------------------------------------------------------------------
+
+def enumerate_levels(costs: list[list[OptionCost]], budget_bytes: int) -> float | None:
+    """Least summed time over every choice whose additive peaks fit (exact bytes)."""
+    best = None
+    for levels in itertools.product(*(range(len(options)) for options in costs)):
+        before, fits = 0, True
+        for options, level in zip(costs, levels):
+            fits &= before + options[level].need_bytes <= budget_bytes
+            before += options[level].saved_bytes
+        fits &= before <= budget_bytes
+        time_ms = sum(options[level].time_ms for options, level in zip(costs, levels))
+        if fits and (best is None or time_ms < best):
+            best = time_ms
+    return best
+
+
+COSTS = [
+    [OptionCost(40, 50, 0.0), OptionCost(20, 45, 1.0), OptionCost(5, 60, 3.0)],
+    [OptionCost(30, 35, 0.0), OptionCost(10, 30, 2.0)],
+    [OptionCost(50, 20, 0.0), OptionCost(25, 25, 0.5), OptionCost(8, 40, 4.0)],
+]
+
+
+@pytest.mark.parametrize("budget_bytes", [60, 75, 90, 100, 120, 150])
+def test_chain_dp_matches_enumeration(budget_bytes: int) -> None:
+    expected = enumerate_levels(COSTS, budget_bytes)
+    levels = choose_levels(COSTS, budget_bytes, resolution=budget_bytes)   # unit of 1 byte: exact
+    if expected is None:
+        assert levels is None
+        return
+    assert sum(options[level].time_ms for options, level in zip(COSTS, levels)) == pytest.approx(expected)
+
+
+def test_chain_dp_rounds_bytes_on_the_safe_side() -> None:
+    costs = [[OptionCost(saved_bytes=7, need_bytes=7, time_ms=0.0), OptionCost(0, 0, 1.0)],
+             [OptionCost(saved_bytes=0, need_bytes=3, time_ms=0.0)]]
+    assert choose_levels(costs, 10, resolution=10) == [0, 0]      # exact units: 7 + 3 fits 10
+    assert choose_levels(costs, 10, resolution=2) == [1, 0]       # units of 5: 7 -> 10, 3 -> 5
+
+
+# -- random graphs ---------------------------------------------------------------------------------
+
+@given(graph=st.one_of(small_graphs(), st.integers(1, 6).flatmap(chain_graphs)), frac=st.floats(0.0, 1.2))
+def test_random_graphs_fit_or_greedy_fails_too(graph, frac: float) -> None:
+    budget = budget_between(graph, frac)
+    try:
+        plan = solve(graph, budget, "hierarchical")
+    except InfeasibleBudgetError:
+        with pytest.raises(InfeasibleBudgetError):
+            solve(graph, budget, "greedy")
+        return
+    assert simulate(graph, plan).peak_bytes <= budget
+    if frac >= 1.0:
+        assert plan.overhead == 0.0
+
+
+# -- plans on the zoo -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fraction", FRACTIONS)
+def test_plan_fits_and_beats_every_block(traced, fraction: float) -> None:
+    name, _, _, _, graph = traced
+    budget = resolve_budget(fraction, graph).budget_bytes
+    try:
+        plan = solve(graph, budget, "hierarchical")
+    except InfeasibleBudgetError:
+        with pytest.raises(InfeasibleBudgetError):
+            solve(graph, budget, "greedy")
+        return
+    result = simulate(graph, plan)
+    assert result.peak_bytes <= budget, f"{name} at {fraction:.0%}"
+    assert plan.predicted_time_ms == pytest.approx(result.time_ms)
+    try:
+        every_block = solve(graph, budget, "every_block")
+    except InfeasibleBudgetError:
+        return
+    assert result.time_ms <= every_block.predicted_time_ms + 1e-9, f"{name} at {fraction:.0%}"
+
+
+def test_zero_overhead_at_keep_all_peak(traced) -> None:
+    _, _, _, _, graph = traced
+    keep_all_peak = resolve_budget(1.0, graph).keep_all_peak_bytes
+    for budget in (keep_all_peak, keep_all_peak + 1, 2 * keep_all_peak):
+        plan = solve(graph, budget, "hierarchical")
+        assert plan.overhead == 0.0
+        assert simulate(graph, plan).recompute_ms == 0.0
+
+
+def test_deterministic(traced) -> None:
+    _, _, _, _, graph = traced
+    budget = resolve_budget(0.5, graph).budget_bytes
+    first, second = solve(graph, budget, "hierarchical"), solve(graph, budget, "hierarchical")
+    assert first.forward == second.forward and first.backward == second.backward
+    assert first.decisions == second.decisions
+
+
+def test_identical_blocks_share_options(traced) -> None:
+    name, _, _, _, graph = traced
+    if name != "gpt":
+        pytest.skip("the tiny GPT has two identical transformer blocks")
+    segments = segment_chain(graph)
+    options = segment_options(graph, segments, options_per_segment=6)
+
+    def shape_of(index: int) -> tuple:
+        """The drop order as op targets and sizes, and the option prefixes."""
+        order = tuple((graph.op(graph.value(root).producer).target, graph.value(root).size_bytes)
+                      for root in options[index].order)
+        return order, options[index].prefix_lengths
+
+    blocks = [segment.index for segment in segments if segment.forward_ops
+              and graph.op(segment.forward_ops[0]).module.startswith("blocks.")]
+    assert len(blocks) == 2, [graph.op(segment.forward_ops[0]).module for segment in segments]
+    first, second = blocks
+    assert options[first].order and set(options[first].order).isdisjoint(options[second].order)
+    assert shape_of(first) == shape_of(second)
+
+
+def test_invalid_arguments_and_infeasible_budget(traced) -> None:
+    _, _, _, _, graph = traced
+    with pytest.raises(UnsupportedGraphError):
+        solve_hierarchical(graph, 10**12, options_per_segment=1)
+    with pytest.raises(InfeasibleBudgetError):
+        solve_hierarchical(graph, 1)
+
+
+# -- end to end -------------------------------------------------------------------------------------
+
+def test_gpt_gradients_equal_the_plain_model() -> None:
+    model, inputs = zoo.make("gpt", size="tiny", seed=0)
+    step = capture(model, inputs)
+    graph = profile(step, model, inputs, repeats=1)
+    plan = solve(graph, resolve_budget(0.5, graph).budget_bytes, "hierarchical")
+    assert simulate(graph, plan).recompute_ms > 0, "the budget should force recomputation"
+    scheduled_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    scheduled = ScheduledModule(scheduled_model, step, graph, plan)
+    torch.manual_seed(7)
+    loss = train_step(scheduled, inputs)
+    torch.manual_seed(7)
+    loss_reference = train_step(reference, inputs)
+    torch.testing.assert_close(loss, loss_reference)
+    for (param_name, p), (_, q) in zip(scheduled_model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"grad {param_name}: {m}")
