@@ -29,7 +29,6 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 from torch.fx.graph import _BoxedCodeGen
 
@@ -256,6 +255,3 @@ def _backward_host_copies_from_forward(plan: Plan) -> list[str]:
             needed.setdefault(plan_step.name)
     return list(needed)
 
-
-def device_type_of(tensors: list[torch.Tensor]) -> str:
-    return next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
