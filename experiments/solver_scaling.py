@@ -1,0 +1,121 @@
+"""Solve time and plan quality against graph size: GPT-style models of 2 to 48 blocks and a
+U-Net, at a fraction of activation memory, for each solver on the same profiled graph.
+
+    python experiments/solver_scaling.py [--blocks 2 4 8 12 24 48] [--fraction 0.5]
+        [--solvers hierarchical greedy every_block ilp] [--ilp-max-ops 400] [--ilp-time-limit 60]
+        [--greedy-max-ops 1500]
+
+Plan quality is the predicted overhead (simulated time / keep-all time - 1; every plan is
+replayed by `solvers.simulate`, which agrees with the measured peak, see
+experiments/budget_sweep.py). `ilp` runs only on graphs up to --ilp-max-ops ops, `greedy`
+(O(R) full replays) up to --greedy-max-ops.
+Writes experiments/results/solver_scaling.json and solver_scaling.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from common import RESULTS, device_description, git_revision
+from planner import zoo
+from planner.budget import resolve_budget
+from planner.capture import capture
+from planner.profile import profile
+from planner.zoo import GPT
+from solvers import solve
+from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
+
+
+def gpt_graph(blocks: int):
+    torch.manual_seed(0)
+    model = GPT(n_layer=blocks, n_head=4, d_model=256, seq_len=128, vocab_size=1024, dropout=0.1)
+    inputs = (torch.randint(0, 1024, (8, 128)), torch.randint(0, 1024, (8, 128)))
+    return model, inputs
+
+
+def measure(name: str, model: torch.nn.Module, inputs: tuple, fraction: float, solvers: list[str],
+            max_ops: dict[str, int], ilp_time_limit_s: float) -> dict:
+    started = time.perf_counter()
+    graph = profile(capture(model, inputs), model, inputs, repeats=3)
+    row = {"model": name, "ops": len(graph.ops), "trace_and_profile_s": time.perf_counter() - started,
+           "fraction": fraction, "solvers": {}}
+    budget_bytes = resolve_budget(fraction, graph).budget_bytes
+    for solver in solvers:
+        if len(graph.ops) > max_ops.get(solver, len(graph.ops)):
+            row["solvers"][solver] = {"skipped": f"more than {max_ops[solver]} ops"}
+            continue
+        options = {"time_limit_s": ilp_time_limit_s} if solver == "ilp" else {}
+        started = time.perf_counter()
+        try:
+            plan = solve(graph, budget_bytes, solver, **options)
+        except (InfeasibleBudgetError, SolverUnavailableError) as error:
+            row["solvers"][solver] = {"error": str(error).splitlines()[0], "solve_s": time.perf_counter() - started}
+            continue
+        row["solvers"][solver] = {"solve_s": time.perf_counter() - started, "overhead": plan.overhead,
+                                  "peak_bytes": plan.predicted_peak_bytes, "budget_bytes": budget_bytes,
+                                  "optimal": plan.optimal, "gap": plan.gap, "solver": plan.solver}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in results["rows"] if r["model"].startswith("gpt")]
+    figure, (time_axis, quality_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for solver in results["solvers"]:
+        points = [(r["ops"], r["solvers"][solver]) for r in rows if "solve_s" in r["solvers"].get(solver, {})
+                  and "overhead" in r["solvers"][solver]]
+        if not points:
+            continue
+        time_axis.plot([p[0] for p in points], [p[1]["solve_s"] for p in points], marker="o", label=solver)
+        quality_axis.plot([p[0] for p in points], [100 * p[1]["overhead"] for p in points], marker="o", label=solver)
+    time_axis.set(xlabel="ops in the joint graph", ylabel="solve time (s)", xscale="log", yscale="log")
+    quality_axis.set(xlabel="ops in the joint graph", ylabel="predicted overhead (%)", xscale="log")
+    for axis in (time_axis, quality_axis):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"GPT-style models at {results['fraction']:.0%} of activation memory, {results['device']}",
+                    fontsize=9)
+    figure.tight_layout()
+    figure.savefig(RESULTS / "solver_scaling.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", nargs="+", type=int, default=[2, 4, 8, 12, 24, 48])
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--solvers", nargs="+", default=["hierarchical", "greedy", "every_block", "ilp"])
+    parser.add_argument("--ilp-max-ops", type=int, default=400)
+    parser.add_argument("--ilp-time-limit", type=float, default=60.0)
+    parser.add_argument("--greedy-max-ops", type=int, default=1500)
+    parser.add_argument("--no-unet", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    max_ops = {"ilp": args.ilp_max_ops, "greedy": args.greedy_max_ops}
+    rows = [measure(f"gpt-{blocks}", *gpt_graph(blocks), args.fraction, args.solvers, max_ops, args.ilp_time_limit)
+            for blocks in args.blocks]
+    if not args.no_unet:
+        rows.append(measure("unet-small", *zoo.make("unet", "small"), args.fraction, args.solvers, max_ops,
+                            args.ilp_time_limit))
+    results = {"command": " ".join(["python", "experiments/solver_scaling.py", *(argv or sys.argv[1:])]),
+               "git_revision": git_revision(), "device": device_description(), "torch": torch.__version__,
+               "fraction": args.fraction, "solvers": args.solvers, "rows": rows}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "solver_scaling.json").write_text(json.dumps(results, indent=1))
+    try:
+        plot(results)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
