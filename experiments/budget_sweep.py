@@ -64,7 +64,8 @@ def plot(results: dict, path: Path) -> None:
                   [100 * r["measured_overhead"] for r in rows], marker="o", label=model_name)
     axis.set_xlabel("measured peak / plain peak")
     axis.set_ylabel("measured time overhead (%)")
-    axis.set_title(f"memsched ({results['rows'][0].get('solver', '')}), {results['device']}", fontsize=9)
+    axis.set_title(f"memsched, solver={results.get('solver', 'auto')} (picked per point), {results['device']}",
+                   fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for name in args.models for row in sweep(name, args.size, args.fractions, args.solver, args.steps)]
     results = {"command": " ".join(["python", "experiments/budget_sweep.py", *(argv or sys.argv[1:])]),
                "git_revision": git_revision(), "device": device_description(), "torch": torch.__version__,
-               "rows": rows}
+               "solver": args.solver, "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "budget_sweep.json").write_text(json.dumps(results, indent=1))
     try:

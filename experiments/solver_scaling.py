@@ -65,6 +65,7 @@ def measure(name: str, model: torch.nn.Module, inputs: tuple, fraction: float, s
 
 def plot(results: dict) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in results["rows"] if r["model"].startswith("gpt")]
@@ -79,6 +80,7 @@ def plot(results: dict) -> None:
     time_axis.set(xlabel="ops in the joint graph", ylabel="solve time (s)", xscale="log", yscale="log")
     quality_axis.set(xlabel="ops in the joint graph", ylabel="predicted overhead (%)", xscale="log")
     for axis in (time_axis, quality_axis):
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.suptitle(f"GPT-style models at {results['fraction']:.0%} of activation memory, {results['device']}",
@@ -97,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--greedy-max-ops", type=int, default=1500)
     parser.add_argument("--no-unet", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved JSON")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads((RESULTS / "solver_scaling.json").read_text()))
+        return 0
     torch.set_num_threads(args.threads)
     max_ops = {"ilp": args.ilp_max_ops, "greedy": args.greedy_max_ops}
     rows = [measure(f"gpt-{blocks}", *gpt_graph(blocks), args.fraction, args.solvers, max_ops, args.ilp_time_limit)
