@@ -138,14 +138,19 @@ class CapturedStep:
 
 def input_signature(leaves: Sequence[Any]) -> tuple:
     """What a traced graph is specialised for: each tensor's shape, dtype, device,
-    requires_grad; each other leaf's value."""
-    signature = []
+    requires_grad; each other leaf's value; the autocast state (it changes every dtype)."""
+    signature: list[tuple] = [("autocast", _autocast_state())]
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             signature.append(("tensor", tuple(leaf.shape), str(leaf.dtype), str(leaf.device), leaf.requires_grad))
         else:
             signature.append(("const", repr(leaf)))
     return tuple(signature)
+
+
+def _autocast_state() -> tuple:
+    return tuple((device, str(torch.get_autocast_dtype(device))) for device in ("cpu", "cuda")
+                 if torch.is_autocast_enabled(device))
 
 
 def capture(model: torch.nn.Module, example_inputs: Sequence[Any],

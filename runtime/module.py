@@ -142,7 +142,9 @@ class ScheduledModule(torch.nn.Module):
 def _describe(signature: tuple) -> str:
     parts = []
     for item in signature:
-        if item[0] == "tensor":
+        if item[0] == "autocast":
+            parts.append(f"autocast {dict(item[1])}" if item[1] else "no autocast")
+        elif item[0] == "tensor":
             parts.append(f"{list(item[1])} {item[2].removeprefix('torch.')}")
         else:
             parts.append(item[1])

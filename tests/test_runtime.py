@@ -225,3 +225,10 @@ def test_models_written_elsewhere_match_and_fit(make) -> None:
     torch.testing.assert_close(loss, loss_reference)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_autocast_state_is_part_of_what_a_plan_is_for() -> None:
+    model, x = DropoutNet(), torch.randn(64, 16)
+    scheduled = optimize(model, 1.0, (x,), repeats=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(PlanMismatchError, match="autocast"):
+        scheduled(x)
