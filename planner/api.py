@@ -14,6 +14,7 @@ from planner.budget import resolve_budget
 from planner.capture import capture
 from planner.profile import profile
 from runtime.module import ScheduledModule
+from solvers.graph import TARGETS
 from solvers.plan import Plan
 from solvers.registry import solve
 
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: Sequence[Any] | Any,
              *, example_kwargs: Mapping[str, Any] | None = None, solver: str = "auto",
              plan: str | os.PathLike | Plan | None = None, repeats: int = 3,
-             solver_options: Mapping[str, Any] | None = None, progress: bool | None = None) -> ScheduledModule:
+             solver_options: Mapping[str, Any] | None = None, progress: bool | None = None,
+             target: str | None = None) -> ScheduledModule:
     """Return ``model`` wrapped so that one training step (forward + backward) peaks at
     most at ``budget`` with the same gradients, at the least extra time the solver finds.
 
@@ -38,16 +40,21 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             made for this model and input shapes (`PlanMismatchError` otherwise).
         repeats: timing repeats per op while profiling.
         progress: show a progress bar while profiling (default: when stderr is a terminal).
+        target: plan host<->device transfers for a named device profile
+            (`solvers.graph.TARGETS`, e.g. ``"h100-pcie5"``) instead of the measured one (CUDA)
+            or none (CPU); with a profile, solvers may offload activations to host memory.
 
     Raises:
         UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError.
     """
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(sorted(TARGETS))}")
     started = time.perf_counter()
     step = capture(model, example_inputs, example_kwargs)
     graph = profile(step, model, example_inputs, example_kwargs, repeats=1 if plan is not None else repeats,
-                    progress=progress)
+                    progress=progress, transfer=TARGETS[target] if target is not None else None)
     log.info("traced and profiled %s in %.1f s: %d ops", graph.name, time.perf_counter() - started, len(graph.ops))
     if plan is not None:
         chosen = plan if isinstance(plan, Plan) else Plan.load(os.fspath(plan))

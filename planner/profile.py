@@ -70,7 +70,8 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
     # grad mode on, as when tracing (some kernels consult it); the arguments are detached
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
         graph = _GraphBuilder(step, device, repeats).run(arguments, progress)
-    transfer = transfer or Transfer(source="nominal (not measured)")
+    if transfer is None:
+        transfer = measure_transfer(device) if device.type == "cuda" else Transfer(source="nominal (not measured)")
     tangents = [name for name in graph.placeholders if step.roles[name] is Role.TANGENT]
     differentiable = [leaf for leaf in step.output_leaves if leaf.differentiable]
     returns_its_loss = len(differentiable) == 1 and differentiable[0].shape == ()
@@ -80,6 +81,30 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
     return Graph(ops=backward_as_late_as_possible(graph.ops, tangents), values=tuple(graph.values), placeholders=tuple(graph.placeholders),
                  forward_outputs=tuple(graph.forward_outputs), gradients=tuple(graph.gradients),
                  transfer=transfer, device=str(device), name=name or type(model).__name__, caller_bytes=caller_bytes)
+
+
+def measure_transfer(device: torch.device, size_bytes: int = 64 * 2**20, repeats: int = 5) -> Transfer:
+    """Pinned host<->device copy bandwidth on ``device`` (CUDA), median of ``repeats`` copies
+    of ``size_bytes``, timed with CUDA events; latency from a 4 KiB copy."""
+
+    def median_ms(source: torch.Tensor, destination: torch.Tensor) -> float:
+        times_ms = []
+        for _ in range(repeats + 1):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            destination.copy_(source, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times_ms.append(start.elapsed_time(end))
+        return statistics.median(times_ms[1:])
+
+    host = torch.empty(size_bytes, dtype=torch.uint8, pin_memory=True)
+    on_device = torch.empty(size_bytes, dtype=torch.uint8, device=device)
+    latency_ms = median_ms(host[:4096], on_device[:4096])
+    to_device_ms, to_host_ms = median_ms(host, on_device), median_ms(on_device, host)
+    return Transfer(host_to_device_bytes_per_ms=size_bytes / max(to_device_ms - latency_ms, 1e-6),
+                    device_to_host_bytes_per_ms=size_bytes / max(to_host_ms - latency_ms, 1e-6),
+                    latency_ms=latency_ms, source=f"measured on {torch.cuda.get_device_name(device)}")
 
 
 class _GraphBuilder:

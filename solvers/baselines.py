@@ -37,7 +37,8 @@ def solve_none(graph: Graph, budget_bytes: int) -> Plan:
 
 @register("greedy")
 def solve_greedy(graph: Graph, budget_bytes: int) -> Plan:
-    """Drop saved storages in order of bytes per recompute millisecond, keeping a drop
+    """Drop saved storages (recompute them, or offload them when the graph's transfer
+    profile is real and that is better) in order of bytes per recompute millisecond, keeping a drop
     only when it lowers the simulated excess over the budget (summed over all steps, so a
     drop that helps one of several equal peaks counts), until the peak fits; then restore
     the drops the budget does not need, most recently added first.
@@ -75,10 +76,24 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool,
     def plan_of(trial: dict[str, Decision]) -> Plan:
         return plan_from_decisions(graph, trial, "greedy", budget_bytes, free_intermediates=free_intermediates)
 
+    replays: dict[frozenset, object] = {}
+
+    def replay(trial: dict[str, Decision]):
+        key = frozenset(trial.items())
+        if key not in replays:
+            replays[key] = simulate(graph, plan_of(trial), check_hash=False)
+        return replays[key]
+
     def measure(trial: dict[str, Decision]) -> tuple[int, int]:
         """(excess over budget summed over steps, peak)."""
-        result = simulate(graph, plan_of(trial), check_hash=False)
+        result = replay(trial)
         return result.excess_bytes(budget_bytes), result.peak_bytes
+
+    def time_of(trial: dict[str, Decision]) -> float:
+        return replay(trial).time_ms
+
+    # offload competes with recompute only where copies really overlap compute
+    choices = (Decision.RECOMPUTE, Decision.OFFLOAD) if graph.transfer.real else (Decision.RECOMPUTE,)
 
     excess, peak = measure(decisions)
     if peak <= budget_bytes:
@@ -102,19 +117,24 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool,
                 continue
             if independent_only and any(other in frontier[root] or root in frontier[other] for other in dropped):
                 continue
-            decisions[root] = Decision.RECOMPUTE
-            trial_excess, trial_peak = measure(decisions)
-            if (trial_excess, trial_peak) < (excess, peak):
-                excess, peak = trial_excess, trial_peak
+            best = None
+            for choice in choices:
+                decisions[root] = choice
+                trial_excess, trial_peak = measure(decisions)
+                if (trial_excess, trial_peak) < (excess, peak) and (
+                        best is None or (trial_excess, trial_peak, time_of(decisions)) < best[:3]):
+                    best = (trial_excess, trial_peak, time_of(decisions), choice)
+            if best is not None:
+                excess, peak, _, decisions[root] = best
                 dropped.append(root)
             else:
                 decisions[root] = Decision.KEEP
     if peak > budget_bytes:
         return None, peak
     for root in reversed(dropped):
-        decisions[root] = Decision.KEEP
+        chosen, decisions[root] = decisions[root], Decision.KEEP
         if measure(decisions)[1] > budget_bytes:
-            decisions[root] = Decision.RECOMPUTE
+            decisions[root] = chosen
     return plan_of(decisions), peak
 
 

@@ -122,6 +122,13 @@ class Transfer:
     latency_ms: float = 0.01
     source: str = "nominal"                   # "measured on <device>", "nominal", "target <name>"
 
+    @property
+    def real(self) -> bool:
+        """Measured on the device, or a named target the user plans for: offload may be
+        chosen. A nominal figure (planning on a CPU, where host and device are one memory)
+        never makes offload worth it."""
+        return self.source.startswith(("measured", "target"))
+
     def to_json(self) -> dict[str, Any]:
         return {"host_to_device_bytes_per_ms": self.host_to_device_bytes_per_ms,
                 "device_to_host_bytes_per_ms": self.device_to_host_bytes_per_ms,
@@ -131,6 +138,16 @@ class Transfer:
     def from_json(cls, data: Mapping[str, Any]) -> "Transfer":
         return cls(**{key: data[key] for key in ("host_to_device_bytes_per_ms", "device_to_host_bytes_per_ms",
                                                  "latency_ms", "source") if key in data})
+
+
+# Named transfer profiles for planning away from the device (``optimize(..., target=...)``):
+# practical pinned-copy bandwidth per direction, bytes per ms (1e6 B/ms = 1 GB/s).
+TARGETS: dict[str, Transfer] = {
+    "h100-pcie5": Transfer(50e6, 50e6, 0.01, "target h100-pcie5 (PCIe 5 x16, ~50 GB/s per direction)"),
+    "h100-pcie4": Transfer(25e6, 25e6, 0.01, "target h100-pcie4 (PCIe 4 x16, ~25 GB/s per direction)"),
+    "a100-pcie4": Transfer(25e6, 25e6, 0.01, "target a100-pcie4 (PCIe 4 x16, ~25 GB/s per direction)"),
+    "pcie3": Transfer(12e6, 12e6, 0.01, "target pcie3 (PCIe 3 x16, ~12 GB/s per direction)"),
+}
 
 
 @dataclass(frozen=True)
