@@ -1,0 +1,107 @@
+"""Recompute-only against recompute+offload plans, from 100 % of activation memory down to
+the least feasible budget, on the GPT-style and U-Net models.
+
+Both plans are made for the same profiled graph; the offload plans use a named transfer
+profile (default H100 on PCIe 5), so the overheads are predicted by `solvers.simulate`
+(copies overlap compute on their own channels). On a CUDA machine, pass --target measured
+to use the bandwidth measured there.
+
+Caveat for figures made on a CPU: the op times are the CPU's, orders of magnitude slower
+than the target GPU's, so copies hide behind compute far more easily than they would on
+that GPU. Such figures show the planner choosing offload; the benefit itself must be
+measured on the GPU.
+
+    python experiments/offload_vs_recompute.py [--models gpt unet] [--size small]
+        [--fractions 1.0 0.7 0.5 0.4 0.3 0.25 0.2 0.15 0.1] [--target h100-pcie5]
+
+Writes experiments/results/offload_vs_recompute.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import torch
+
+from common import RESULTS, device_description, git_revision
+from planner import zoo
+from planner.budget import resolve_budget
+from planner.capture import capture
+from planner.profile import measure_transfer, profile
+from solvers import Decision, solve
+from solvers.errors import InfeasibleBudgetError
+from solvers.graph import TARGETS
+
+
+def overheads(graph, fraction: float) -> dict:
+    budget_bytes = resolve_budget(fraction, graph).budget_bytes
+    row: dict = {"fraction": fraction, "budget_bytes": budget_bytes}
+    for label, transfer in (("recompute_only", None), ("recompute_offload", graph.transfer)):
+        planned = graph if transfer is not None else dataclasses.replace(
+            graph, transfer=dataclasses.replace(graph.transfer, source="nominal (offload off)"))
+        try:
+            plan = solve(planned, budget_bytes, "auto")
+        except InfeasibleBudgetError as error:
+            row[label] = {"infeasible": error.least_feasible_bytes}
+            continue
+        row[label] = {"overhead": plan.overhead, "solver": plan.solver,
+                      "offloaded": sum(d is Decision.OFFLOAD for d in plan.decisions.values()),
+                      "recomputed": sum(d is Decision.RECOMPUTE for d in plan.decisions.values())}
+    return row
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, len(results["models"]), figsize=(5 * len(results["models"]), 4), squeeze=False)
+    for axis, (name, rows) in zip(axes[0], results["models"].items()):
+        for label in ("recompute_only", "recompute_offload"):
+            points = [(r["fraction"], r[label]["overhead"]) for r in rows if "overhead" in r[label]]
+            axis.plot([100 * p[0] for p in points], [100 * p[1] for p in points], marker="o",
+                      label=label.replace("_", " "))
+        axis.set(title=name, xlabel="budget (% of activation memory)", ylabel="predicted overhead (%)")
+        axis.invert_xaxis()
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(f"transfers: {results['transfer']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(RESULTS / "offload_vs_recompute.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["gpt", "unet"])
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--fractions", nargs="+", type=float,
+                        default=[1.0, 0.7, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1])
+    parser.add_argument("--target", default="h100-pcie5", help=f"one of {sorted(TARGETS)} or 'measured' (CUDA)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {"command": " ".join(["python", "experiments/offload_vs_recompute.py", *(argv or sys.argv[1:])]),
+               "git_revision": git_revision(), "device": device_description(), "torch": torch.__version__,
+               "models": {}}
+    for name in args.models:
+        model, inputs = zoo.make(name, size=args.size, seed=0)
+        device = next(model.parameters()).device
+        transfer = measure_transfer(device) if args.target == "measured" else TARGETS[args.target]
+        graph = profile(capture(model, inputs), model, inputs, repeats=3, transfer=transfer)
+        results["transfer"] = transfer.source
+        results["models"][name] = [overheads(graph, fraction) for fraction in args.fractions]
+        for row in results["models"][name]:
+            print(name, json.dumps(row), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "offload_vs_recompute.json").write_text(json.dumps(results, indent=1))
+    try:
+        plot(results)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
