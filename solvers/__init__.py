@@ -13,6 +13,7 @@ from solvers import baselines as _baselines  # noqa: F401  (registers none, gree
 from solvers import brute_force as _brute_force, ilp as _ilp  # noqa: F401  (registers brute_force, ilp)
 from solvers import checkpoint_baselines as _checkpoint_baselines  # noqa: F401  (registers every_block, sqrt_n)
 from solvers import hierarchical as _hierarchical  # noqa: F401  (registers hierarchical)
+from solvers import chain as _chain  # noqa: F401  (registers chain)
 
 __all__ = [
     "Decision", "Graph", "InfeasibleBudgetError", "InvalidPlanError", "MemschedError", "Op", "Phase", "Plan",

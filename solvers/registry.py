@@ -41,7 +41,7 @@ def available_solvers() -> tuple[str, ...]:
 
 
 # What ``solver="auto"`` tries, in order; the fastest plan that fits wins (ties: first).
-AUTO_CANDIDATES = ("hierarchical", "greedy", "every_block", "sqrt_n")
+AUTO_CANDIDATES = ("hierarchical", "chain", "greedy", "every_block", "sqrt_n")
 
 
 def _solve_auto(graph: Graph, budget_bytes: int, **options: object) -> Plan:

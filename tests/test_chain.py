@@ -1,0 +1,136 @@
+"""The ``chain`` solver (Rotor DP): every plan replays within its budget, keep-all when it fits,
+never slower than ``every_block``, multiple recomputation at small budgets, and gradients
+equal to the plain model's end to end."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from solvers import InfeasibleBudgetError, Graph, Op, Phase, Value, ValueKind, simulate, solve
+from tests.strategies import chain_graphs, keep_all_peak_bytes
+
+
+def uniform_chain(length: int, activation_bytes: int = 1000, weight_bytes: int = 10) -> Graph:
+    """``a_i = f_i(a_{i-1}, w_i)`` with equal sizes and times, backward in reverse."""
+    values = [Value("a0", activation_bytes, ValueKind.INPUT)]
+    ops = []
+    for i in range(1, length + 1):
+        values += [Value(f"w{i}", weight_bytes, ValueKind.PARAMETER),
+                   Value(f"a{i}", activation_bytes, ValueKind.ACTIVATION, producer=f"f{i}")]
+        ops.append(Op(f"f{i}", (f"a{i - 1}", f"w{i}"), (f"a{i}",), Phase.FORWARD, 1.0))
+    values.append(Value(f"grad_a{length}", activation_bytes, ValueKind.TANGENT))
+    for i in range(length, 0, -1):
+        outputs = (f"grad_w{i}",) + ((f"grad_a{i - 1}",) if i > 1 else ())
+        values.append(Value(f"grad_w{i}", weight_bytes, ValueKind.GRADIENT_WORK, producer=f"b{i}"))
+        if i > 1:
+            values.append(Value(f"grad_a{i - 1}", activation_bytes, ValueKind.GRADIENT_WORK, producer=f"b{i}"))
+        ops.append(Op(f"b{i}", (f"grad_a{i}", f"a{i - 1}", f"w{i}"), outputs, Phase.BACKWARD, 2.0))
+    placeholders = ("a0",) + tuple(f"w{i}" for i in range(1, length + 1)) + (f"grad_a{length}",)
+    return Graph(ops=tuple(ops), values=tuple(values), placeholders=placeholders,
+                 forward_outputs=(f"a{length}",), gradients=tuple(f"grad_w{i}" for i in range(1, length + 1)),
+                 name=f"uniform{length}")
+
+
+def time_or_none(graph: Graph, budget_bytes: int, solver: str) -> float | None:
+    try:
+        return solve(graph, budget_bytes, solver).predicted_time_ms
+    except InfeasibleBudgetError:
+        return None
+
+
+def check_chain_plan(graph: Graph, budget_bytes: int):
+    """Solve with chain; when it fits, assert the replay fits and every_block is not faster."""
+    try:
+        plan = solve(graph, budget_bytes, "chain")
+    except InfeasibleBudgetError:
+        return None
+    assert simulate(graph, plan).peak_bytes <= budget_bytes
+    every_block = time_or_none(graph, budget_bytes, "every_block")
+    if every_block is not None:
+        assert plan.predicted_time_ms <= every_block + 1e-9
+    return plan
+
+
+def test_keep_all_when_it_fits() -> None:
+    graph = uniform_chain(10)
+    peak = keep_all_peak_bytes(graph)
+    for budget in (peak, 2 * peak):
+        plan = solve(graph, budget, "chain")
+        assert plan.overhead == 0.0
+        assert plan.predicted_peak_bytes <= budget
+
+
+def test_uniform_chain_every_budget_fits_and_recomputes_several_times() -> None:
+    graph = uniform_chain(12)
+    peak = keep_all_peak_bytes(graph)
+    fitted, multiple = 0, []
+    for budget in range(peak, peak // 6, -peak // 40):
+        plan = check_chain_plan(graph, budget)
+        if plan is None:
+            continue
+        fitted += 1
+        if plan.options.get("source") == "dp" and max(plan.options["forward_reruns"]) >= 2:
+            multiple.append(budget)
+    assert fitted >= 10
+    # Revolve-like multiple recomputation: some stage's forward re-run twice, and it fits
+    assert multiple, "no budget made chain re-run a stage's forward more than once"
+    # below every_block's peak there is still a chain schedule (sqrt-like memory)
+    every_block_peak = simulate(graph, solve(graph, 10 * peak, "every_block")).peak_bytes
+    assert check_chain_plan(graph, every_block_peak - 1000) is not None
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 8).flatmap(chain_graphs), st.floats(0.3, 1.0))
+def test_random_chains_fit_and_beat_every_block(graph: Graph, fraction: float) -> None:
+    peak = keep_all_peak_bytes(graph)
+    check_chain_plan(graph, int(peak * fraction))
+
+
+@pytest.fixture(scope="module", params=("gpt", "resnet"))
+def tiny(request):
+    from planner import zoo
+    from planner.capture import capture
+    from planner.profile import profile
+    model, inputs = zoo.make(request.param, size="tiny", seed=0)
+    step = capture(model, inputs)
+    return request.param, model, inputs, step, profile(step, model, inputs, repeats=1)
+
+
+def test_zoo_tiny_plans_fit(tiny) -> None:
+    from planner.budget import resolve_budget
+    name, _, _, _, graph = tiny
+    solved = 0
+    for fraction in (1.0, 0.8, 0.7, 0.6):
+        budget = resolve_budget(fraction, graph).budget_bytes
+        plan = check_chain_plan(graph, budget)
+        if plan is not None:
+            solved += 1
+            if fraction == 1.0:
+                assert plan.overhead == 0.0
+    assert solved >= 3, f"{name}: chain fitted only {solved} budgets"
+
+
+def test_gpt_tiny_end_to_end_gradients(tiny) -> None:
+    torch = pytest.importorskip("torch")
+    from planner.benchmark import train_step
+    from planner.budget import resolve_budget
+    from runtime.module import ScheduledModule
+    name, model, inputs, step, graph = tiny
+    fraction = 0.7 if name == "gpt" else 0.6
+    plan = solve(graph, resolve_budget(fraction, graph).budget_bytes, "chain")
+    assert plan.options.get("source") == "dp" and sum(plan.options["forward_reruns"]) >= 1
+    model_copy, reference = copy.deepcopy(model), copy.deepcopy(model)
+    scheduled = ScheduledModule(model_copy, step, graph, plan)
+    torch.manual_seed(7)
+    loss = train_step(scheduled, inputs)
+    torch.manual_seed(7)
+    loss_reference = train_step(reference, inputs)
+    torch.testing.assert_close(loss, loss_reference)
+    for (param_name, p), (_, q) in zip(model_copy.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name} grad {param_name}: {m}")
+    for (buffer_name, b), (_, c) in zip(model_copy.named_buffers(), reference.named_buffers()):
+        torch.testing.assert_close(b, c, msg=lambda m: f"{name} buffer {buffer_name}: {m}")
