@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         except InfeasibleBudgetError as error:
             planned[solver] = {"infeasible": str(error).splitlines()[0]}
             continue
-        methods[f"memsched ({optimized.plan.solver})"] = optimized
+        label = f"memsched auto (picked {optimized.plan.solver})" if solver == "auto" else f"memsched {solver}"
+        methods[label] = optimized
         planned[solver] = {"solver": optimized.plan.solver, "predicted_peak_bytes": optimized.plan.predicted_peak_bytes,
                            "predicted_overhead": optimized.plan.overhead}
     times = step_times_ms({name: (lambda m=m: train_step(m, inputs)) for name, m in methods.items()},
