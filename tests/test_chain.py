@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from solvers import InfeasibleBudgetError, Graph, Op, Phase, Value, ValueKind, simulate, solve
 from tests.strategies import chain_graphs, keep_all_peak_bytes
+from helpers import assert_same_training_step
 
 
 def uniform_chain(length: int, activation_bytes: int = 1000, weight_bytes: int = 10) -> Graph:
@@ -115,8 +116,7 @@ def test_zoo_tiny_plans_fit(tiny) -> None:
 
 
 def test_gpt_tiny_end_to_end_gradients(tiny) -> None:
-    torch = pytest.importorskip("torch")
-    from planner.benchmark import train_step
+    pytest.importorskip("torch")
     from planner.budget import resolve_budget
     from runtime.module import ScheduledModule
     name, model, inputs, step, graph = tiny
@@ -125,12 +125,4 @@ def test_gpt_tiny_end_to_end_gradients(tiny) -> None:
     assert plan.options.get("source") == "dp" and sum(plan.options["forward_reruns"]) >= 1
     model_copy, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(model_copy, step, graph, plan)
-    torch.manual_seed(7)
-    loss = train_step(scheduled, inputs)
-    torch.manual_seed(7)
-    loss_reference = train_step(reference, inputs)
-    torch.testing.assert_close(loss, loss_reference)
-    for (param_name, p), (_, q) in zip(model_copy.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name} grad {param_name}: {m}")
-    for (buffer_name, b), (_, c) in zip(model_copy.named_buffers(), reference.named_buffers()):
-        torch.testing.assert_close(b, c, msg=lambda m: f"{name} buffer {buffer_name}: {m}")
+    assert_same_training_step(scheduled, model_copy, reference, inputs, label=f"{name}")

@@ -10,11 +10,9 @@ import copy
 import itertools
 
 import pytest
-import torch
 from hypothesis import given, strategies as st
 
 from planner import zoo
-from planner.benchmark import train_step
 from planner.budget import resolve_budget
 from planner.capture import capture
 from planner.profile import profile
@@ -23,6 +21,7 @@ from solvers import InfeasibleBudgetError, UnsupportedGraphError, simulate, solv
 from solvers.hierarchical import OptionCost, choose_levels, segment_options, solve_hierarchical
 from solvers.segments import segment_chain
 from strategies import budget_between, chain_graphs, small_graphs
+from helpers import assert_same_training_step
 
 MODELS = ("gpt", "resnet", "unet")
 FRACTIONS = (0.7, 0.5, 0.4)
@@ -170,10 +169,4 @@ def test_gpt_gradients_equal_the_plain_model() -> None:
     assert simulate(graph, plan).recompute_ms > 0, "the budget should force recomputation"
     scheduled_model, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(scheduled_model, step, graph, plan)
-    torch.manual_seed(7)
-    loss = train_step(scheduled, inputs)
-    torch.manual_seed(7)
-    loss_reference = train_step(reference, inputs)
-    torch.testing.assert_close(loss, loss_reference)
-    for (param_name, p), (_, q) in zip(scheduled_model.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"grad {param_name}: {m}")
+    assert_same_training_step(scheduled, scheduled_model, reference, inputs)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from planner import zoo
-from planner.benchmark import step_memory, train_step
+from planner.benchmark import step_memory
 from planner.capture import capture
 from planner.memory import StepMemoryTracker
 from planner.profile import profile
@@ -20,6 +20,7 @@ from solvers import Decision, InvalidPlanError, Plan, simulate
 from solvers.graph import Graph
 from solvers.plan import Step, StepKind, free, offload, prefetch
 from solvers.schedule import build_program, saved_roots
+from helpers import assert_same_training_step
 
 MODELS = ("mlp", "resnet", "gpt", "unet")
 
@@ -63,15 +64,7 @@ def run_and_compare(name: str, model, inputs, step, graph: Graph, plan: Plan):
     scheduled = ScheduledModule(model_copy, step, graph, plan)
     report = step_memory(scheduled, inputs)
     model_copy.load_state_dict(model.state_dict())     # the measured step updated BatchNorm statistics
-    torch.manual_seed(7)
-    loss = train_step(scheduled, inputs)
-    torch.manual_seed(7)
-    loss_reference = train_step(reference, inputs)
-    torch.testing.assert_close(loss, loss_reference)
-    for (param_name, p), (_, q) in zip(model_copy.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name} {plan.solver} grad {param_name}: {m}")
-    for (buffer_name, b), (_, c) in zip(model_copy.named_buffers(), reference.named_buffers()):
-        torch.testing.assert_close(b, c, msg=lambda m: f"{name} {plan.solver} buffer {buffer_name}: {m}")
+    assert_same_training_step(scheduled, model_copy, reference, inputs, label=f"{name} {plan.solver}")
     return report
 
 

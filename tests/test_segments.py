@@ -14,6 +14,7 @@ from solvers import Graph, InfeasibleBudgetError, Op, Phase, Value, ValueKind, s
 from solvers.checkpoint_baselines import sqrt_n_group_size
 from solvers.segments import Segment, boundary_roots, crossing_bytes, segment_chain
 from tests.strategies import KEEP_ALL_BUDGET_BYTES, small_graphs
+from helpers import assert_same_training_step
 
 FWD, BWD = Phase.FORWARD, Phase.BACKWARD
 CHECKPOINT_SOLVERS = ("every_block", "sqrt_n")
@@ -264,8 +265,7 @@ def test_every_block_keeps_only_the_boundaries(zoo_graphs) -> None:
 
 
 def test_every_block_plan_gives_the_plain_models_gradients(zoo_graphs) -> None:
-    torch = pytest.importorskip("torch")
-    from planner.benchmark import train_step
+    pytest.importorskip("torch")
     from runtime.module import ScheduledModule
 
     model, inputs, step, graph = zoo_graphs["gpt", "tiny"]
@@ -273,10 +273,4 @@ def test_every_block_plan_gives_the_plain_models_gradients(zoo_graphs) -> None:
     assert plan.decisions and any(decision.value == "recompute" for decision in plan.decisions.values())
     model_copy, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(model_copy, step, graph, plan)
-    torch.manual_seed(7)
-    loss = train_step(scheduled, inputs)
-    torch.manual_seed(7)
-    loss_reference = train_step(reference, inputs)
-    torch.testing.assert_close(loss, loss_reference)
-    for (name, p), (_, q) in zip(model_copy.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"grad {name}: {m}")
+    assert_same_training_step(scheduled, model_copy, reference, inputs)

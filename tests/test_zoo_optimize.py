@@ -8,15 +8,15 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from planner import zoo
 from planner.capture import capture
 from planner.profile import profile
-from planner.benchmark import step_memory, train_step
+from planner.benchmark import step_memory
 from planner.budget import resolve_budget
 from runtime.module import ScheduledModule
 from solvers import simulate, solve
+from helpers import assert_same_training_step
 
 MODELS = ("mlp", "resnet", "gpt", "unet")
 FRACTIONS = (1.0, 0.7, 0.5)
@@ -50,15 +50,7 @@ def test_zoo_model_at_budget(traced, fraction: float) -> None:
 
     # the memory step above trained model_copy once; compare from fresh copies
     model_copy.load_state_dict(model.state_dict())
-    torch.manual_seed(7)
-    loss = train_step(scheduled, inputs)
-    torch.manual_seed(7)
-    loss_reference = train_step(reference, inputs)
-    torch.testing.assert_close(loss, loss_reference)
-    for (param_name, p), (_, q) in zip(model_copy.named_parameters(), reference.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name} grad {param_name}: {m}")
-    for (buffer_name, b), (_, c) in zip(model_copy.named_buffers(), reference.named_buffers()):
-        torch.testing.assert_close(b, c, msg=lambda m: f"{name} buffer {buffer_name}: {m}")
+    assert_same_training_step(scheduled, model_copy, reference, inputs, label=f"{name}")
 
 
 def test_measured_plain_peak_equals_keep_all_prediction(traced) -> None:
