@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, device_description, git_revision
+from common import RESULTS, device_description, git_revision, write_results
 from planner import optimize, zoo
 from planner.benchmark import step_memory, step_times_ms, train_step
 from solvers.errors import InfeasibleBudgetError
@@ -86,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"command": " ".join(["python", "experiments/budget_sweep.py", *(argv or sys.argv[1:])]),
                "git_revision": git_revision(), "device": device_description(), "torch": torch.__version__,
                "solver": args.solver, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "budget_sweep.json").write_text(json.dumps(results, indent=1))
-    try:
-        plot(results, RESULTS / "budget_sweep.png")
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    write_results("budget_sweep", results, lambda saved: plot(saved, RESULTS / "budget_sweep.png"))
     return 0 if all(row.get("within_budget", True) for row in rows) else 1
 
 

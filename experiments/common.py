@@ -3,9 +3,12 @@ and the device they were measured on."""
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,3 +27,15 @@ def device_description() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def write_results(name: str, results: dict, plot: Callable[[dict], None] | None = None) -> None:
+    """``results/<name>.json``, then the plot drawn from it (skipped without matplotlib)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
+    if plot is None:
+        return
+    try:
+        plot(results)
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[experiments]')", file=sys.stderr)

@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from common import RESULTS, device_description, git_revision
+from common import RESULTS, device_description, git_revision, write_results
 from planner import zoo
 from planner.budget import resolve_budget
 from planner.capture import capture
@@ -94,12 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = [overheads(graph, fraction) for fraction in args.fractions]
         for row in results["models"][name]:
             print(name, json.dumps(row), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "offload_vs_recompute.json").write_text(json.dumps(results, indent=1))
-    try:
-        plot(results)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    write_results("offload_vs_recompute", results, plot)
     return 0
 
 

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import RESULTS, device_description, git_revision
+from common import RESULTS, device_description, git_revision, write_results
 from planner import zoo
 from planner.budget import resolve_budget
 from planner.capture import capture
@@ -114,12 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"command": " ".join(["python", "experiments/solver_scaling.py", *(argv or sys.argv[1:])]),
                "git_revision": git_revision(), "device": device_description(), "torch": torch.__version__,
                "fraction": args.fraction, "solvers": args.solvers, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "solver_scaling.json").write_text(json.dumps(results, indent=1))
-    try:
-        plot(results)
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    write_results("solver_scaling", results, plot)
     return 0
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import RESULTS, device_description, git_revision
+from common import device_description, git_revision, write_results
 from planner import optimize, zoo
 from planner.benchmark import step_memory, step_times_ms, train_step
 from solvers.errors import InfeasibleBudgetError
@@ -79,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"command": " ".join(["python", "experiments/vs_torch_checkpoint.py", *(argv or sys.argv[1:])]),
                "git_revision": git_revision(), "device": device_description(), "torch": torch.__version__,
                "model": f"zoo gpt {args.size}", "budget_bytes": checkpoint_peak, "plans": planned, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vs_torch_checkpoint.json").write_text(json.dumps(results, indent=1))
+    write_results("vs_torch_checkpoint", results)
     return 0
 
 

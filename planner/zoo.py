@@ -175,24 +175,29 @@ def make_resnet(size: str = "tiny", *, device: str | torch.device = "cpu") -> tu
 # GPT (after nanoGPT)
 
 
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention; (batch, seq, d_model) -> (batch, seq, d_model)."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: causal (GPT) or bidirectional over unpadded keys (BERT).
 
-    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
+    forward: ``x`` (batch, seq, d_model) and, when not causal, ``key_mask`` (batch, 1, 1, seq)
+    bool, True where a key may be attended -> (batch, seq, d_model).
+    """
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, causal: bool) -> None:
         super().__init__()
         if d_model % n_head:
             raise ValueError(f"d_model={d_model} is not a multiple of n_head={n_head}")
         self.n_head = n_head
+        self.causal = causal
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, seq, d_model = x.shape
         q, k, v = self.qkv(x).split(d_model, dim=2)
         # (batch, seq, d_model) -> (batch, n_head, seq, head_dim)
         q, k, v = (t.view(batch, seq, self.n_head, d_model // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=self.causal)
         y = y.transpose(1, 2).reshape(batch, seq, d_model)
         return self.dropout(self.proj(y))
 
@@ -216,7 +221,7 @@ class GPTBlock(nn.Module):
     def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_head, dropout)
+        self.attn = SelfAttention(d_model, n_head, dropout, causal=True)
         self.ln_mlp = nn.LayerNorm(d_model)
         self.mlp = FeedForward(d_model, dropout)
 
@@ -375,37 +380,12 @@ def make_unet(size: str = "tiny", *, device: str | torch.device = "cpu") -> tupl
 # BERT-style encoder
 
 
-class PaddedSelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention that ignores padded keys.
-
-    forward: ``x`` (batch, seq, d_model) and ``key_mask`` (batch, 1, 1, seq) bool, True
-    where a key may be attended -> (batch, seq, d_model).
-    """
-
-    def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
-        super().__init__()
-        if d_model % n_head:
-            raise ValueError(f"d_model={d_model} is not a multiple of n_head={n_head}")
-        self.n_head = n_head
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        batch, seq, d_model = x.shape
-        q, k, v = self.qkv(x).split(d_model, dim=2)
-        q, k, v = (t.view(batch, seq, self.n_head, d_model // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
-        y = y.transpose(1, 2).reshape(batch, seq, d_model)
-        return self.dropout(self.proj(y))
-
-
 class EncoderBlock(nn.Module):
     """Post-LN transformer encoder block (BERT): x = ln(x + attn(x)), then x = ln(x + mlp(x))."""
 
     def __init__(self, d_model: int, n_head: int, dropout: float) -> None:
         super().__init__()
-        self.attn = PaddedSelfAttention(d_model, n_head, dropout)
+        self.attn = SelfAttention(d_model, n_head, dropout, causal=False)
         self.ln_attn = nn.LayerNorm(d_model)
         self.mlp = FeedForward(d_model, dropout)
         self.ln_mlp = nn.LayerNorm(d_model)
