@@ -219,7 +219,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
         functional = make_fx(functionalize(_meta_preserving_runner(autograd_graph), remove="mutations"))(*fake_flat)
     _eliminate_dead_code(functional)
     _random_fills_in_eager_layout(functional)
-    modules = _module_paths(autograd_graph, functional, scopes)
+    modules = _module_paths(autograd_graph, functional, scopes, type(model).__name__)
     placeholders = [n for n in functional.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == n_params + n_buffers + n_inputs + tangent_count
     roles = _assign_roles(functional, n_params, n_buffers, n_inputs, num_tensor_outputs=sum(
@@ -298,7 +298,7 @@ def _register_dataclasses(output: Any) -> None:
 
 
 def _module_paths(autograd_graph: fx.GraphModule, functional: fx.GraphModule,
-                  scopes: list[tuple[int, str]]) -> dict[str, str]:
+                  scopes: list[tuple[int, str]], root_label: str) -> dict[str, str]:
     """Module path of every node of the functional graph: forward nodes from the scope
     that was running when pass 1 created them, backward nodes from the forward values
     they read ("backward of <module>")."""
@@ -313,8 +313,9 @@ def _module_paths(autograd_graph: fx.GraphModule, functional: fx.GraphModule,
     for node in functional.graph.nodes:
         sources = node.meta.get("from_node") or []
         path = first_pass.get(sources[-1].name, "") if sources else ""
-        if not path and node.op == "call_function":
-            path = next((paths[arg.name] for arg in node.all_input_nodes if paths.get(arg.name)), "")
+        if not path and node.op == "call_function":   # backward: the deepest module among its inputs
+            candidates = [paths[arg.name] for arg in node.all_input_nodes if paths.get(arg.name)]
+            path = max(candidates, key=lambda p: (p != root_label, p.count(".")), default="")
         paths[node.name] = path
     return paths
 
