@@ -42,23 +42,32 @@ def available_solvers() -> tuple[str, ...]:
 
 # What ``solver="auto"`` tries, in order; the fastest plan that fits wins (ties: first).
 AUTO_CANDIDATES = ("hierarchical", "chain", "greedy", "every_block", "sqrt_n")
+# Above this many ops a solver is tried only when the others found nothing: greedy's
+# O(R) full replays take ~30 s at 1,400 ops and minutes beyond.
+AUTO_MAX_OPS = {"greedy": 1500}
 
 
 def _solve_auto(graph: Graph, budget_bytes: int, **options: object) -> Plan:
-    """Run every registered candidate and keep the plan with the least simulated time;
+    """Run the registered candidates and keep the plan with the least simulated time;
     when none fits, raise the `InfeasibleBudgetError` with the smallest least-feasible budget."""
     best: tuple[float, Plan] | None = None
     failures: list[InfeasibleBudgetError] = []
-    tried = [name for name in AUTO_CANDIDATES if name in _SOLVERS]
-    for name in tried:
-        try:
-            plan = _SOLVERS[name](graph, budget_bytes, **options)
-        except InfeasibleBudgetError as error:
-            failures.append(error)
-            continue
-        result = simulate(graph, plan)
-        if result.peak_bytes <= budget_bytes and (best is None or result.time_ms < best[0]):
-            best = (result.time_ms, plan)
+    registered = [name for name in AUTO_CANDIDATES if name in _SOLVERS]
+    first = [name for name in registered if len(graph.ops) <= AUTO_MAX_OPS.get(name, len(graph.ops))]
+    tried: list[str] = []
+    for group in (first, [name for name in registered if name not in first]):
+        if best is not None:
+            break
+        for name in group:
+            tried.append(name)
+            try:
+                plan = _SOLVERS[name](graph, budget_bytes, **options)
+            except InfeasibleBudgetError as error:
+                failures.append(error)
+                continue
+            result = simulate(graph, plan)
+            if result.peak_bytes <= budget_bytes and (best is None or result.time_ms < best[0]):
+                best = (result.time_ms, plan)
     if best is None:
         raise min(failures, key=lambda error: error.least_feasible_bytes)
     return replace(best[1], options={**best[1].options, "auto_tried": tried})
