@@ -133,7 +133,7 @@ def test_deterministic(traced) -> None:
 def test_identical_blocks_share_options(traced) -> None:
     name, _, _, _, graph = traced
     if name != "gpt":
-        pytest.skip("the tiny GPT has two identical transformer blocks")
+        pytest.skip(f"{name} has no identical blocks to share options between (the tiny GPT has two)")
     segments = segment_chain(graph)
     options = segment_options(graph, segments, options_per_segment=6)
 
