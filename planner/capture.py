@@ -125,15 +125,8 @@ class CapturedStep:
     modules: dict[str, str] = field(default_factory=dict)   # node name -> nn.Module path ("" = top level)
 
     @property
-    def num_tangents(self) -> int:
-        return sum(leaf.differentiable for leaf in self.output_leaves)
-
-    @property
     def num_tensor_outputs(self) -> int:
         return sum(leaf.is_tensor for leaf in self.output_leaves)
-
-    def forward_nodes(self) -> list[fx.Node]:
-        return [n for n in self.joint.graph.nodes if self.roles.get(n.name) in (Role.FORWARD, Role.BUFFER_UPDATE)]
 
 
 def input_signature(leaves: Sequence[Any]) -> tuple:

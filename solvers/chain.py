@@ -45,11 +45,11 @@ from dataclasses import dataclass, replace
 from solvers.baselines import plan_from_decisions
 from solvers.checkpoint_baselines import checkpoint_decisions
 from solvers.errors import InfeasibleBudgetError, UnsupportedGraphError
-from solvers.graph import Graph, Phase, ValueKind
+from solvers.graph import Graph, Phase
 from solvers.plan import Decision, Plan, Step, StepKind, run
 from solvers.registry import register
 from solvers.schedule import insert_frees, saved_roots
-from solvers.segments import Segment, segment_chain, segment_of_forward_op
+from solvers.segments import Segment, root_segments, segment_chain
 from solvers.simulate import simulate
 
 SOLVER = "chain"
@@ -129,13 +129,7 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
 def chain_stages(graph: Graph, segments: tuple[Segment, ...]) -> tuple[list[Stage], int]:
     """The DP's stages and the constant bytes (resident placeholders, tangents and the
     always-kept storages of the module docstring). O(ops + edges)."""
-    op_segment = segment_of_forward_op(segments)
-    producer_segment = {}
-    for op in graph.forward_ops:
-        for name in op.outputs:
-            value = graph.value(name)
-            if value.alias_of is None and value.kind is ValueKind.ACTIVATION:
-                producer_segment[name] = op_segment[op.name]
+    producer_segment = root_segments(graph, segments)
     always = {graph.value(name).root for name in graph.forward_outputs}
     always |= {graph.value(name).root for op in graph.forward_ops if not op.recomputable for name in op.outputs}
     for segment in segments:

@@ -13,7 +13,7 @@ its predictions, the solver, whether optimality is proved, and the hash of its g
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
@@ -108,10 +108,6 @@ class Plan:
                 f"plan was made for graph {self.graph_hash} but this model traces to graph {graph.hash}; "
                 "the model, its input shapes or dtypes changed since the plan was saved. "
                 "Re-plan with optimize(model, budget, example_inputs) without plan=")
-
-    def with_predictions(self, peak_bytes: int, time_ms: float, baseline_time_ms: float) -> "Plan":
-        return replace(self, predicted_peak_bytes=int(peak_bytes), predicted_time_ms=float(time_ms),
-                       baseline_time_ms=float(baseline_time_ms))
 
     # -- JSON ----------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

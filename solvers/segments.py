@@ -131,7 +131,7 @@ def boundary_roots(graph: Graph, segments: tuple[Segment, ...], index: int) -> t
     """Storages alive across the cut before segment ``index``: produced by an earlier
     segment, read by this or a later one (skips that pass over this segment included),
     graph order. What a checkpoint at that cut must keep. O(ops + edges)."""
-    producer_segment = _root_segments(graph, segments)
+    producer_segment = root_segments(graph, segments)
     roots = {root for segment in segments[index:] for root in segment.crossing_in if producer_segment[root] < index}
     return tuple(root for root in producer_segment if root in roots)
 
@@ -240,7 +240,7 @@ def _merge(starts: list[int], num_ops: int, cut_bytes: list[int], depth: list[in
 
 # -- segments --------------------------------------------------------------------------------
 
-def _root_segments(graph: Graph, segments: tuple[Segment, ...]) -> dict[str, int]:
+def root_segments(graph: Graph, segments: tuple[Segment, ...]) -> dict[str, int]:
     """Activation storage -> segment of the forward op that allocates it."""
     op_segment = segment_of_forward_op(segments)
     result = {}
