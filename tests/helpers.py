@@ -22,3 +22,14 @@ def assert_same_training_step(scheduled: torch.nn.Module, model: torch.nn.Module
         torch.testing.assert_close(p.grad, q.grad, msg=lambda m, name=name: f"{label} grad {name}: {m}")
     for (name, b), (_, c) in zip(model.named_buffers(), reference.named_buffers()):
         torch.testing.assert_close(b, c, msg=lambda m, name=name: f"{label} buffer {name}: {m}")
+
+
+def trace_zoo(name: str, size: str = "tiny", device: str = "cpu"):
+    """A zoo model, its inputs, its captured step and its profiled graph (one timing run)."""
+    from planner import zoo
+    from planner.capture import capture
+    from planner.profile import profile
+
+    model, inputs = zoo.make(name, size=size, seed=0, device=device)
+    step = capture(model, inputs)
+    return model, inputs, step, profile(step, model, inputs, repeats=1)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from solvers import InfeasibleBudgetError, Graph, Op, Phase, Value, ValueKind, simulate, solve
 from tests.strategies import chain_graphs, keep_all_peak_bytes
-from helpers import assert_same_training_step
+from helpers import assert_same_training_step, trace_zoo
 
 
 def uniform_chain(length: int, activation_bytes: int = 1000, weight_bytes: int = 10) -> Graph:
@@ -93,12 +93,7 @@ def test_random_chains_fit_and_beat_every_block(graph: Graph, fraction: float) -
 
 @pytest.fixture(scope="module", params=("gpt", "resnet"))
 def tiny(request):
-    from planner import zoo
-    from planner.capture import capture
-    from planner.profile import profile
-    model, inputs = zoo.make(request.param, size="tiny", seed=0)
-    step = capture(model, inputs)
-    return request.param, model, inputs, step, profile(step, model, inputs, repeats=1)
+    return (request.param, *trace_zoo(request.param))
 
 
 def test_zoo_tiny_plans_fit(tiny) -> None:

@@ -12,16 +12,13 @@ import itertools
 import pytest
 from hypothesis import given, strategies as st
 
-from planner import zoo
 from planner.budget import resolve_budget
-from planner.capture import capture
-from planner.profile import profile
 from runtime.module import ScheduledModule
 from solvers import InfeasibleBudgetError, UnsupportedGraphError, simulate, solve
 from solvers.hierarchical import OptionCost, choose_levels, segment_options, solve_hierarchical
 from solvers.segments import segment_chain
 from strategies import budget_between, chain_graphs, small_graphs
-from helpers import assert_same_training_step
+from helpers import assert_same_training_step, trace_zoo
 
 MODELS = ("gpt", "resnet", "unet")
 FRACTIONS = (0.7, 0.5, 0.4)
@@ -29,9 +26,7 @@ FRACTIONS = (0.7, 0.5, 0.4)
 
 @pytest.fixture(scope="module", params=MODELS)
 def traced(request):
-    model, inputs = zoo.make(request.param, size="tiny", seed=0)
-    step = capture(model, inputs)
-    return request.param, model, inputs, step, profile(step, model, inputs, repeats=1)
+    return (request.param, *trace_zoo(request.param))
 
 
 # -- the chain DP ----------------------------------------------------------------------------------
@@ -75,16 +70,23 @@ def test_chain_dp_rounds_bytes_on_the_safe_side() -> None:
     assert choose_levels(costs, 10, resolution=2) == [1, 0]       # units of 5: 7 -> 10, 3 -> 5
 
 
+def hierarchical_or_greedy_fails_too(graph, budget: int):
+    """The hierarchical plan, or None after checking that greedy finds no plan either."""
+    try:
+        return solve(graph, budget, "hierarchical")
+    except InfeasibleBudgetError:
+        with pytest.raises(InfeasibleBudgetError):
+            solve(graph, budget, "greedy")
+        return None
+
+
 # -- random graphs ---------------------------------------------------------------------------------
 
 @given(graph=st.one_of(small_graphs(), st.integers(1, 6).flatmap(chain_graphs)), frac=st.floats(0.0, 1.2))
 def test_random_graphs_fit_or_greedy_fails_too(graph, frac: float) -> None:
     budget = budget_between(graph, frac)
-    try:
-        plan = solve(graph, budget, "hierarchical")
-    except InfeasibleBudgetError:
-        with pytest.raises(InfeasibleBudgetError):
-            solve(graph, budget, "greedy")
+    plan = hierarchical_or_greedy_fails_too(graph, budget)
+    if plan is None:
         return
     assert simulate(graph, plan).peak_bytes <= budget
     if frac >= 1.0:
@@ -97,11 +99,8 @@ def test_random_graphs_fit_or_greedy_fails_too(graph, frac: float) -> None:
 def test_plan_fits_and_beats_every_block(traced, fraction: float) -> None:
     name, _, _, _, graph = traced
     budget = resolve_budget(fraction, graph).budget_bytes
-    try:
-        plan = solve(graph, budget, "hierarchical")
-    except InfeasibleBudgetError:
-        with pytest.raises(InfeasibleBudgetError):
-            solve(graph, budget, "greedy")
+    plan = hierarchical_or_greedy_fails_too(graph, budget)
+    if plan is None:
         return
     result = simulate(graph, plan)
     assert result.peak_bytes <= budget, f"{name} at {fraction:.0%}"
@@ -162,9 +161,7 @@ def test_invalid_arguments_and_infeasible_budget(traced) -> None:
 # -- end to end -------------------------------------------------------------------------------------
 
 def test_gpt_gradients_equal_the_plain_model() -> None:
-    model, inputs = zoo.make("gpt", size="tiny", seed=0)
-    step = capture(model, inputs)
-    graph = profile(step, model, inputs, repeats=1)
+    model, inputs, step, graph = trace_zoo("gpt")
     plan = solve(graph, resolve_budget(0.5, graph).budget_bytes, "hierarchical")
     assert simulate(graph, plan).recompute_ms > 0, "the budget should force recomputation"
     scheduled_model, reference = copy.deepcopy(model), copy.deepcopy(model)

@@ -8,11 +8,8 @@ import copy
 import pytest
 import torch
 
-from planner import zoo
 from planner.benchmark import step_memory
-from planner.capture import capture
 from planner.memory import StepMemoryTracker
-from planner.profile import profile
 from runtime.codegen import generate
 from runtime.module import ScheduledModule
 from runtime.offload import offload_to_host, prefetch_to_device, release_after_offload, wait_prefetched
@@ -20,7 +17,7 @@ from solvers import Decision, InvalidPlanError, Plan, simulate
 from solvers.graph import Graph
 from solvers.plan import Step, StepKind, free, offload, prefetch
 from solvers.schedule import build_program, saved_roots
-from helpers import assert_same_training_step
+from helpers import assert_same_training_step, trace_zoo
 
 MODELS = ("mlp", "resnet", "gpt", "unet")
 
@@ -51,9 +48,7 @@ def mixed_plan(graph: Graph) -> Plan:
 
 @pytest.fixture(scope="module", params=MODELS)
 def traced(request):
-    model, inputs = zoo.make(request.param, size="tiny", seed=0)
-    step = capture(model, inputs)
-    graph = profile(step, model, inputs, repeats=1)
+    model, inputs, step, graph = trace_zoo(request.param)
     return request.param, model, inputs, step, graph
 
 
@@ -123,18 +118,14 @@ def refetch_before_every_read(graph: Graph, plan: Plan) -> Plan:
 
 
 def test_values_offloaded_and_prefetched_several_times() -> None:
-    model, inputs = zoo.make("gpt", size="tiny", seed=0)
-    step = capture(model, inputs)
-    graph = profile(step, model, inputs, repeats=1)
+    model, inputs, step, graph = trace_zoo("gpt")
     plan = refetch_before_every_read(graph, offload_all_plan(graph))
     report = run_and_compare("gpt", model, inputs, step, graph, plan)
     assert_peak_matches_simulation("gpt", graph, plan, report.peak_bytes)
 
 
 def test_forward_hands_over_host_copies_not_the_offloaded_device_values() -> None:
-    model, inputs = zoo.make("mlp", size="tiny", seed=0)
-    step = capture(model, inputs)
-    graph = profile(step, model, inputs, repeats=1)
+    model, inputs, step, graph = trace_zoo("mlp")
     plan = offload_all_plan(graph)
     programs = generate(step, graph, plan, "cpu")
     offloaded = {s.name for s in plan.forward if s.kind is StepKind.OFFLOAD}
@@ -144,9 +135,7 @@ def test_forward_hands_over_host_copies_not_the_offloaded_device_values() -> Non
 
 
 def test_prefetch_without_a_host_copy_is_refused() -> None:
-    model, inputs = zoo.make("mlp", size="tiny", seed=0)
-    step = capture(model, inputs)
-    graph = profile(step, model, inputs, repeats=1)
+    model, inputs, step, graph = trace_zoo("mlp")
     plan = offload_all_plan(graph)
     no_offloads = tuple(s for s in plan.forward if s.kind is not StepKind.OFFLOAD)
     broken = Plan(graph.hash, "broken", plan.budget_bytes, no_offloads, plan.backward, plan.decisions)
@@ -174,9 +163,7 @@ def test_host_copy_keeps_layout_and_counts_as_host_memory() -> None:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_offload_on_cuda_matches_and_fits_the_simulated_peak() -> None:
-    model, inputs = zoo.make("gpt", size="tiny", seed=0, device="cuda")
-    step = capture(model, inputs)
-    graph = profile(step, model, inputs, repeats=1)
+    model, inputs, step, graph = trace_zoo("gpt", device="cuda")
     for plan in (offload_all_plan(graph), mixed_plan(graph), refetch_before_every_read(graph, offload_all_plan(graph))):
         report = run_and_compare("gpt-cuda", model, inputs, step, graph, plan)
         predicted = simulate(graph, plan).peak_bytes

@@ -9,14 +9,11 @@ import copy
 
 import pytest
 
-from planner import zoo
-from planner.capture import capture
-from planner.profile import profile
 from planner.benchmark import step_memory
 from planner.budget import resolve_budget
 from runtime.module import ScheduledModule
 from solvers import simulate, solve
-from helpers import assert_same_training_step
+from helpers import assert_same_training_step, trace_zoo
 
 MODELS = ("mlp", "resnet", "gpt", "unet")
 FRACTIONS = (1.0, 0.7, 0.5)
@@ -25,9 +22,7 @@ FRACTIONS = (1.0, 0.7, 0.5)
 @pytest.fixture(scope="module", params=MODELS)
 def traced(request):
     """Capture and profile each zoo model once; every budget re-uses the graph."""
-    model, inputs = zoo.make(request.param, size="tiny", seed=0)
-    step = capture(model, inputs)
-    graph = profile(step, model, inputs, repeats=1)
+    model, inputs, step, graph = trace_zoo(request.param)
     return request.param, model, inputs, step, graph
 
 
