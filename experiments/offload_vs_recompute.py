@@ -1,5 +1,7 @@
 """Recompute-only against recompute+offload plans, from 100 % of activation memory down to
-the least feasible budget, on the GPT-style and U-Net models.
+the least feasible budget, on the GPT-style and U-Net models: the best plan of every solver
+(``auto``) and the chain DP alone (Rotor, and with offloaded checkpoints as in Beaumont et
+al., NeurIPS 2021).
 
 Both plans are made for the same profiled graph; the offload plans use a named transfer
 profile (default H100 on PCIe 5), so the overheads are predicted by `solvers.simulate`
@@ -36,14 +38,19 @@ from solvers.errors import InfeasibleBudgetError
 from solvers.graph import TARGETS
 
 
+# (label, solver, offload allowed): the best of every solver, and the chain DP alone
+SERIES = (("recompute_only", "auto", False), ("recompute_offload", "auto", True),
+          ("chain_recompute_only", "chain", False), ("chain_offload", "chain", True))
+
+
 def overheads(graph, fraction: float) -> dict:
     budget_bytes = resolve_budget(fraction, graph).budget_bytes
     row: dict = {"fraction": fraction, "budget_bytes": budget_bytes}
-    for label, transfer in (("recompute_only", None), ("recompute_offload", graph.transfer)):
-        planned = graph if transfer is not None else dataclasses.replace(
+    for label, solver, offload in SERIES:
+        planned = graph if offload else dataclasses.replace(
             graph, transfer=dataclasses.replace(graph.transfer, source="nominal (offload off)"))
         try:
-            plan = solve(planned, budget_bytes, "auto")
+            plan = solve(planned, budget_bytes, solver)
         except InfeasibleBudgetError as error:
             row[label] = {"infeasible": error.least_feasible_bytes}
             continue
@@ -59,8 +66,8 @@ def plot(results: dict) -> None:
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(1, len(results["models"]), figsize=(5 * len(results["models"]), 4), squeeze=False)
     for axis, (name, rows) in zip(axes[0], results["models"].items()):
-        for label in ("recompute_only", "recompute_offload"):
-            points = [(r["fraction"], r[label]["overhead"]) for r in rows if "overhead" in r[label]]
+        for label, _, _ in SERIES:
+            points = [(r["fraction"], r[label]["overhead"]) for r in rows if "overhead" in r.get(label, {})]
             axis.plot([100 * p[0] for p in points], [100 * p[1] for p in points], marker="o",
                       label=label.replace("_", " "))
         axis.set(title=name, xlabel="budget (% of activation memory)", ylabel="predicted overhead (%)")

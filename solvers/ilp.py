@@ -25,6 +25,30 @@ it or a value on it is carried into the next stage: Checkmate's FREE with its ha
 linearised with one inequality per hazard (FREE only needs upper bounds, since a storage
 not freed is only counted longer).
 
+Offload (when ``graph.transfer.real``, or ``offload=True``; the space and its fixed
+schedule are `solvers.brute_force.OffloadSpace`'s): per candidate storage r
+
+    O[r]       binary   r is copied to the host after its producer and back at the start
+                        of backward stage p(r)
+    D[r], H[r] >= 0     when the copy of r to the host / back ends, queued on its channel
+
+The forward keeps none of r's values (S[0,v] + O[r] <= 1), no op reading or allocating r
+is recomputed before stage f(r) (R[t,k] + O[r] <= 1), and the prefetch makes r live at
+p(r) (S[p,r] >= O[r], and O[r] joins (1c)'s right-hand side there). Each channel is one
+queue in fixed order, Checkmate's memory recurrence's twin for time:
+D[r] >= D[prev], D[r] >= D[prev] + d(r) O[r], D[r] >= (e(r) + d(r)) O[r] (e(r): the end
+of r's producer), and the deadline D[r] <= deadline(r) + M (1 - O[r]); the least D
+satisfying the lower bounds is the queue's real finishing time, so the deadlines hold
+exactly when the copies never make compute wait. Time is then forward + backward +
+recomputation in every plan of the space (no stall), the objective needs no new term,
+and `simulate` reports what the objective predicted. Memory: r adds its size to the
+forward ops between its last use and ``free_after(r)`` (the copy is still running), and
+counts from the start of stage p(r) like any live value. Offload adds C binaries, 2 C
+continuous variables and O(C (B + F + aliases)) constraints for C candidates; storages
+smaller than 1/64 of the largest droppable one, and those whose copies cannot hide behind
+compute even alone, are no candidates. With no candidates (nominal transfer) the model is
+the keep/recompute one exactly.
+
 Pruning: S[t,v] exists only for values some backward op >= t may need (directly, or as
 an input of a recomputation of such a value), R[t,k] only for recomputable ops with such
 an output whose inputs can be live at stage t, FREE[t,r,k] only for the ops touching r.
@@ -43,7 +67,8 @@ import logging
 import time
 from typing import Any
 
-from solvers.brute_force import PlanSpace, assemble_plan, forward_high_water, plan_space
+from solvers.brute_force import (OffloadSpace, PlanSpace, assemble_plan, forward_high_water, offload_space,
+                                 plan_space)
 from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
 from solvers.graph import Graph
 from solvers.plan import Plan, StepKind
@@ -56,14 +81,17 @@ log = logging.getLogger(__name__)
 class _Model:
     """The MILP for one graph and budget, with the variables needed to read a plan back."""
 
-    def __init__(self, graph: Graph, budget_bytes: int, space: PlanSpace) -> None:
+    def __init__(self, graph: Graph, budget_bytes: int, space: PlanSpace,
+                 offloads: OffloadSpace | None = None) -> None:
         import pulp
 
         self.pulp = pulp
         self.graph, self.space, self.budget_bytes = graph, space, budget_bytes
+        self.offloads = offloads
         self.problem = pulp.LpProblem("memsched_checkmate", pulp.LpMinimize)
         self.recompute: list[dict[str, Any]] = []       # stage -> op -> R var
         self.resident: list[dict[str, Any]] = []        # stage -> value -> S var or 1
+        self.offload: dict[str, Any] = {}               # storage root -> O var
         self._constraints = 0
         self._build()
 
@@ -91,18 +119,29 @@ class _Model:
         forward_ops, backward_ops = graph.forward_ops, graph.backward_ops
         objective = []
         saved = set(graph.saved_candidates)
+        candidates = self.offloads.candidates if self.offloads is not None else ()
+        for candidate in candidates:
+            self.offload[candidate.root] = self.problem.add_variable(f"O_{len(self.offload)}", cat="Binary")
+        arriving = {stage: {c.root for c in candidates if c.prefetch_stage == stage}
+                    for stage in range(len(backward_ops))}
         for stage, backward_op in enumerate(backward_ops):
-            # S[t, v]: stage 0 = the forward's keep set; later stages what was live or recomputed before
+            # S[t, v]: stage 0 = the forward's keep set; later stages what was live or recomputed before,
+            # or prefetched at the start of the stage
             resident: dict[str, Any] = {}
             for name in sorted(space.useful[stage], key=self._producer_index):
                 if stage == 0:
-                    if name not in saved:
+                    if name not in saved and name not in arriving[0]:
                         continue
                     resident[name] = (1 if name in space.kept_always
                                       else self.problem.add_variable(f"S_0_{len(resident)}", cat="Binary"))
-                elif name in self.resident[stage - 1] or graph.value(name).producer in self.recompute[stage - 1]:
+                elif (name in self.resident[stage - 1] or graph.value(name).producer in self.recompute[stage - 1]
+                      or name in arriving[stage]):
                     resident[name] = self.problem.add_variable(f"S_{stage}_{len(resident)}", cat="Binary")
             self.resident.append(resident)
+            for root in arriving[stage]:                 # the prefetch makes r live at p(r)
+                self._add(resident[root] >= self.offload[root])
+                if stage == 0 and root not in saved:
+                    self._add(resident[root] <= self.offload[root])
             # R[t, k]: recomputable ops with an output some backward op >= t may need
             recompute: dict[str, Any] = {}
             self.recompute.append(recompute)
@@ -128,10 +167,22 @@ class _Model:
                             self._add(var <= 0)
             if stage > 0:                            # (1c) live entering t only if live or recomputed in t-1
                 for name, var in resident.items():
-                    self._add(var <= pulp.lpSum(self._available(stage - 1, name)))
+                    prefetched = [self.offload[name]] if name in arriving[stage] else []
+                    self._add(var <= pulp.lpSum(self._available(stage - 1, name) + prefetched))
+            for candidate in candidates:             # r's storage is neither read nor remade before f(r)
+                if stage < candidate.first_stage:
+                    for op_name, var in recompute.items():
+                        if op_name in candidate.touching_ops:
+                            self._add(var + self.offload[candidate.root] <= 1)
+        for candidate in candidates:                 # an offloaded storage is not kept
+            for name in space.aliases.get(candidate.root, ()):
+                var = self.resident[0].get(name) if self.resident else None
+                if var is not None and not (name == candidate.root and candidate.prefetch_stage == 0):
+                    self._add(var + self.offload[candidate.root] <= 1)
         for stage in range(len(backward_ops)):
             self._stage_memory(stage)
         self._forward_memory()
+        self._transfer_queues()
         self.problem += pulp.lpSum(objective) if objective else pulp.LpAffineExpression(0)
 
     def _stage_memory(self, stage: int) -> None:
@@ -201,18 +252,23 @@ class _Model:
 
     def _forward_memory(self) -> None:
         """The forward runs every op once; a kept storage stays from its last forward use
-        to the end of the forward, on top of the plan that keeps only what it must."""
+        to the end of the forward, an offloaded one to ``free_after(r)``, on top of the plan
+        that keeps only what it must."""
         pulp, graph, space = self.pulp, self.graph, self.space
         steps, high_water = forward_high_water(graph, space.kept_always)
         op_high_water = [hw for step, hw in zip(steps, high_water) if step.kind is StepKind.RUN]
+        candidates = self.offloads.candidates if self.offloads is not None else ()
+        prefetched_first = {c.root for c in candidates if c.prefetch_stage == 0}
         keep_terms: dict[str, list[Any]] = {}
         for name, var in self.resident[0].items() if self.resident else ():
             if name not in space.kept_always:
+                if name in prefetched_first:         # live entering stage 0: kept or prefetched
+                    var = var - self.offload[name]
                 keep_terms.setdefault(space.root(name), []).append(var)
         last_touch: dict[str, int] = {}
         for index, op in enumerate(graph.forward_ops):
             for name in op.inputs + op.outputs:
-                if graph.value(name).root in keep_terms:
+                if graph.value(name).root in keep_terms or graph.value(name).root in self.offload:
                     last_touch[graph.value(name).root] = index
         kept_roots: dict[str, Any] = {}
         for root, vars_ in keep_terms.items():
@@ -224,8 +280,55 @@ class _Model:
                     self._add(kept_roots[root] >= var)
         for index, high in enumerate(op_high_water):
             extra = [(space.size(root), var) for root, var in kept_roots.items() if last_touch[root] < index]
+            extra += [(c.size_bytes, self.offload[c.root]) for c in candidates
+                      if last_touch[c.root] < index <= c.free_after]
             if high + sum(size for size, _ in extra) > self.budget_bytes:
                 self._add(pulp.lpSum(size * var for size, var in extra) <= self.budget_bytes - high)
+
+    def _transfer_queues(self) -> None:
+        """Both copy channels as queues whose copies must end by their deadlines (module
+        docstring): exact for the fixed clocks of `OffloadSpace`."""
+        if not self.offload:
+            return
+        offloads, transfer = self.offloads, self.graph.transfer
+        # big-M per copy: how late it ends when every candidate is offloaded (the queues'
+        # finishing times only grow with the offloaded set), less its deadline
+        latest_host, latest_device, cursor = {}, {}, 0.0
+        for c in offloads.candidates:
+            cursor = max(offloads.forward_end_ms[c.producer_index], cursor) + transfer.latency_ms \
+                + c.size_bytes / transfer.device_to_host_bytes_per_ms
+            latest_host[c.root] = cursor
+        cursor = 0.0
+        for c in offloads.prefetch_order():
+            cursor = max(offloads.stage_start_ms[c.prefetch_stage], cursor, latest_host[c.root]) \
+                + transfer.latency_ms + c.size_bytes / transfer.host_to_device_bytes_per_ms
+            latest_device[c.root] = cursor
+        host_ready: dict[str, Any] = {}
+        previous = None
+        for c in offloads.candidates:                # device -> host, in producer order
+            chosen = self.offload[c.root]
+            copy_ms = transfer.latency_ms + c.size_bytes / transfer.device_to_host_bytes_per_ms
+            done = self.problem.add_variable(f"D_{len(host_ready)}", 0)
+            self._add(done >= (offloads.forward_end_ms[c.producer_index] + copy_ms) * chosen)
+            if previous is not None:
+                self._add(done >= previous)
+                self._add(done >= previous + copy_ms * chosen)
+            deadline = offloads.forward_end_ms[c.free_after]
+            self._add(done <= deadline + max(0.0, latest_host[c.root] - deadline) * (1 - chosen))
+            host_ready[c.root] = previous = done
+        previous = None
+        for index, c in enumerate(offloads.prefetch_order()):   # host -> device, in prefetch order
+            chosen = self.offload[c.root]
+            copy_ms = transfer.latency_ms + c.size_bytes / transfer.host_to_device_bytes_per_ms
+            done = self.problem.add_variable(f"H_{index}", 0)
+            self._add(done >= (offloads.stage_start_ms[c.prefetch_stage] + copy_ms) * chosen)
+            self._add(done >= host_ready[c.root] + copy_ms * chosen - latest_host[c.root] * (1 - chosen))
+            if previous is not None:
+                self._add(done >= previous)
+                self._add(done >= previous + copy_ms * chosen)
+            deadline = offloads.stage_start_ms[c.first_stage]
+            self._add(done <= deadline + max(0.0, latest_device[c.root] - deadline) * (1 - chosen))
+            previous = done
 
     # -- reading the solution ---------------------------------------------------------------
     def size(self) -> dict[str, int]:
@@ -252,6 +355,8 @@ class _Model:
                 needed.difference_update(op.outputs)
                 needed.update(op.inputs)
             live_at_start[stage] = set(needed)
+        for var in self.offload.values():
+            values[var] = 0.0
         for stage, recompute in enumerate(self.recompute):
             ran = set(stages[stage])
             for op_name, var in recompute.items():
@@ -262,19 +367,21 @@ class _Model:
                     values[var] = 1.0 if on else 0.0
         return values
 
-    def solution(self) -> tuple[frozenset[str], list[str]]:
-        """(keep set, backward runs) of the solved model."""
+    def solution(self) -> tuple[frozenset[str], list[str], frozenset[str]]:
+        """(keep set, backward runs, offloaded storages) of the solved model."""
         def chosen(var: Any) -> bool:
             if isinstance(var, int):
                 return var == 1
             return var.varValue is not None and var.varValue > 0.5
 
-        keep = frozenset(name for name, var in (self.resident[0].items() if self.resident else ()) if chosen(var))
+        offloaded = frozenset(root for root, var in self.offload.items() if chosen(var))
+        keep = frozenset(name for name, var in (self.resident[0].items() if self.resident else ())
+                         if chosen(var) and name not in offloaded)
         runs: list[str] = []
         for stage, backward_op in enumerate(self.graph.backward_ops):
             runs.extend(op_name for op_name, var in self.recompute[stage].items() if chosen(var))
             runs.append(backward_op.name)
-        return keep, runs
+        return keep, runs, offloaded
 
 
 def _start_runs(graph: Graph, budget_bytes: int, space: PlanSpace) -> tuple[frozenset[str], list[str]] | None:
@@ -339,15 +446,18 @@ def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, fl
 
 @register("ilp")
 def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, backend: str = "auto",
-              rel_gap: float = 0.0, warm_start: bool = True) -> Plan:
-    """Least-time keep/recompute plan of the exact solvers' space under ``budget_bytes``.
+              rel_gap: float = 0.0, warm_start: bool = True, offload: bool | None = None) -> Plan:
+    """Least-time keep/recompute/offload plan of the exact solvers' space under ``budget_bytes``.
 
     MILP after Checkmate (Jain et al., MLSys 2020), see the module docstring; pulp with
-    HiGHS (``backend="highs"``), CBC as fallback (``"cbc"``). When ``time_limit_s`` runs out
+    HiGHS (``backend="highs"``), CBC as fallback (``"cbc"``). ``offload`` (default:
+    ``graph.transfer.real``) adds the offload choices; without them the model is the
+    keep/recompute one. When ``time_limit_s`` runs out
     the best incumbent is returned with ``optimal=False`` and its proved relative ``gap``
     (HiGHS; None from CBC). With ``warm_start`` (HiGHS only) the search starts from greedy's
     keep set with graph-ordered just-in-time recomputation, when that plan fits. The plan
-    is replayed by `simulate` before it is returned.
+    is replayed by `simulate` before it is returned. Optimal over the space (module
+    docstring) when ``optimal``; NP-hard in general, seconds for graphs of a few hundred ops.
 
     Raises:
         InfeasibleBudgetError: the MILP is infeasible (no plan of the space fits).
@@ -358,7 +468,9 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     budget_bytes = int(budget_bytes)
     started = time.perf_counter()
     space = plan_space(graph)
-    model = _Model(graph, budget_bytes, space)
+    offloads = offload_space(graph, space, offload)
+    model = _Model(graph, budget_bytes, space, offloads if offloads.candidates else None)
+    plans = "keep/recompute/offload" if offloads.candidates else "keep/recompute"
     start = _start_runs(graph, budget_bytes, space) if warm_start and graph.backward_ops else None
     built = time.perf_counter()
     model.problem.solve(_backend(backend, time_limit_s, rel_gap, model.start_values(*start) if start else None))
@@ -370,7 +482,7 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     if status == pulp.LpSolutionInfeasible or model.problem.status == pulp.LpStatusInfeasible:
         floor = least_feasible_lower_bound(graph)
         raise InfeasibleBudgetError(budget_bytes, floor.total,
-                                    {**floor.breakdown, "ilp: no keep/recompute plan fits": budget_bytes},
+                                    {**floor.breakdown, f"ilp: no {plans} plan fits": budget_bytes},
                                     solver="ilp (least feasible is at least the lower bound)")
     if status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         raise SolverUnavailableError(
@@ -381,11 +493,13 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     solver_model = getattr(model.problem, "solverModel", None)
     if not optimal and solver_model is not None and hasattr(solver_model, "getInfo"):
         gap = float(solver_model.getInfo().mip_gap)
-    keep, runs = model.solution()
+    keep, runs, offloaded = model.solution()
     plan = assemble_plan(graph, "ilp", budget_bytes, keep, runs, optimal=optimal, gap=gap,
                          options={"time_limit_s": time_limit_s, "backend": backend, **size,
                                   "warm_start": start is not None,
-                                  "build_time_s": round(built - started, 3), "milp_time_s": round(solved - built, 3)})
+                                  **({"offload_candidates": len(offloads.candidates)} if offloads.candidates else {}),
+                                  "build_time_s": round(built - started, 3), "milp_time_s": round(solved - built, 3)},
+                         offloaded=offloaded, offloads=offloads)
     result = simulate(graph, plan)
     if result.peak_bytes > budget_bytes:
         raise AssertionError(f"ilp: simulated peak {result.peak_bytes} > budget {budget_bytes}: "
