@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -25,7 +25,8 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
              *, example_kwargs: Mapping[str, Any] | None = None, solver: str = "auto",
              plan: str | os.PathLike | Plan | None = None, repeats: int = 3,
              solver_options: Mapping[str, Any] | None = None, progress: bool | None = None,
-             target: str | None = None) -> ScheduledModule:
+             target: str | None = None, stages: int | None = None, microbatches: int = 1,
+             schedule: str = "1f1b", loss_fn: Callable[..., torch.Tensor] | None = None) -> Any:
     """Return ``model`` wrapped so that one training step (forward + backward) peaks at
     most at ``budget`` with the same gradients, at the least extra time the solver finds.
 
@@ -43,12 +44,26 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
         target: plan host<->device transfers for a named device profile
             (`solvers.graph.TARGETS`, e.g. ``"h100-pcie5"``) instead of the measured one (CUDA)
             or none (CPU); with a profile, solvers may offload activations to host memory.
+        stages: pipeline parallelism over ``stages`` processes (one per device, started by
+            ``torchrun``; every rank calls ``optimize`` alike). ``budget`` is then bytes per
+            device, one value or a list with one per stage. Returns this rank's
+            `planner.pipeline.PipelinedModel`, whose ``step(*inputs, target=...)`` runs a
+            training step of ``microbatches`` micro-batches under ``schedule`` (``"1f1b"``
+            or ``"gpipe"``) and returns the loss; ``loss_fn(output, target)`` makes the loss
+            (default: the model's own scalar output, or `planner.benchmark.training_loss`).
 
     Raises:
         UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError.
     """
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
+    if stages is not None:
+        if example_kwargs or target is not None:
+            raise ValueError("optimize(..., stages=K) takes positional tensor inputs and no target= profile")
+        from planner.pipeline import optimize_pipeline
+        return optimize_pipeline(model, budget, example_inputs, stages=stages, microbatches=microbatches,
+                                 schedule=schedule, loss_fn=loss_fn, solver=solver, plan=plan, repeats=repeats,
+                                 progress=progress, solver_options=dict(solver_options or {}))
     if target is not None and target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(sorted(TARGETS))}")
     started = time.perf_counter()

@@ -4,6 +4,8 @@
     plan-inspect plan.json --top 0         every saved storage
     plan-inspect plan.json --sort decision recomputed first, then offloaded, then kept
     plan-inspect plan.json --json          the same as JSON (solvers.explain.Explanation)
+    plan-inspect pipeline.json             a pipeline plan: one row per stage (ops, parameters,
+                                           predicted time and peak), the step and its bubble
 
 A plan file is what `solvers.Plan.save` writes. Plans returned by `solvers.solve` embed
 their graph, which the per-storage table needs; for a plan without one only the summary
@@ -29,6 +31,7 @@ from rich.text import Text
 from solvers.errors import MemschedError, format_bytes
 from solvers.explain import Explanation, SavedRow, Summary, explain, format_ms, short_target
 from solvers.graph import GRAPH_FORMAT
+from solvers.pipeline import PIPELINE_FORMAT, PipelinePlan
 from solvers.plan import PLAN_FORMAT, Plan
 
 PROG = "plan-inspect"
@@ -42,8 +45,9 @@ class PlanFileError(Exception):
     """A plan file that cannot be inspected; the message is one line naming the file and the fix."""
 
 
-def load_plan(path: str) -> Plan:
-    """Read a plan file, turning every way it can be wrong into a one-line `PlanFileError`."""
+def load_plan(path: str) -> Plan | PipelinePlan:
+    """Read a plan file (a `Plan` or a `PipelinePlan`), turning every way it can be wrong
+    into a one-line `PlanFileError`."""
     try:
         with open(path, encoding="utf-8") as file:
             text = file.read()
@@ -65,6 +69,12 @@ def load_plan(path: str) -> Plan:
     if found == GRAPH_FORMAT:
         raise PlanFileError(f"{path}: this is a memsched graph, not a plan; plan it first: "
                             "solvers.solve(Graph.load(path), budget_bytes).save('plan.json')")
+    if found == PIPELINE_FORMAT:
+        try:
+            return PipelinePlan.from_json(data)
+        except (MemschedError, KeyError, TypeError, ValueError, AttributeError) as error:
+            detail = str(error) if isinstance(error, MemschedError) else f"corrupt pipeline plan: {error!r}"
+            raise PlanFileError(f"{path}: {_one_line(detail)}; save it again with PipelinePlan.save(path)") from None
     if found != PLAN_FORMAT:
         what = f"format {found!r}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
         raise PlanFileError(f"{path}: not a memsched plan ({what}, expected format {PLAN_FORMAT!r}); "
@@ -79,6 +89,8 @@ def load_plan(path: str) -> Plan:
 def inspect_plan(path: str) -> Explanation:
     """Load ``path`` and explain it on its embedded graph (summary only when it has none)."""
     plan = load_plan(path)
+    if isinstance(plan, PipelinePlan):
+        raise PlanFileError(f"{path}: a pipeline plan; inspect it with plan-inspect (render_pipeline)")
     try:
         return explain(plan.graph, plan)
     except MemschedError as error:
@@ -217,6 +229,49 @@ def _make_console() -> Console:
     return console
 
 
+def pipeline_rows(plan: PipelinePlan) -> list[dict[str, Any]]:
+    """One dict per stage: what `render_pipeline` shows and ``--json`` prints."""
+    rows = []
+    for stage in plan.stages:
+        cost = stage.cost
+        rows.append({"stage": stage.index, "segments": [cost.first_segment, cost.end_segment],
+                     "forward_ops": len(stage.forward_ops), "backward_ops": len(stage.backward_ops),
+                     "static_bytes": cost.static_bytes, "in_flight": cost.in_flight,
+                     "recomputed": sum(d.value == "recompute" for d in stage.decisions.values()),
+                     "offloaded": sum(d.value == "offload" for d in stage.decisions.values()),
+                     "forward_ms": cost.forward_ms, "backward_ms": cost.backward_ms,
+                     "recompute_ms": cost.recompute_ms, "comm_ms": cost.comm_ms, "time_ms": cost.time_ms,
+                     "peak_bytes": cost.peak_bytes, "budget_bytes": cost.budget_bytes})
+    return rows
+
+
+def render_pipeline(console: Console, path: str, plan: PipelinePlan) -> None:
+    """Summary lines and the per-stage table of a pipeline plan."""
+    lines = [("file", path), ("stages", f"{plan.num_stages}, {plan.microbatches} micro-batches, "
+                                        f"schedule {plan.schedule.upper()}"),
+             ("step", f"{format_ms(plan.predicted_step_time_ms)} predicted, bubble {format_ms(plan.bubble_ms)}"),
+             ("solver", f"{plan.solver} in {_solve_time(plan.solve_time_s)}"),
+             ("graph", plan.graph_hash)]
+    width = max(len(label) for label, _ in lines) + 2
+    for label, text in lines:
+        console.print(Text.assemble((label.ljust(width), "bold"), text))
+    if not plan.feasible:
+        console.print(Text("warning: a stage does not fit its budget", style="yellow"))
+    table = Table(title="stages (time per micro-batch)")
+    for column in ("stage", "segments", "ops fwd/bwd", "params+grads", "in flight", "recomputed",
+                   "forward", "backward", "recompute", "transfer", "time", "peak", "budget"):
+        table.add_column(column, justify="left" if column == "segments" else "right")
+    for row in pipeline_rows(plan):
+        over = row["peak_bytes"] > row["budget_bytes"]
+        table.add_row(str(row["stage"]), f"{row['segments'][0]}..{row['segments'][1] - 1}",
+                      f"{row['forward_ops']}/{row['backward_ops']}", format_bytes(row["static_bytes"]),
+                      str(row["in_flight"]), str(row["recomputed"]), format_ms(row["forward_ms"]),
+                      format_ms(row["backward_ms"]), format_ms(row["recompute_ms"]), format_ms(row["comm_ms"]),
+                      format_ms(row["time_ms"]), Text(format_bytes(row["peak_bytes"]), style="red" if over else ""),
+                      format_bytes(row["budget_bytes"]))
+    console.print(table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Show what a saved memsched plan does with every saved activation, and why.",
@@ -238,10 +293,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top is not None and args.top < 0:
         parser.error(f"--top must be 0 (all) or a positive number of rows, got {args.top}")
     try:
+        loaded = load_plan(args.plan)
+        if isinstance(loaded, PipelinePlan):
+            if args.json:
+                print(json.dumps({"summary": {key: value for key, value in loaded.to_json().items()
+                                              if key not in ("stages", "graph")},
+                                  "stages": pipeline_rows(loaded)}, indent=1))
+            else:
+                render_pipeline(_make_console(), args.plan, loaded)
+            return 0
         explanation = inspect_plan(args.plan)
     except PlanFileError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return 0
     rows = sort_rows(explanation.rows, args.sort)
     top = DEFAULT_TOP if args.top is None and not args.json else args.top
     if top:

@@ -14,10 +14,11 @@ from solvers import brute_force as _brute_force, ilp as _ilp  # noqa: F401  (reg
 from solvers import checkpoint_baselines as _checkpoint_baselines  # noqa: F401  (registers every_block, sqrt_n)
 from solvers import hierarchical as _hierarchical  # noqa: F401  (registers hierarchical)
 from solvers import chain as _chain  # noqa: F401  (registers chain)
+from solvers.pipeline import PipelinePlan, solve_pipeline
 
 __all__ = [
     "Decision", "Graph", "InfeasibleBudgetError", "InvalidPlanError", "MemschedError", "Op", "Phase", "Plan",
     "PlanFormatError", "PlanMismatchError", "SimResult", "SolverUnavailableError", "Step", "StepKind", "Transfer",
     "UnsupportedGraphError", "Value", "ValueKind", "available_solvers", "format_bytes",
-    "least_feasible_lower_bound", "register", "simulate", "solve",
+    "least_feasible_lower_bound", "register", "simulate", "solve", "PipelinePlan", "solve_pipeline",
 ]
