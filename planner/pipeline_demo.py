@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 import traceback
@@ -153,12 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         report = run_rank(args.model, args.size, args.budget if len(args.budget) > 1 else args.budget[0],
                           args.microbatches, args.schedule, args.batch, plan=args.plan, solver=args.solver,
                           timed_steps=args.steps)
-    except Exception as error:   # every rank reports; the exit status says it failed
+    except Exception as error:   # the other ranks may wait in a collective: report and leave at once
         report = {"rank": rank, "ok": False, "error": f"{type(error).__name__}: {error}",
                   "traceback": traceback.format_exc()}
+        print(f"rank {rank} failed:\n{report['traceback']}", file=sys.stderr, flush=True)
     if args.json:
         with open(f"{args.json}.rank{rank}.json", "w", encoding="utf-8") as file:
             json.dump(report, file)
+    if not report["ok"]:
+        os._exit(1)   # torchrun stops the other ranks
     reports = gather_json(report)
     if rank == 0:
         _print(reports)

@@ -23,15 +23,19 @@ every cut they pass; ``c_0 = c_S = 0``).
 Memory of stage s = [a, b) on device s, M micro-batches, K stages, F_s micro-batches in
 flight (GPipe: ``F_s = M``; 1F1B: ``F_s = min(M, K - s)``)::
 
-    peak_s = static      sum(p_k for k in [a, b)) + M * sum(x_k for k in [a, b))
-           + receive     M * c_a * (s > 0) + M * c_b * (s < K - 1)
+    peak_s = static      sum(p_k + (M > 1) * w_k + M * x_k for k in [a, b))
+           + receive     (2M - 1) * c_a * (s > 0) + M * c_b * (s < K - 1)
            + in flight   (F_s - 1) * (saved_s + c_b)
            + working     max(saved_s, max over k in [a, b) of (sum(saved_j(o_j), a <= j < k) + transient_k(o_k)))
 
     saved_s = sum(saved_k(o_k) for k in [a, b))
 
 ``receive``: torch.distributed.pipelining preallocates one activation receive buffer and
-one gradient receive buffer per micro-batch. ``in flight``: the other micro-batches whose
+one gradient receive buffer per micro-batch, and the gradients of the received values
+of earlier micro-batches stay alive in their pending sends (M - 1 of them). ``w_k``: the
+gradient bytes of the segment's parameters: with several micro-batches the accumulated
+``.grad`` lives beside the gradients the running micro-batch makes. Both terms were found
+by measuring the ranks (`runtime.pipeline`, tests/test_pipeline_runtime.py). ``in flight``: the other micro-batches whose
 backward has not run keep their saved activations and the stage's output. ``working``:
 the single-device chain model of `hierarchical.choose_levels` for the micro-batch that
 runs (``saved_s`` alone: the end of its forward). Differences from the brief, on the safe
@@ -125,6 +129,7 @@ class SegmentCosts:
     param_bytes: int                        # parameters twice (gradients), buffers once
     options: tuple[OptionCost, ...]
     model_input_bytes: int = 0              # inputs and targets its ops read, one micro-batch
+    gradient_bytes: int = 0                 # its parameters' gradients (once more in .grad when M > 1)
 
 
 @dataclass(frozen=True)
@@ -247,8 +252,8 @@ def evaluate_stage(chain: PipelineChain, first: int, end: int, levels: Sequence[
     for option in options:
         working = max(working, before + option.need_bytes)
         before += option.saved_bytes
-    static = sum(s.param_bytes for s in segments) + microbatches * sum(s.model_input_bytes for s in segments)
-    receive = microbatches * (input_bytes * (stage > 0) + output_bytes * (stage < num_stages - 1))
+    static = _static(segments, microbatches)
+    receive = _receive(input_bytes, output_bytes, stage, num_stages, microbatches)
     held = (in_flight - 1) * (saved + output_bytes)
     forward_ms = sum(s.forward_ms for s in segments)
     backward_ms = sum(s.backward_ms for s in segments)
@@ -308,15 +313,14 @@ class _StageTable:
                     self._read(stage, first, end, states, keep_saved, keep_working)
 
     def _static_bytes(self, first: int, end: int) -> int:
-        segments = self.chain.segments[first:end]
-        return sum(s.param_bytes for s in segments) + self.microbatches * sum(s.model_input_bytes for s in segments)
+        return _static(self.chain.segments[first:end], self.microbatches)
 
     def _pass(self, first: int, limit: int | None) -> list[list[State]]:
         """States after each segment from ``first`` on; stops when none is left under
         ``limit`` (the peak with one micro-batch in flight, a lower bound of every
         device's peak)."""
         unit, chain = self.unit, self.chain
-        receive_in = self.microbatches * chain.cut_bytes[first] * (first > 0)
+        receive_in = _receive(chain.cut_bytes[first], 0, int(first > 0), 2, self.microbatches)
         states: list[State] = [(0, 0, 0.0, ())]
         result = []
         for end in range(first + 1, chain.num_segments + 1):
@@ -340,8 +344,7 @@ class _StageTable:
         chain, stages, microbatches = self.chain, len(self.budgets), self.microbatches
         in_flight = in_flight_microbatches(stage, stages, microbatches, self.schedule)
         output = chain.cut_bytes[end]
-        fixed = (self._static_bytes(first, end)
-                 + microbatches * (chain.cut_bytes[first] * (stage > 0) + output * (stage < stages - 1)))
+        fixed = self._static_bytes(first, end) + _receive(chain.cut_bytes[first], output, stage, stages, microbatches)
         base_ms = (sum(s.forward_ms + s.backward_ms for s in chain.segments[first:end])
                    + (chain.cut_bytes[first] + output) / self.link)
         budget = self.budgets[stage]
@@ -717,12 +720,28 @@ def pipeline_chain(graph: Graph, *, options_per_segment: int = 8
             forward_ms=sum(graph.op(name).time_ms for name in segment.forward_ops),
             backward_ms=sum(graph.op(name).time_ms for name in segment.backward_ops),
             param_bytes=sum(weights.get(value.kind, 0) * value.size_bytes for value in placeholders),
+            gradient_bytes=sum(value.size_bytes for value in placeholders if value.kind is ValueKind.PARAMETER),
             model_input_bytes=sum(value.size_bytes for value in placeholders if value.kind is ValueKind.INPUT),
             options=tuple(OptionCost(cost.saved_bytes, max(0, cost.need_bytes - resident), cost.time_ms)
                           for cost in segment_costs)))
     cuts = [0] + [sum(graph.value(root).size_bytes for root in boundary_roots(graph, segments, index))
                   for index in range(1, len(segments))] + [0]
     return PipelineChain(tuple(chain_segments), tuple(cuts)), segments, options
+
+
+def _static(segments: Sequence[SegmentCosts], microbatches: int) -> int:
+    """Parameters, their gradients (and the accumulated ``.grad`` beside the next
+    micro-batch's when M > 1), buffers, and the model inputs of M micro-batches."""
+    return sum(s.param_bytes + (microbatches > 1) * s.gradient_bytes + microbatches * s.model_input_bytes
+               for s in segments)
+
+
+def _receive(input_bytes: int, output_bytes: int, stage: int, num_stages: int, microbatches: int) -> int:
+    """The receive buffers torch preallocates (one activation and one gradient buffer per
+    micro-batch) and the input gradients of earlier micro-batches waiting in their sends."""
+    first, last = stage == 0, stage == num_stages - 1
+    return (microbatches * input_bytes * (not first) + microbatches * output_bytes * (not last)
+            + (microbatches - 1) * input_bytes * (not first))
 
 
 def _only_views(graph: Graph, op_name: str) -> bool:

@@ -41,7 +41,8 @@ def segment_costs(draw: st.DrawFn) -> SegmentCosts:
     options = tuple(OptionCost(saved_bytes=s, need_bytes=draw(st.integers(0, 80)), time_ms=t)
                     for s, t in zip(saved, times))
     return SegmentCosts(forward_ms=draw(quarters), backward_ms=draw(quarters), param_bytes=draw(st.integers(0, 40)),
-                        options=options, model_input_bytes=draw(st.sampled_from((0, 0, 4, 10))))
+                        options=options, model_input_bytes=draw(st.sampled_from((0, 0, 4, 10))),
+                        gradient_bytes=draw(st.sampled_from((0, 0, 8, 20))))
 
 
 @st.composite
@@ -79,8 +80,8 @@ def loosest_peak_bytes(chain: PipelineChain, microbatches: int) -> int:
     """A peak no stage of any plan exceeds: everything at its largest, all micro-batches in flight."""
     saved = sum(max(o.saved_bytes for o in s.options) for s in chain.segments)
     transient = max(o.need_bytes for s in chain.segments for o in s.options)
-    static = sum(s.param_bytes + microbatches * s.model_input_bytes for s in chain.segments)
-    return static + 2 * microbatches * max(chain.cut_bytes) + microbatches * (saved + max(chain.cut_bytes)) \
+    static = sum(s.param_bytes + s.gradient_bytes + microbatches * s.model_input_bytes for s in chain.segments)
+    return static + 3 * microbatches * max(chain.cut_bytes) + microbatches * (saved + max(chain.cut_bytes)) \
         + saved + transient
 
 
@@ -96,7 +97,8 @@ def expected_stage(chain: PipelineChain, first: int, end: int, levels, stage: in
     working = max([saved] + [sum(o.saved_bytes for o in chosen[:k]) + chosen[k].need_bytes
                              for k in range(len(chosen))])
     peak = (sum(s.param_bytes for s in segments) + microbatches * sum(s.model_input_bytes for s in segments)
-            + (microbatches * chain.cut_bytes[first] if stage > 0 else 0)
+            + (sum(s.gradient_bytes for s in segments) if microbatches > 1 else 0)
+            + ((2 * microbatches - 1) * chain.cut_bytes[first] if stage > 0 else 0)
             + (microbatches * chain.cut_bytes[end] if stage < stages - 1 else 0)
             + (in_flight - 1) * (saved + chain.cut_bytes[end]) + working)
     time_ms = (sum(s.forward_ms + s.backward_ms for s in segments) + sum(o.time_ms for o in chosen)
