@@ -15,7 +15,10 @@ For each model, stage count K and per-device budget:
   ``python -m torch.distributed.run -m planner.pipeline_demo --plan ...`` (loss and
   gradients checked against one process, per-rank peak measured, median step time).
   The ranks share this machine's cores, so measured times rank the splits, they do not
-  give a GPU's speed-up.
+  give a GPU's speed-up. Measured, ``memsched`` and ``equal_layers`` plan each stage with
+  ``auto``; the baseline runs ``every_block`` on every stage (torch.utils.checkpoint on
+  every block), while its predicted figure checkpoints only the stages over budget (in
+  the baseline's favour).
 
     python experiments/pipeline_stages.py [--models gpt-wide-vocab unet] [--stages 2 4]
         [--measure] [--steps 5]
@@ -28,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,22 +40,22 @@ import torch
 
 from common import RESULTS, device_description, git_revision, write_results
 from planner.capture import capture
-from planner.pipeline_demo import build_model
+from planner.pipeline_demo import build_model, free_port
 from planner.profile import profile
 from solvers.errors import InfeasibleBudgetError
 from solvers.pipeline import (evaluate_split, pipeline_chain, plan_from_solution, solve_pipeline_chain,
                               split_balance_by_time, split_equal_layers)
 
 ROOT = Path(__file__).resolve().parent.parent
-MICROBATCHES = 4
-SIZES = {"gpt-wide-vocab": ("small", 8), "unet": ("tiny", 8)}   # model size, batch (M micro-batches of batch/M)
+# model size, batch, micro-batches M (pipelines run with M >= 2K to keep the bubble small)
+SIZES = {"gpt-wide-vocab": ("small", 16, 8), "unet": ("tiny", 8, 4)}
 
 
-def least_feasible_budget(chain, stages: int) -> int:
+def least_feasible_budget(chain, stages: int, microbatches: int) -> int:
     """The least per-device budget (all devices alike) for which memsched finds a split, to 0.5 %."""
     def feasible(budget_bytes: int) -> bool:
         try:
-            solve_pipeline_chain(chain, [budget_bytes] * stages, microbatches=MICROBATCHES)
+            solve_pipeline_chain(chain, [budget_bytes] * stages, microbatches=microbatches)
         except InfeasibleBudgetError:
             return False
         return True
@@ -68,18 +70,18 @@ def least_feasible_budget(chain, stages: int) -> int:
     return high
 
 
-def keep_all_budget(chain, stages: int) -> int:
+def keep_all_budget(chain, stages: int, microbatches: int) -> int:
     """The per-device budget at which memsched's unconstrained best split fits as planned:
     the largest stage peak of its solution under unlimited memory."""
-    solution = solve_pipeline_chain(chain, [10**15] * stages, microbatches=MICROBATCHES)
+    solution = solve_pipeline_chain(chain, [10**15] * stages, microbatches=microbatches)
     return max(stage.peak_bytes for stage in solution.stages)
 
 
-def series(chain, stages: int, budget_bytes: int) -> dict[str, dict]:
+def series(chain, stages: int, budget_bytes: int, microbatches: int) -> dict[str, dict]:
     budgets = [budget_bytes] * stages
     result: dict[str, dict] = {}
     try:
-        result["memsched"] = solution_row(solve_pipeline_chain(chain, budgets, microbatches=MICROBATCHES))
+        result["memsched"] = solution_row(solve_pipeline_chain(chain, budgets, microbatches=microbatches))
     except InfeasibleBudgetError as error:
         result["memsched"] = {"feasible": False, "error": str(error).splitlines()[0]}
     equal = split_equal_layers(chain, stages)
@@ -87,7 +89,7 @@ def series(chain, stages: int, budget_bytes: int) -> dict[str, dict]:
     for label, balance, stage_plan in (("equal_layers", equal, "best"),
                                        ("equal_layers_every_block", equal, "every_block"),
                                        ("balance_by_time_every_block", balanced, "every_block")):
-        result[label] = solution_row(evaluate_split(chain, balance, budgets, microbatches=MICROBATCHES,
+        result[label] = solution_row(evaluate_split(chain, balance, budgets, microbatches=microbatches,
                                                     stage_plan=stage_plan))
     return result
 
@@ -101,27 +103,27 @@ def solution_row(solution) -> dict:
             "_solution": solution}
 
 
-def measure(model_name: str, size: str, batch: int, stages: int, budget_bytes: int, plan_path: str, solver: str,
-            steps: int) -> dict:
+def measure(model_name: str, size: str, batch: int, microbatches: int, stages: int, budget_bytes: int,
+            plan_path: str, solver: str, steps: int) -> dict:
     """Run a saved pipeline plan on ``stages`` gloo ranks; every rank's report."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory() as directory:
         report = os.path.join(directory, "report")
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={stages}",
                    f"--master-port={port}", "-m", "planner.pipeline_demo", "--model", model_name, "--size", size,
-                   "--batch", str(batch), "--budget", str(budget_bytes), "--microbatches", str(MICROBATCHES),
+                   "--batch", str(batch), "--budget", str(budget_bytes), "--microbatches", str(microbatches),
                    "--plan", plan_path, "--solver", solver, "--steps", str(steps), "--json", report]
         finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900,
                                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
         reports = []
         for rank in range(stages):
             path = f"{report}.rank{rank}.json"
-            if not os.path.exists(path):
-                return {"ok": False, "error": finished.stderr[-2000:]}
-            with open(path, encoding="utf-8") as file:
-                reports.append(json.load(file))
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as file:
+                    reports.append(json.load(file))
+        if len(reports) < stages:   # a failing rank wrote its report and stopped the others
+            failed = [r for r in reports if not r.get("ok")]
+            return {"ok": False, "error": failed[0]["error"] if failed else finished.stderr[-2000:]}
     if not all(r.get("ok") for r in reports):
         return {"ok": False, "error": next(r["error"] for r in reports if not r.get("ok"))}
     return {"ok": True, "step_ms": max(r["measured_step_ms"] for r in reports),
@@ -144,20 +146,23 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for model_name in args.models:
-        size, batch = SIZES[model_name]
+        size, batch, microbatches = SIZES[model_name]
         model, inputs = build_model(model_name, size, batch)
-        microbatch = tuple(t.tensor_split(MICROBATCHES)[0] for t in inputs)
+        microbatch = tuple(t.tensor_split(microbatches)[0] for t in inputs)
         step = capture(model, microbatch)
         graph = profile(step, model, microbatch, repeats=5, progress=False)
         chain, segments, options = pipeline_chain(graph)
         for stages in args.stages:
             if stages > chain.num_segments:
                 continue
-            low, high = least_feasible_budget(chain, stages), keep_all_budget(chain, stages)
-            for label, budget_bytes in (("roomy", high), ("tight", (low + high) // 2 if high > low else low)):
-                row = {"model": model_name, "size": size, "batch": batch, "microbatches": MICROBATCHES,
+            low, high = least_feasible_budget(chain, stages, microbatches), keep_all_budget(chain, stages, microbatches)
+            # roomy: 3 % above memsched's keep-all split, so that the ranks' exact stage plans
+            # (each stage re-planned on its own graph) are not cut to the byte
+            roomy = int(high * 1.03)
+            for label, budget_bytes in (("roomy", roomy), ("tight", (low + high) // 2 if high > low else low)):
+                row = {"model": model_name, "size": size, "batch": batch, "microbatches": microbatches,
                        "stages": stages, "budget": label, "budget_bytes": budget_bytes,
-                       "segments": chain.num_segments, "series": series(chain, stages, budget_bytes)}
+                       "segments": chain.num_segments, "series": series(chain, stages, budget_bytes, microbatches)}
                 if args.measure:
                     for name, solver in (("memsched", "auto"), ("equal_layers", "auto"),
                                          ("balance_by_time_every_block", "every_block")):
@@ -169,15 +174,15 @@ def main() -> None:
                         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
                             plan_path = file.name
                         plan.save(plan_path)
-                        entry["measured"] = measure(model_name, size, batch, stages, budget_bytes, plan_path,
-                                                    solver, args.steps)
+                        entry["measured"] = measure(model_name, size, batch, microbatches, stages, budget_bytes,
+                                                    plan_path, solver, args.steps)
                         os.unlink(plan_path)
                 for entry in row["series"].values():
                     entry.pop("_solution", None)
                 rows.append(row)
                 print(summary_line(row), flush=True)
     write_results("pipeline_stages", {"revision": git_revision(), "device": device_description(),
-                                      "microbatches": MICROBATCHES, "rows": rows}, plot)
+                                      "command": " ".join(sys.argv), "rows": rows}, plot)
 
 
 def summary_line(row: dict) -> str:

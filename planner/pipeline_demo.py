@@ -117,6 +117,15 @@ def run_rank(model_name: str, size: str, budget: int | list[int], microbatches: 
             "predicted_step_time_ms": pipelined.plan.predicted_step_time_ms, "measured_step_ms": step_ms}
 
 
+def free_port() -> int:
+    """A TCP port free on this host now, for ``torchrun --master-port``."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def gather_json(value: Any) -> list[Any]:
     """Every rank's JSON-able ``value``, on every rank (sent as bytes, never pickled)."""
     data = json.dumps(value).encode()

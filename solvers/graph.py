@@ -140,6 +140,21 @@ class Transfer:
                                                  "latency_ms", "source") if key in data})
 
 
+def write_json_file(path: str, data: Any, *, sort_keys: bool = False) -> None:
+    """``data`` as indented JSON (graphs and plans are JSON, never pickle)."""
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(data, file, indent=1, sort_keys=sort_keys)
+
+
+def read_json_file(path: str) -> Any:
+    """The JSON in ``path``; `PlanFormatError` naming the file when it is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PlanFormatError(f"{path}: not valid JSON ({error}); was the file truncated?") from error
+
+
 # Named transfer profiles for planning away from the device (``optimize(..., target=...)``):
 # practical pinned-copy bandwidth per direction, bytes per ms (1e6 B/ms = 1 GB/s).
 TARGETS: dict[str, Transfer] = {
@@ -340,17 +355,11 @@ class Graph:
         return graph
 
     def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(self.to_json(), file, indent=1, sort_keys=True)
+        write_json_file(path, self.to_json(), sort_keys=True)
 
     @classmethod
     def load(cls, path: str) -> "Graph":
-        try:
-            with open(path, encoding="utf-8") as file:
-                data = json.load(file)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise PlanFormatError(f"{path}: not valid JSON ({error})") from error
-        return cls.from_json(data)
+        return cls.from_json(read_json_file(path))
 
 
 

@@ -24,15 +24,17 @@ Memory of stage s = [a, b) on device s, M micro-batches, K stages, F_s micro-bat
 flight (GPipe: ``F_s = M``; 1F1B: ``F_s = min(M, K - s)``)::
 
     peak_s = static      sum(p_k + (M > 1) * w_k + M * x_k for k in [a, b))
-           + receive     (2M - 1) * c_a * (s > 0) + M * c_b * (s < K - 1)
+           + receive     2M * c_a * (s > 0) + M * c_b * (s < K - 1)
            + in flight   (F_s - 1) * (saved_s + c_b)
            + working     max(saved_s, max over k in [a, b) of (sum(saved_j(o_j), a <= j < k) + transient_k(o_k)))
 
     saved_s = sum(saved_k(o_k) for k in [a, b))
 
 ``receive``: torch.distributed.pipelining preallocates one activation receive buffer and
-one gradient receive buffer per micro-batch, and the gradients of the received values
-of earlier micro-batches stay alive in their pending sends (M - 1 of them). ``w_k``: the
+one gradient receive buffer per micro-batch, the gradients of the received values of
+earlier micro-batches stay alive in their pending sends (M - 1 of them), and the running
+micro-batch's input is held by the stage (the segments' working memory, taken from
+whole-graph replays, counts it with the segment before the cut). ``w_k``: the
 gradient bytes of the segment's parameters: with several micro-batches the accumulated
 ``.grad`` lives beside the gradients the running micro-batch makes. Both terms were found
 by measuring the ranks (`runtime.pipeline`, tests/test_pipeline_runtime.py). ``in flight``: the other micro-batches whose
@@ -97,13 +99,12 @@ both over-estimate the peak.
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from solvers.errors import InfeasibleBudgetError, PlanFormatError, PlanMismatchError, UnsupportedGraphError
-from solvers.graph import Graph, ValueKind
+from solvers.graph import Graph, ValueKind, read_json_file, write_json_file
 from solvers.hierarchical import OptionCost, SegmentOptions, probe_costs, segment_options
 from solvers.plan import Decision
 from solvers.schedule import saved_roots
@@ -738,10 +739,11 @@ def _static(segments: Sequence[SegmentCosts], microbatches: int) -> int:
 
 def _receive(input_bytes: int, output_bytes: int, stage: int, num_stages: int, microbatches: int) -> int:
     """The receive buffers torch preallocates (one activation and one gradient buffer per
-    micro-batch) and the input gradients of earlier micro-batches waiting in their sends."""
+    micro-batch), the input gradients of earlier micro-batches waiting in their sends, and
+    the running micro-batch's input as the stage's forward holds it."""
     first, last = stage == 0, stage == num_stages - 1
     return (microbatches * input_bytes * (not first) + microbatches * output_bytes * (not last)
-            + (microbatches - 1) * input_bytes * (not first))
+            + microbatches * input_bytes * (not first))
 
 
 def _only_views(graph: Graph, op_name: str) -> bool:
@@ -897,17 +899,11 @@ class PipelinePlan:
         return plan
 
     def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(self.to_json(), file, indent=1)
+        write_json_file(path, self.to_json())
 
     @classmethod
     def load(cls, path: str) -> "PipelinePlan":
-        try:
-            with open(path, encoding="utf-8") as file:
-                data = json.load(file)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise PlanFormatError(f"{path}: not valid JSON ({error}); was the file truncated?") from error
-        return cls.from_json(data)
+        return cls.from_json(read_json_file(path))
 
 
 def plan_from_solution(graph: Graph, segments: tuple[Segment, ...], options: list[SegmentOptions],

@@ -12,13 +12,12 @@ its predictions, the solver, whether optimality is proved, and the hash of its g
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
 from solvers.errors import PlanFormatError, PlanMismatchError
-from solvers.graph import Graph, Phase
+from solvers.graph import Graph, Phase, read_json_file, write_json_file
 
 PLAN_FORMAT = "memsched.plan/1"
 
@@ -146,14 +145,8 @@ class Plan:
             raise PlanFormatError(f"corrupt memsched plan: {error!r}") from error
 
     def save(self, path: str) -> None:
-        with open(path, "w", encoding="utf-8") as file:
-            json.dump(self.to_json(), file, indent=1)
+        write_json_file(path, self.to_json())
 
     @classmethod
     def load(cls, path: str) -> "Plan":
-        try:
-            with open(path, encoding="utf-8") as file:
-                data = json.load(file)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise PlanFormatError(f"{path}: not valid JSON ({error}); was the file truncated?") from error
-        return cls.from_json(data)
+        return cls.from_json(read_json_file(path))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from planner import zoo
 from planner.capture import capture
+from planner.pipeline_demo import free_port
 from planner.profile import profile
 from solvers.errors import InfeasibleBudgetError
 from solvers.pipeline import evaluate_split, pipeline_chain, solve_pipeline_chain, split_equal_layers
@@ -27,15 +27,9 @@ WORKER = Path(__file__).with_name("pipeline_worker.py")
 ROOT = WORKER.parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_ranks(tmp_path: Path, ranks: int, *arguments: str) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-               f"--master-port={_free_port()}", str(WORKER), "--json", str(tmp_path / "report"), *arguments]
+               f"--master-port={free_port()}", str(WORKER), "--json", str(tmp_path / "report"), *arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=ROOT)
     reports = []

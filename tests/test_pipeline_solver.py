@@ -98,7 +98,7 @@ def expected_stage(chain: PipelineChain, first: int, end: int, levels, stage: in
                              for k in range(len(chosen))])
     peak = (sum(s.param_bytes for s in segments) + microbatches * sum(s.model_input_bytes for s in segments)
             + (sum(s.gradient_bytes for s in segments) if microbatches > 1 else 0)
-            + ((2 * microbatches - 1) * chain.cut_bytes[first] if stage > 0 else 0)
+            + (2 * microbatches * chain.cut_bytes[first] if stage > 0 else 0)
             + (microbatches * chain.cut_bytes[end] if stage < stages - 1 else 0)
             + (in_flight - 1) * (saved + chain.cut_bytes[end]) + working)
     time_ms = (sum(s.forward_ms + s.backward_ms for s in segments) + sum(o.time_ms for o in chosen)
