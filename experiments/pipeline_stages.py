@@ -52,22 +52,13 @@ SIZES = {"gpt-wide-vocab": ("small", 16, 8), "unet": ("tiny", 8, 4)}
 
 
 def least_feasible_budget(chain, stages: int, microbatches: int) -> int:
-    """The least per-device budget (all devices alike) for which memsched finds a split, to 0.5 %."""
-    def feasible(budget_bytes: int) -> bool:
-        try:
-            solve_pipeline_chain(chain, [budget_bytes] * stages, microbatches=microbatches)
-        except InfeasibleBudgetError:
-            return False
-        return True
-
-    high = 1 << 20
-    while not feasible(high):
-        high *= 2
-    low = 0
-    while high - low > high // 200:
-        middle = (low + high) // 2
-        low, high = (low, middle) if feasible(middle) else (middle, high)
-    return high
+    """The least per-device budget (all devices alike) for which memsched finds a split, as
+    the solver's `InfeasibleBudgetError` names it."""
+    try:
+        solve_pipeline_chain(chain, [1] * stages, microbatches=microbatches)
+    except InfeasibleBudgetError as error:
+        return error.least_feasible_bytes
+    return 1
 
 
 def keep_all_budget(chain, stages: int, microbatches: int) -> int:

@@ -77,20 +77,12 @@ def test_budget_the_equal_layers_split_cannot_meet_without_recompute_is_met(tmp_
     microbatches, stages = 2, 2
     chain = _gpt_microbatch_chain(microbatches)
 
-    def feasible(budget_bytes: int) -> bool:
-        try:
-            solve_pipeline_chain(chain, [budget_bytes] * stages, microbatches=microbatches)
-        except InfeasibleBudgetError:
-            return False
-        return True
-
     equal = split_equal_layers(chain, stages)
     keep_all = evaluate_split(chain, equal, [10**12] * stages, microbatches=microbatches, stage_plan="keep_all")
     equal_needs = max(stage.peak_bytes for stage in keep_all.stages)
-    low, high = 1, equal_needs
-    while high - low > equal_needs // 200:
-        middle = (low + high) // 2
-        low, high = (low, middle) if feasible(middle) else (middle, high)
+    with pytest.raises(InfeasibleBudgetError) as raised:   # the least budget a joint plan needs
+        solve_pipeline_chain(chain, [1] * stages, microbatches=microbatches)
+    high = raised.value.least_feasible_bytes
     assert high < equal_needs * 0.97, "the model leaves no room between the joint plan and the equal split"
     budget = (high + equal_needs) // 2
     reports = run_ranks(tmp_path, stages, "--model", "gpt", "--budget", str(budget), "--microbatches",
