@@ -221,7 +221,8 @@ class PipelineStageModule(torch.nn.Module):
         self._output_spec = step.output_spec
 
     def forward(self, *received: torch.Tensor) -> Any:
-        computed = self.executor(*(received[i] for i in self._used)) if self._used or self._layout else ()
+        computes = any(from_computed for from_computed, _ in self._layout)
+        computed = self.executor(*(received[i] for i in self._used)) if computes else ()
         values = [computed[i] if from_computed else received[i] for from_computed, i in self._layout]
         if not self._is_last:
             return tuple(values)
