@@ -161,14 +161,22 @@ def test_dp_matches_brute_force(problem) -> None:
     assert found.step_time_ms == best.step_time_ms
 
 
-@pytest.mark.parametrize("microbatches, balance, step_time_ms", [(1, (1, 2), 8.0), (4, (2, 1), 25.0)])
-def test_the_objective_is_neither_least_sum_nor_least_max(microbatches: int, balance, step_time_ms: float) -> None:
-    """Segments of 2, 2 and 4 ms, 4 bytes (1 ms) across the second cut, none across the
-    first. Split (1, 2): stages of 2 and 6 ms, sum 8, max 6. Split (2, 1): 5 and 5 ms,
-    sum 10, max 5. One micro-batch: 8 < 10; four: 8 + 3 * 6 = 26 > 10 + 3 * 5 = 25."""
-    keep = (OptionCost(0, 0, 0.0),)
-    chain = PipelineChain((SegmentCosts(1.0, 1.0, 0, keep), SegmentCosts(1.0, 1.0, 0, keep),
-                           SegmentCosts(2.0, 2.0, 0, keep)), (0, 0, 4, 0))
+KEEP_ALL = (OptionCost(0, 0, 0.0),)
+# Segments of 2, 2 and 4 ms, 4 bytes (1 ms) across the second cut, none across the first.
+# Split (1, 2): stages of 2 and 6 ms, sum 8, max 6; split (2, 1): 5 and 5 ms, sum 10, max 5.
+# One micro-batch: 8 < 10; four: 8 + 3 * 6 = 26 > 10 + 3 * 5 = 25.
+SUM_OR_MAX = PipelineChain((SegmentCosts(1.0, 1.0, 0, KEEP_ALL), SegmentCosts(1.0, 1.0, 0, KEEP_ALL),
+                            SegmentCosts(2.0, 2.0, 0, KEEP_ALL)), (0, 0, 4, 0))
+# Segments of 4, 1 and 1 ms, no transfers: both splits sum to 6, the slowest stage is the first.
+# (1, 2): 4 and 2 ms, 6 + 3 * 4 = 18; (2, 1): 5 and 1 ms, 6 + 3 * 5 = 21.
+SLOW_FIRST = PipelineChain((SegmentCosts(2.0, 2.0, 0, KEEP_ALL), SegmentCosts(0.5, 0.5, 0, KEEP_ALL),
+                            SegmentCosts(0.5, 0.5, 0, KEEP_ALL)), (0, 0, 0, 0))
+
+
+@pytest.mark.parametrize("chain, microbatches, balance, step_time_ms", [
+    (SUM_OR_MAX, 1, (1, 2), 8.0), (SUM_OR_MAX, 4, (2, 1), 25.0), (SLOW_FIRST, 4, (1, 2), 18.0)])
+def test_the_objective_is_neither_least_sum_nor_least_max(chain: PipelineChain, microbatches: int, balance,
+                                                         step_time_ms: float) -> None:
     for schedule in ("gpipe", "1f1b"):
         found = solve(chain, [10**6] * 2, microbatches, schedule)
         assert (found.balance, found.step_time_ms) == (balance, step_time_ms)
