@@ -8,18 +8,26 @@ Stages are the segments of `segments.segment_chain`. Stage k has forward time ``
 backward time ``ub[k]``, input bytes ``x[k]`` (the storages produced by stage k - 1 that stage
 k reads: what must be kept to run it again), ``xbar[k]`` (what a forward "with all saved"
 keeps for the backward, its output ``x[k + 1]`` included), ``act[k]`` (its transient
-activations) and ``bw[k]`` (its backward's gradients and workspace). Storages that are always
-kept: skip tensors (read more than one stage after the one that makes them), outputs of
-ops that cannot run twice (buffer updates), forward outputs; they are a constant.
+activations), ``bw[k]`` (what B(k) holds besides ``x[k]``: the storages of F(k) it reads,
+the gradients of its input and output, its workspace) and ``g[k]`` (the step's parameter
+gradients B(k) makes, alive to the end of the step). Storages that are always kept: skip
+tensors (read more than one stage after the one that makes them), outputs of ops that
+cannot run twice (buffer updates), forward outputs; they are a constant.
 
 DP. ``opt(s, t, m)``: least time to run the backward of stages s..t with memory ``m`` (in
-slots, ``x[s]`` stored, the gradient of ``x[t + 1]`` alive):
+slots, ``x[s]`` stored, the gradient of ``x[t + 1]`` alive, the gradients ``g`` of the
+stages after t made):
 
     s == t:   uf[s] + ub[s]                                   F_all(s), B(s)
+              ub[s] alone when B(s) reads nothing F(s) makes (a linear layer's backward
+              reads its input only); the re-run is then dropped from the program
     "all":    uf[s] + opt(s + 1, t, m - x[s] - xbar[s] + x[s + 1]) + ub[s]
-    "ck" j:   uf[s..j-1] + opt(j, t, m - x[s]) + opt(s, j - 1, m)       s < j <= t
+              B(s) needs x[s] + bw[s] + g[s] + g[s+1..t] <= m
+    "ck" j:   uf[s..j-1] + opt(j, t, m - x[s]) + opt(s, j - 1, m - g[j..t])   s < j <= t
 
-each option only where its transient memory fits. Sizes are rounded up and the memory
+each option only where its transient memory fits. On a chain graph with one stage per op
+(``every_op``) and one-byte slots this model is the exact solvers' (tests/test_chain.py
+checks the DP's optimum against the MILP's proved one). Sizes are rounded up and the memory
 down to slots of ``budget / resolution`` bytes (safe side). O(L^3 * U) time and
 O(L^2 * U) memory for L stages and U = resolution slots; the table for every m is built
 once.
@@ -38,9 +46,9 @@ and Offloading for Training DNNs", NeurIPS 2021), when ``graph.transfer.real`` (
 A second table covers the forward phase only, the right spine of the recursion (t = L - 1,
 where every F runs in the forward phase), with one more option:
 
-    "ck-off" j:      uf[s..j-1] + top(j, m) + opt(s, j - 1, m) + out(s) + max(0, h2d(x[s]) - ub[j])
-                     where x[s] + x[j] + xbar[j] + bw[j] <= m
-    "ck-off-late" j: uf[s..j-1] + top(j, m) + opt(s, j - 1, m) + out(s) + h2d(x[s])
+    "ck-off" j:      uf[s..j-1] + top(j, m) + opt(s, j - 1, m - g[j..]) + out(s) + max(0, h2d(x[s]) - ub[j])
+                     where x[s] + x[j] + bw[j] + g[j..] <= m
+    "ck-off-late" j: uf[s..j-1] + top(j, m) + opt(s, j - 1, m - g[j..]) + out(s) + h2d(x[s])
     both where the sweep F(s..j-1) fits with x[s] gone after F(s);
     out(s) = max(0, d2h(x[s]) - uf[s])
 
@@ -96,17 +104,22 @@ class Stage:
     input_bytes: int        # x[k]
     all_bytes: int          # xbar[k], output x[k + 1] included
     transient_bytes: int    # act[k]: the stage's activations while its forward runs
-    backward_bytes: int     # bw[k]: gradients of its input and output, backward workspace
+    backward_bytes: int     # bw[k]: what B(k) reads of the stage's own storages, the gradients
+                            # of its input and output, backward workspace (x[k] apart)
+    gradient_bytes: int = 0  # g[k]: the step's gradients its backward makes (alive to the end)
+    backward_reads_own: bool = True   # B(k) reads a storage F(k) makes (else B(k) needs no F(k) first)
     input_roots: tuple[str, ...] = ()   # the storages of x[k], graph order
 
 
 @register(SOLVER)
 def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_bisections: int = 10,
-                offload: bool | None = None) -> Plan:
+                offload: bool | None = None, every_op: bool = False) -> Plan:
     """Least-time Rotor schedule over the segment chain that `simulate` fits in the budget;
     with ``offload`` (default: ``graph.transfer.real``) the forward phase's checkpoints may
-    be offloaded (module docstring). O(L^3 * U + B * (S + R)) for B bisection steps of one
-    plan and one simulation each (S steps, R saved storages).
+    be offloaded (module docstring). ``every_op``: one stage per forward op
+    (`segments.segment_chain`'s ``every_op``) instead of the block chain.
+    O(L^3 * U + B * (S + R)) for B bisection steps of one plan and one simulation each
+    (S steps, R saved storages).
 
     Raises:
         InfeasibleBudgetError: neither the DP's plans nor ``every_block`` fit.
@@ -120,7 +133,7 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
     if lowest_peak <= budget_bytes:
         return keep_all
 
-    segments = segment_chain(graph)
+    segments = segment_chain(graph, every_op=every_op)
     stages, constant_bytes = chain_stages(graph, segments)
     slot_bytes = max(1, -(-budget_bytes // resolution))
     copy_ms = _copy_times(graph, stages) if (graph.transfer.real if offload is None else offload) else None
@@ -179,8 +192,12 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...]) -> tuple[list[Stag
 
     inputs = [set(segment.crossing_in) - always for segment in segments] + [set()]
     backward_read = {graph.value(name).root for op in graph.backward_ops for name in op.inputs}
+    gradient_roots = {graph.value(name).root for name in graph.gradients} - set(producer_segment)
+    gradient_producer = {root: graph.value(root).producer for root in gradient_roots}
     stages = []
     for segment in segments:
+        segment_backward = set(segment.backward_ops)
+        read_here = {graph.value(name).root for op_name in segment.backward_ops for name in graph.op(op_name).inputs}
         own = {root for root, k in producer_segment.items() if k == segment.index} - always
         saved = (own & backward_read) | inputs[segment.index + 1]
         workspace = max((graph.op(name).tmp_bytes for name in segment.backward_ops), default=0)
@@ -189,7 +206,10 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...]) -> tuple[list[Stag
             backward_ms=sum(graph.op(name).time_ms for name in segment.backward_ops),
             input_bytes=size(inputs[segment.index]), all_bytes=size(saved),
             transient_bytes=size(own) + max((graph.op(name).tmp_bytes for name in segment.forward_ops), default=0),
-            backward_bytes=size(inputs[segment.index]) + size(inputs[segment.index + 1]) + workspace,
+            backward_bytes=(size(own & read_here) + size(inputs[segment.index])
+                            + size(inputs[segment.index + 1]) + workspace),
+            backward_reads_own=bool(own & read_here),
+            gradient_bytes=size({root for root in gradient_roots if gradient_producer[root] in segment_backward}),
             input_roots=tuple(root for root in producer_segment if root in inputs[segment.index])))
     placeholders = {graph.value(name).root for name in graph.placeholders}
     return stages, size(always) + sum(graph.value(root).size_bytes for root in placeholders) + graph.caller_bytes
@@ -221,6 +241,11 @@ class _ChainTable:
         xbar = [units(stage.all_bytes) for stage in stages]
         act = [units(stage.transient_bytes) for stage in stages]
         bw = [units(stage.backward_bytes) for stage in stages]
+        g = [units(stage.gradient_bytes) for stage in stages]
+        grads_before = [0]                 # grads_before[k]: g[0] + ... + g[k - 1]
+        for units_k in g:
+            grads_before.append(grads_before[-1] + units_k)
+        self._grads_before = grads_before
         forward_prefix = [0.0]
         for stage in stages:
             forward_prefix.append(forward_prefix[-1] + stage.forward_ms)
@@ -233,7 +258,14 @@ class _ChainTable:
                 t = s + length - 1
                 cost, choice = [_INFINITY] * (slots + 1), [-1] * (slots + 1)
                 single = stages[s].forward_ms + stages[s].backward_ms
-                all_need = max(x[s] + act[s] + x[t + 1], x[s] + xbar[s] + bw[s])
+                # alone, F(s) runs only for what B(s) reads of it (the plan drops unread re-runs)
+                last_ms = single if stages[s].backward_reads_own else stages[s].backward_ms
+                # B(s) runs after the backward of s + 1..t made their gradients
+                later_grads = grads_before[t + 1] - grads_before[s + 1]
+                backward_need = x[s] + bw[s] + g[s] + later_grads
+                all_need = max(x[s] + act[s] + x[t + 1], backward_need)
+                # (the last stage is only ever reached in the forward phase, where F runs anyway)
+                last_need = all_need if stages[s].backward_reads_own or s == count - 1 else backward_need
                 # sweep_need[j]: transient of F(s)..F(j-1) run "checkpoint only" with x[s] stored
                 sweep_need, running = {}, 0
                 for j in range(s + 1, t + 1):
@@ -243,8 +275,8 @@ class _ChainTable:
                 for m in range(slots + 1):
                     best, best_choice = _INFINITY, -1
                     if s == t:
-                        if all_need <= m:
-                            best, best_choice = single, _ALL
+                        if last_need <= m:
+                            best, best_choice = last_ms, _ALL
                     else:
                         if all_need <= m:
                             rest = m - x[s] - xbar[s] + x[s + 1]
@@ -254,8 +286,11 @@ class _ChainTable:
                         for j in range(s + 1, t + 1):
                             if sweep_need[j] > m or m - x[s] < 0:
                                 continue
+                            rest = m - (grads_before[t + 1] - grads_before[j])   # j..t made theirs
+                            if rest < 0:
+                                continue
                             total = (forward_prefix[j] - forward_prefix[s] + self.cost[(j, t)][m - x[s]]
-                                     + self.cost[(s, j - 1)][m])
+                                     + self.cost[(s, j - 1)][rest])
                             if total < best:
                                 best, best_choice = total, j
                     cost[m], choice[m] = best, best_choice
@@ -274,11 +309,16 @@ class _ChainTable:
         1 "ck-off", 2 "ck-off-late", and 0 "all". O(L^2 * U)."""
         count, slots, last = self.count, self.slots, self.count - 1
         self.top_cost, self.top_choice = [[]] * count, [[]] * count
-        self.top_cost[last], self.top_choice[last] = self.cost[(last, last)], self.choice[(last, last)]
+        forward_last_ms = 0.0 if stages[last].backward_reads_own else stages[last].forward_ms   # runs anyway
+        self.top_cost[last] = [cost + forward_last_ms for cost in self.cost[(last, last)]]
+        self.top_choice[last] = self.choice[(last, last)]
         for s in range(last - 1, -1, -1):
             cost, choice = [_INFINITY] * (slots + 1), [-1] * (slots + 1)
             single = stages[s].forward_ms + stages[s].backward_ms
-            all_need = max(x[s] + act[s], x[s] + xbar[s] + bw[s])
+            grads = self._grads_before
+            after = [grads[count] - grads[k] for k in range(count + 1)]   # after[k]: g[k] + ... + g[L-1]
+            g_s = grads[s + 1] - grads[s]
+            all_need = max(x[s] + act[s], x[s] + bw[s] + g_s + after[s + 1])
             sweep_need, offloaded_sweep_need, running, offloaded_running = {}, {}, 0, 0
             for j in range(s + 1, last + 1):
                 k = j - 1
@@ -296,14 +336,17 @@ class _ChainTable:
                         best, best_choice = single + self.top_cost[s + 1][rest], _ALL
                 for j in range(s + 1, last + 1):
                     sweep_ms = forward_prefix[j] - forward_prefix[s]
+                    rest = m - after[j]        # stages j..L-1 made their gradients
+                    if rest < 0:
+                        continue
                     if sweep_need[j] <= m and m - x[s] >= 0:
-                        total = sweep_ms + self.top_cost[j][m - x[s]] + self.cost[(s, j - 1)][m]
+                        total = sweep_ms + self.top_cost[j][m - x[s]] + self.cost[(s, j - 1)][rest]
                         if total < best:
                             best, best_choice = total, j
                     if not offloadable or offloaded_sweep_need[j] > m:
                         continue
-                    rest_ms = sweep_ms + self.top_cost[j][m] + self.cost[(s, j - 1)][m] + offload_stall_ms
-                    if x[s] + x[j] + xbar[j] + bw[j] <= m:      # prefetch overlaps B(j)
+                    rest_ms = sweep_ms + self.top_cost[j][m] + self.cost[(s, j - 1)][rest] + offload_stall_ms
+                    if x[s] + x[j] + bw[j] + after[j] <= m:      # prefetch overlaps B(j)
                         total = rest_ms + max(0.0, to_device_ms - stages[j].backward_ms)
                         if total < best:
                             best, best_choice = total, count + j
@@ -341,7 +384,8 @@ class _ChainTable:
                     result += [("F", k) for k in range(s, j)]
                     if kind:
                         (prefetch_before if kind == 1 else prefetch_after)[j] = s
-                    stack += [("solve", s, j - 1, m), ("top", j, t, m if kind else m - x[s])]
+                    rest = m - (self._grads_before[self.count] - self._grads_before[j])
+                    stack += [("solve", s, j - 1, rest), ("top", j, t, m if kind else m - x[s])]
                 continue
             if kind != "solve":
                 result.append((kind, s))
@@ -354,7 +398,8 @@ class _ChainTable:
                 stack += [("B", s, s, 0), ("solve", s + 1, t, m - x[s] - xbar[s] + x[s + 1])]
             else:
                 result += [("F", k) for k in range(s, choice)]
-                stack += [("solve", s, choice - 1, m), ("solve", choice, t, m - x[s])]
+                rest = m - (self._grads_before[t + 1] - self._grads_before[choice])
+                stack += [("solve", s, choice - 1, rest), ("solve", choice, t, m - x[s])]
         if prefetch_before or prefetch_after:
             with_prefetches = []
             for kind, k in result:

@@ -22,8 +22,9 @@ How `segment_chain` chooses the cuts:
    ``min_segment_bytes`` activation bytes is merged into the neighbour across the more
    expensive of its two cuts (more crossing bytes; ties: the cut deeper in the module
    tree, then the smaller neighbour), until none is left; then, while there are more than
-   ``max_segments``, the most expensive cut goes (same ties). Long skips are never refused: a cut may be crossed by any number of storages,
-   which are recorded in ``Segment.crossing_in`` of the segment that reads them.
+   ``max_segments``, the most expensive cut goes (same ties). Long skips are never
+   refused: a cut may be crossed by any number of storages, which are recorded in
+   ``Segment.crossing_in`` of the segment that reads them.
 
 Backward ops are assigned by the *latest-segment rule*: a forward value belongs to the
 segments that produce or read it (a parameter to the segments that use it); a backward op
@@ -80,8 +81,12 @@ class Segment:
 
 def segment_chain(graph: Graph, *, min_segment_bytes: int | None = None,
                   min_segment_ops: int = DEFAULT_MIN_SEGMENT_OPS,
-                  max_segments: int | None = None) -> tuple[Segment, ...]:
+                  max_segments: int | None = None, every_op: bool = False) -> tuple[Segment, ...]:
     """The forward ops of ``graph`` cut into a chain of segments (module docstring).
+
+    ``every_op``: one segment per forward op, no candidate rule and no merging (the
+    finest chain; Rotor's own setting on a sequential model, and what makes the chain DP's
+    space cover the exact solvers' on a chain graph).
 
     ``min_segment_bytes`` defaults to 1/8 of the largest candidate segment's activation
     bytes; ``max_segments`` (None: no cap) bounds the count. Deterministic.
@@ -93,6 +98,8 @@ def segment_chain(graph: Graph, *, min_segment_bytes: int | None = None,
         raise UnsupportedGraphError(f"graph {graph.name!r} has no forward ops to segment")
     if max_segments is not None and max_segments < 1:
         raise UnsupportedGraphError(f"max_segments must be at least 1, got {max_segments}")
+    if every_op:
+        return _build_segments(graph, list(range(len(forward))))
     cut_bytes = crossing_bytes(graph)
     starts = _candidate_starts(forward, cut_bytes)
     activation = _activation_bytes_per_op(graph)

@@ -1,6 +1,6 @@
-"""The ``chain`` solver (Rotor DP): every plan replays within its budget, keep-all when it fits,
-never slower than ``every_block``, multiple recomputation at small budgets, and gradients
-equal to the plain model's end to end."""
+"""The ``chain`` solver (Rotor DP): the MILP's optimum on chains with one stage per op, every
+plan replays within its budget, keep-all when it fits, never slower than ``every_block``,
+multiple recomputation at small budgets, and gradients equal to the plain model's end to end."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from solvers import InfeasibleBudgetError, Graph, Op, Phase, Value, ValueKind, simulate, solve
-from tests.strategies import chain_graphs, keep_all_peak_bytes
+from tests.strategies import budget_between, chain_graphs, keep_all_peak_bytes
 from helpers import assert_same_training_step, trace_zoo
 
 
@@ -36,11 +36,13 @@ def uniform_chain(length: int, activation_bytes: int = 1000, weight_bytes: int =
                  name=f"uniform{length}")
 
 
-def time_or_none(graph: Graph, budget_bytes: int, solver: str) -> float | None:
+def time_or_none(graph: Graph, budget_bytes: int, solver: str, **options) -> float | None:
     try:
-        return solve(graph, budget_bytes, solver).predicted_time_ms
+        plan = solve(graph, budget_bytes, solver, **options)
     except InfeasibleBudgetError:
         return None
+    assert simulate(graph, plan).peak_bytes <= budget_bytes
+    return plan.predicted_time_ms
 
 
 def check_chain_plan(graph: Graph, budget_bytes: int):
@@ -89,6 +91,24 @@ def test_uniform_chain_every_budget_fits_and_recomputes_several_times() -> None:
 def test_random_chains_fit_and_beat_every_block(graph: Graph, fraction: float) -> None:
     peak = keep_all_peak_bytes(graph)
     check_chain_plan(graph, int(peak * fraction))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 8).flatmap(chain_graphs), st.floats(0.0, 1.0))
+def test_chain_equals_ilp_on_chains(graph: Graph, fraction: float) -> None:
+    """One stage per op and one-byte slots: the Rotor DP's optimum is the MILP's proved one
+    (same time, same feasibility), and both plans replay within the budget."""
+    budget = budget_between(graph, fraction)
+    slots = budget   # one byte per slot: no rounding
+    chain = time_or_none(graph, budget, "chain", every_op=True, resolution=slots)
+    try:
+        ilp = solve(graph, budget, "ilp")
+    except InfeasibleBudgetError:
+        assert chain is None, f"chain found a plan ({chain} ms) where the MILP proved none fits {budget} B"
+        return
+    assert ilp.optimal
+    assert chain is not None, f"the MILP fits {budget} B in {ilp.predicted_time_ms} ms, chain found no plan"
+    assert chain == pytest.approx(ilp.predicted_time_ms, abs=1e-9)
 
 
 @pytest.fixture(scope="module", params=("gpt", "resnet"))
