@@ -39,9 +39,16 @@ fallback; `InfeasibleBudgetError` only when it fails too.
 Complexity, for S segments, L = options_per_segment levels, R saved storages, N program
 steps and U = resolution: L probes and at most ``max_bisections + 1`` checks of O(N) each,
 DP O(S * L * U), restore pass O(R * N), frontiers O(R * graph) once per distinct block.
-Not optimal: the options are a few prefixes of one heuristic order, segments never drop
-their outputs (no multi-segment recomputation as in ``sqrt_n``), and the additive memory
-model is checked, not proved.
+
+Re-runs. The option DP never drops a segment's outputs; `chain` (Rotor, with forward
+re-runs of whole segments) does, and reaches budgets below every_block's peak. Its plan
+over the same segments is a candidate too (O(S^3 * U') more, U' its slots), returned when
+it is faster or the only one that fits; the two are not combined into one DP (a segment
+is either "kept with option o" or "checkpointed", never both across a re-run), which a
+Rotor DP with per-segment options (Rockmate's) would do.
+
+Not optimal: the options are a few prefixes of one heuristic order, and the additive
+memory model is checked, not proved.
 """
 
 from __future__ import annotations
@@ -82,8 +89,9 @@ class OptionCost:
 
 @register(SOLVER)
 def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: int = 8,
-                       resolution: int = 2000, max_bisections: int = 12) -> Plan:
+                       resolution: int = 2000, max_bisections: int = 12, with_reruns: bool = True) -> Plan:
     """Least-time plan found by the segment-option chain DP (module docstring); not optimal.
+    With ``with_reruns``, `chain`'s Rotor schedule over the same segments is a candidate too.
 
     Raises:
         InfeasibleBudgetError: neither the DP's plans nor ``greedy`` fit the budget.
@@ -128,12 +136,30 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     every_block = checkpoint_decisions(graph, {root for segment in segments for root in segment.crossing_in})
     if checker.fits(every_block):
         candidates.append((checker.time_ms(every_block), every_block))
+    rerun = _chain_plan(graph, budget_bytes) if with_reruns else None
     if not candidates:
+        if rerun is not None:
+            return rerun
         return _fallback(graph, budget_bytes, checker, len(segments))
     _, decisions = min(candidates, key=lambda candidate: candidate[0])   # first wins ties: the DP's
     decisions, restored = _restore(graph, decisions, checker)
+    if rerun is not None and simulate(graph, rerun, check_hash=False).time_ms < checker.time_ms(decisions):
+        return rerun
     return _finish(graph, budget_bytes, decisions,
                    {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})
+
+
+def _chain_plan(graph: Graph, budget_bytes: int) -> Plan | None:
+    """`chain`'s schedule over the same segments, relabelled, or None when it finds none:
+    forward re-runs (Revolve-like) reach budgets below every_block's peak, where keeping or
+    dropping storages alone has no plan."""
+    from solvers.chain import solve_chain
+
+    try:
+        plan = solve_chain(graph, budget_bytes)
+    except InfeasibleBudgetError:
+        return None
+    return replace(plan, solver=SOLVER, options={**plan.options, "source": f"chain/{plan.options.get('source')}"})
 
 
 # -- options -------------------------------------------------------------------------------------

@@ -167,3 +167,20 @@ def test_gpt_gradients_equal_the_plain_model() -> None:
     scheduled_model, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(scheduled_model, step, graph, plan)
     assert_same_training_step(scheduled, scheduled_model, reference, inputs)
+
+
+def test_forward_reruns_reach_below_every_block() -> None:
+    """Below every_block's peak a uniform chain needs Revolve-like re-runs of whole
+    segments: hierarchical returns `chain`'s schedule there (fits, no slower than chain)."""
+    from test_chain import uniform_chain
+    graph = uniform_chain(12)
+    every_block_peak = simulate(graph, solve(graph, 10**12, "every_block")).peak_bytes
+    budget = every_block_peak - 1000
+    chain = solve(graph, budget, "chain")
+    plan = solve(graph, budget, "hierarchical")
+    assert simulate(graph, plan).peak_bytes <= budget
+    assert plan.predicted_time_ms <= chain.predicted_time_ms + 1e-9
+    assert max(plan.options["forward_reruns"]) >= 1
+    without = solve_hierarchical(graph, budget, with_reruns=False)   # keep/drop only: greedy's fallback
+    assert without.options.get("fallback") == "greedy"
+    assert simulate(graph, without).time_ms >= plan.predicted_time_ms - 1e-9
