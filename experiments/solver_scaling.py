@@ -8,7 +8,9 @@ U-Net, at a fraction of activation memory, for each solver on the same profiled 
 Plan quality is the predicted overhead (simulated time / keep-all time - 1; every plan is
 replayed by `solvers.simulate`, which agrees with the measured peak, see
 experiments/budget_sweep.py). `ilp` runs only on graphs up to --ilp-max-ops ops, `greedy`
-(O(R) full replays) up to --greedy-max-ops.
+(O(R) full replays) up to --greedy-max-ops. Each row also gives hierarchical's overhead at
+every_block's own measured peak (``at_every_block_peak``), every_block being given the same
+budget but using less of it.
 Writes experiments/results/solver_scaling.json and solver_scaling.png.
 """
 
@@ -59,6 +61,14 @@ def measure(name: str, model: torch.nn.Module, inputs: tuple, fraction: float, s
         row["solvers"][solver] = {"solve_s": time.perf_counter() - started, "overhead": plan.overhead,
                                   "peak_bytes": plan.predicted_peak_bytes, "budget_bytes": budget_bytes,
                                   "optimal": plan.optimal, "gap": plan.gap, "solver": plan.solver}
+    every_block = row["solvers"].get("every_block", {})
+    if "peak_bytes" in every_block and "hierarchical" in solvers:
+        # the same comparison at every_block's own (lower) peak: hierarchical given exactly that budget
+        plan = solve(graph, every_block["peak_bytes"], "hierarchical")
+        row["at_every_block_peak"] = {"budget_bytes": every_block["peak_bytes"],
+                                      "hierarchical_overhead": plan.overhead,
+                                      "every_block_overhead": every_block["overhead"],
+                                      "ratio": plan.overhead / every_block["overhead"]}
     print(json.dumps(row), flush=True)
     return row
 
