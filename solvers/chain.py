@@ -197,7 +197,8 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...]) -> tuple[list[Stag
     stages = []
     for segment in segments:
         segment_backward = set(segment.backward_ops)
-        read_here = {graph.value(name).root for op_name in segment.backward_ops for name in graph.op(op_name).inputs}
+        read_here = {graph.value(name).root for op_name in segment.backward_ops
+                     for name in graph.op(op_name).inputs}
         own = {root for root, k in producer_segment.items() if k == segment.index} - always
         saved = (own & backward_read) | inputs[segment.index + 1]
         workspace = max((graph.op(name).tmp_bytes for name in segment.backward_ops), default=0)
@@ -258,14 +259,15 @@ class _ChainTable:
                 t = s + length - 1
                 cost, choice = [_INFINITY] * (slots + 1), [-1] * (slots + 1)
                 single = stages[s].forward_ms + stages[s].backward_ms
-                # alone, F(s) runs only for what B(s) reads of it (the plan drops unread re-runs)
-                last_ms = single if stages[s].backward_reads_own else stages[s].backward_ms
+                # alone, F(s) runs only for what B(s) reads of it (the plan drops unread re-runs);
+                # the last stage is only ever reached in the forward phase, where F runs anyway
+                forward_needed = stages[s].backward_reads_own or s == count - 1
+                last_ms = single if forward_needed else stages[s].backward_ms
                 # B(s) runs after the backward of s + 1..t made their gradients
                 later_grads = grads_before[t + 1] - grads_before[s + 1]
                 backward_need = x[s] + bw[s] + g[s] + later_grads
                 all_need = max(x[s] + act[s] + x[t + 1], backward_need)
-                # (the last stage is only ever reached in the forward phase, where F runs anyway)
-                last_need = all_need if stages[s].backward_reads_own or s == count - 1 else backward_need
+                last_need = all_need if forward_needed else backward_need
                 # sweep_need[j]: transient of F(s)..F(j-1) run "checkpoint only" with x[s] stored
                 sweep_need, running = {}, 0
                 for j in range(s + 1, t + 1):
@@ -309,9 +311,7 @@ class _ChainTable:
         1 "ck-off", 2 "ck-off-late", and 0 "all". O(L^2 * U)."""
         count, slots, last = self.count, self.slots, self.count - 1
         self.top_cost, self.top_choice = [[]] * count, [[]] * count
-        forward_last_ms = 0.0 if stages[last].backward_reads_own else stages[last].forward_ms   # runs anyway
-        self.top_cost[last] = [cost + forward_last_ms for cost in self.cost[(last, last)]]
-        self.top_choice[last] = self.choice[(last, last)]
+        self.top_cost[last], self.top_choice[last] = self.cost[(last, last)], self.choice[(last, last)]
         for s in range(last - 1, -1, -1):
             cost, choice = [_INFINITY] * (slots + 1), [-1] * (slots + 1)
             single = stages[s].forward_ms + stages[s].backward_ms
