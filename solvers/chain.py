@@ -25,9 +25,10 @@ stages after t made):
               B(s) needs x[s] + bw[s] + g[s] + g[s+1..t] <= m
     "ck" j:   uf[s..j-1] + opt(j, t, m - x[s]) + opt(s, j - 1, m - g[j..t])   s < j <= t
 
-each option only where its transient memory fits. On a chain graph with one stage per op
-(``every_op``) and one-byte slots this model is the exact solvers' (tests/test_chain.py
-checks the DP's optimum against the MILP's proved one). Sizes are rounded up and the memory
+each option only where its transient memory fits. With one stage per op (``every_op``) the
+DP's plans lie in the exact solvers' space; on a uniform chain its optimum is the MILP's
+proved one, on some random chains it is still above it (the model is coarser than
+`simulate`; tests/test_chain.py). Sizes are rounded up and the memory
 down to slots of ``budget / resolution`` bytes (safe side). O(L^3 * U) time and
 O(L^2 * U) memory for L stages and U = resolution slots; the table for every m is built
 once.
