@@ -59,19 +59,30 @@ storage, the square of the number of ops touching it, a small constant in practi
 nonzeros grow the same way. Exact for the space: every plan of it is a solution with the
 same time and memory, and every solution is a plan whose simulated peak is at most the
 model's.
+
+Start: the MILP alone finds no incumbent for minutes on graphs of hundreds of ops, so
+`solve_ilp` converts the plans of the heuristics ``hierarchical``, ``greedy`` (skipped
+above `registry.AUTO_MAX_OPS` ops), ``every_block`` and ``chain`` into plans of the space
+(each keeps what the heuristic keeps, among the storages the space can drop, and
+recomputes the rest just in time before each backward op, in graph order; forward
+re-runs and offloads become recomputations) and keeps the fastest that fits. HiGHS
+starts from its values of R and S; whatever the backend, it is the fallback when the
+MILP ends without an incumbent or with a slower one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from solvers.brute_force import (OffloadSpace, PlanSpace, assemble_plan, forward_high_water, offload_space,
                                  plan_space)
-from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
-from solvers.graph import Graph
-from solvers.plan import Plan, StepKind
+from solvers.errors import InfeasibleBudgetError, SolverUnavailableError, UnsupportedGraphError
+from solvers.graph import Graph, Phase
+from solvers.plan import Decision, Plan, StepKind
 from solvers.registry import least_feasible_lower_bound, register
 from solvers.simulate import simulate
 
@@ -384,40 +395,123 @@ class _Model:
         return keep, runs, offloaded
 
 
-def _start_runs(graph: Graph, budget_bytes: int, space: PlanSpace) -> tuple[frozenset[str], list[str]] | None:
-    """A plan of the space to start the MILP from: greedy's keep set, and before each
-    backward op the recomputations its missing inputs need, in graph order (the MILP has
-    no incumbent for minutes on graphs of hundreds of ops without one). None if it does
-    not fit or leaves the space."""
-    from solvers.baselines import solve_greedy
-    from solvers.plan import Decision
+# Heuristics whose plans are converted into MILP starts, in the order they are tried (the
+# first wins ties); `solvers.registry.AUTO_MAX_OPS` skips the slow ones on large graphs.
+_START_SOLVERS = ("hierarchical", "greedy", "every_block", "chain")
 
-    try:
-        greedy = solve_greedy(graph, budget_bytes)
-    except InfeasibleBudgetError:
-        return None
-    dropped = {root for root, decision in greedy.decisions.items() if decision is not Decision.KEEP}
-    keep = space.keep_set(dropped & set(space.droppable_roots))
+
+@dataclass(frozen=True)
+class _Start:
+    """A plan of the space (keep set, backward runs) that fits the budget, converted from
+    the plan of the heuristic ``solver``; ``time_ms`` is its simulated time and
+    ``recompute_ms`` its MILP objective (the forward ops it recomputes)."""
+
+    solver: str
+    keep: frozenset[str]
+    runs: tuple[str, ...]
+    time_ms: float
+    recompute_ms: float
+
+
+def _start_runs(graph: Graph, budget_bytes: int, space: PlanSpace, decisions: Mapping[str, Decision],
+                carry: bool = True) -> tuple[frozenset[str], list[str], float] | None:
+    """A plan of the space with the storages ``decisions`` does not keep dropped (those
+    the space can drop): before each backward op, the recomputations its missing inputs
+    need, in graph order. Recomputed values are carried to later stages that may need
+    them with ``carry``, else freed after their stage and recomputed again (greedy's
+    ``free_intermediates``). A value on the storage of an op to recompute (another output
+    of a multi-output op, or a view) is neither kept nor carried into that stage, as the
+    space requires; the recomputation makes it again. Returns (keep set, backward runs,
+    simulated time in ms), or None if the plan does not fit ``budget_bytes`` or would
+    recompute an op the space cannot. O(B * (F + E)) for B backward ops, F forward ops
+    and E edges, plus one simulation."""
+    dropped = {root for root, decision in decisions.items() if decision is not Decision.KEEP}
+    keep = set(space.keep_set(dropped & set(space.droppable_roots)))
     live, runs = set(keep), []
     for stage, backward_op in enumerate(graph.backward_ops):
-        chosen: set[str] = set()
-        stack = [n for n in backward_op.inputs if n in space.activations and n not in live]
-        while stack:
-            producer = graph.value(stack.pop()).producer
-            if producer not in space.recomputable:
-                return None
-            if producer not in chosen:
-                chosen.add(producer)
-                stack.extend(n for n in graph.op(producer).inputs if n in space.activations and n not in live)
+        while True:
+            chosen: set[str] = set()
+            stack = [n for n in backward_op.inputs if n in space.activations and n not in live]
+            while stack:
+                producer = graph.value(stack.pop()).producer
+                if producer not in space.recomputable:
+                    return None
+                if producer not in chosen:
+                    chosen.add(producer)
+                    stack.extend(n for n in graph.op(producer).inputs if n in space.activations and n not in live)
+            remade = {root for op_name in chosen for root in space.own_roots[op_name]}
+            stale = {n for n in live if space.root(n) in remade}
+            if not stale:
+                break
+            if stage == 0:
+                if stale & space.kept_always:
+                    return None
+                keep -= stale
+            live -= stale                        # then recompute what of it stage t reads
         for op_name in sorted(chosen, key=space.forward_index.__getitem__):
-            if any(space.root(n) in space.own_roots[op_name] for n in live):
-                return None
-            live.update(graph.op(op_name).outputs)
+            if carry:
+                live.update(graph.op(op_name).outputs)
             runs.append(op_name)
         runs.append(backward_op.name)
         live &= space.useful[stage + 1]
     plan = assemble_plan(graph, "ilp", budget_bytes, keep, runs, optimal=False, gap=None)
-    return (keep, runs) if simulate(graph, plan).peak_bytes <= budget_bytes else None
+    result = simulate(graph, plan)
+    return (frozenset(keep), runs, result.time_ms) if result.peak_bytes <= budget_bytes else None
+
+
+def _best_start(graph: Graph, budget_bytes: int, space: PlanSpace) -> _Start | None:
+    """The fastest start (least simulated time; ties: the earlier solver) that `_start_runs`
+    converts, with and without ``carry``, from the plans of `_START_SOLVERS` that fit
+    ``budget_bytes``; None if none does. Each distinct drop set is converted once, and the
+    search stops at a start that recomputes nothing. Well under a second per heuristic at
+    a few hundred ops."""
+    from solvers.registry import AUTO_MAX_OPS, solve
+
+    best: _Start | None = None
+    converted: set[frozenset[str]] = set()
+    droppable = set(space.droppable_roots)
+    for name in _START_SOLVERS:
+        if best is not None and best.recompute_ms == 0:
+            break                                # recomputes nothing: no start is faster
+        if len(graph.ops) > AUTO_MAX_OPS.get(name, len(graph.ops)):
+            continue
+        try:
+            plan = solve(graph, budget_bytes, name)
+        except (InfeasibleBudgetError, UnsupportedGraphError) as error:
+            log.debug("ilp: no start from %s: %s", name, error)
+            continue
+        dropped = frozenset(root for root, decision in plan.decisions.items()
+                            if decision is not Decision.KEEP and root in droppable)
+        if dropped in converted:
+            continue
+        converted.add(dropped)
+        for carry in (True, False):
+            found = _start_runs(graph, budget_bytes, space, plan.decisions, carry)
+            if found is None:
+                log.debug("ilp: %s's plan (carry=%s) does not fit once converted into the MILP's space",
+                          name, carry)
+                continue
+            keep, runs, time_ms = found
+            if best is None or time_ms < best.time_ms:
+                recompute_ms = sum(graph.op(op_name).time_ms for op_name in runs
+                                   if graph.op(op_name).phase is Phase.FORWARD)
+                best = _Start(name, keep, tuple(runs), time_ms, recompute_ms)
+    return best
+
+
+def _dual_bound_gap(problem: Any, objective: float) -> float | None:
+    """HiGHS' relative gap |objective - dual bound| / |objective| (0 when they are equal)
+    for a solution of MILP objective ``objective``; None without a finite dual bound
+    (CBC, or HiGHS stopped before bounding)."""
+    solver_model = getattr(problem, "solverModel", None)
+    if solver_model is None or not hasattr(solver_model, "getInfo"):
+        return None
+    dual = float(solver_model.getInfo().mip_dual_bound)
+    if not math.isfinite(dual):
+        return None
+    if abs(objective - dual) <= 1e-9 * max(1.0, abs(objective)):
+        return 0.0
+    return abs(objective - dual) / abs(objective) if objective != 0 else None
 
 
 def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, float] | None = None) -> Any:
@@ -429,11 +523,14 @@ def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, fl
             run_highs = solver.callSolver
 
             def call_with_start(problem: Any) -> None:
-                """Hand HiGHS the start's binaries; it completes the continuous ones."""
+                """Hand HiGHS the start's binaries; it completes the continuous ones. A
+                variable in no constraint and not in the objective (a recomputation of a 0 ms
+                op nothing needs) is not in the model pulp builds and has no index: skipped."""
                 import numpy as np
 
-                indices = np.array([var.index for var in start], dtype=np.int32)
-                problem.solverModel.setSolution(len(indices), indices, np.array(list(start.values()), dtype=float))
+                known = [(var.index, value) for var, value in start.items() if getattr(var, "index", None) is not None]
+                indices = np.array([index for index, _ in known], dtype=np.int32)
+                problem.solverModel.setSolution(len(indices), indices, np.array([v for _, v in known], dtype=float))
                 run_highs(problem)
 
             solver.callSolver = call_with_start
@@ -452,16 +549,26 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     MILP after Checkmate (Jain et al., MLSys 2020), see the module docstring; pulp with
     HiGHS (``backend="highs"``), CBC as fallback (``"cbc"``). ``offload`` (default:
     ``graph.transfer.real``) adds the offload choices; without them the model is the
-    keep/recompute one. When ``time_limit_s`` runs out
-    the best incumbent is returned with ``optimal=False`` and its proved relative ``gap``
-    (HiGHS; None from CBC). With ``warm_start`` (HiGHS only) the search starts from greedy's
-    keep set with graph-ordered just-in-time recomputation, when that plan fits. The plan
-    is replayed by `simulate` before it is returned. Optimal over the space (module
-    docstring) when ``optimal``; NP-hard in general, seconds for graphs of a few hundred ops.
+    keep/recompute one. When ``time_limit_s`` (the MILP's alone) runs out the best
+    incumbent is returned with ``optimal=False`` and its proved relative ``gap`` (HiGHS'
+    ``mip_gap``; None from CBC).
+
+    With ``warm_start``, the fastest start converted from the heuristics' plans (module
+    docstring; under a second per heuristic at a few hundred ops, ``options["start_time_s"]``)
+    is handed to HiGHS, and returned instead of the MILP's incumbent when the MILP ends
+    without one or with a slower one (simulated time): then ``gap`` is the start's, |objective - dual bound| / |objective| on the recomputation time, None
+    without a finite dual bound (CBC, or HiGHS stopped before bounding), and ``optimal``
+    holds when that gap is 0 (the dual bound proves the start optimal).
+    ``options["warm_start"]`` names the heuristic the start came from (False: none fits,
+    or ``warm_start=False``), ``options["incumbent"]`` what was returned (``"milp"`` or
+    ``"start:<heuristic>"``). The plan is replayed by `simulate` before it is returned.
+    Optimal over the space (module docstring) when ``optimal``; NP-hard in general,
+    seconds for graphs of a few hundred ops.
 
     Raises:
         InfeasibleBudgetError: the MILP is infeasible (no plan of the space fits).
-        SolverUnavailableError: no MILP backend, or no plan found within the time limit.
+        SolverUnavailableError: no MILP backend, or neither the MILP within the time limit
+            nor a start found a plan.
     """
     import pulp
 
@@ -471,37 +578,57 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     offloads = offload_space(graph, space, offload)
     model = _Model(graph, budget_bytes, space, offloads if offloads.candidates else None)
     plans = "keep/recompute/offload" if offloads.candidates else "keep/recompute"
-    start = _start_runs(graph, budget_bytes, space) if warm_start and graph.backward_ops else None
     built = time.perf_counter()
-    model.problem.solve(_backend(backend, time_limit_s, rel_gap, model.start_values(*start) if start else None))
+    start = _best_start(graph, budget_bytes, space) if warm_start and graph.backward_ops else None
+    started_milp = time.perf_counter()
+    hint = model.start_values(start.keep, list(start.runs)) if start is not None else None
+    model.problem.solve(_backend(backend, time_limit_s, rel_gap, hint))
     solved = time.perf_counter()
     size = model.size()
-    log.info("ilp: %d variables (%d binary), %d constraints; built in %.2f s, solved in %.2f s",
-             size["variables"], size["binaries"], size["constraints"], built - started, solved - built)
+    log.info("ilp: %d variables (%d binary), %d constraints; built in %.2f s, start (%s) in %.2f s, "
+             "solved in %.2f s", size["variables"], size["binaries"], size["constraints"], built - started,
+             start.solver if start is not None else "none", started_milp - built, solved - started_milp)
     status = model.problem.sol_status
     if status == pulp.LpSolutionInfeasible or model.problem.status == pulp.LpStatusInfeasible:
         floor = least_feasible_lower_bound(graph)
         raise InfeasibleBudgetError(budget_bytes, floor.total,
                                     {**floor.breakdown, f"ilp: no {plans} plan fits": budget_bytes},
                                     solver="ilp (least feasible is at least the lower bound)")
-    if status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+    options = {"time_limit_s": time_limit_s, "backend": backend, **size,
+               "warm_start": start.solver if start is not None else False,
+               **({"offload_candidates": len(offloads.candidates)} if offloads.candidates else {}),
+               "build_time_s": round(built - started, 3), "start_time_s": round(started_milp - built, 3),
+               "milp_time_s": round(solved - started_milp, 3)}
+    plan: Plan | None = None
+    if status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        optimal = status == pulp.LpSolutionOptimal
+        gap: float | None = 0.0 if optimal else None
+        solver_model = getattr(model.problem, "solverModel", None)
+        if not optimal and solver_model is not None and hasattr(solver_model, "getInfo"):
+            gap = float(solver_model.getInfo().mip_gap)
+        keep, runs, offloaded = model.solution()
+        plan = assemble_plan(graph, "ilp", budget_bytes, keep, runs, optimal=optimal, gap=gap,
+                             options={**options, "incumbent": "milp"}, offloaded=offloaded, offloads=offloads)
+        result = simulate(graph, plan)
+        if result.peak_bytes > budget_bytes:
+            raise AssertionError(f"ilp: simulated peak {result.peak_bytes} > budget {budget_bytes}: "
+                                 "the MILP's memory model undercounts (a solver bug)")
+        if start is not None and start.time_ms < result.time_ms * (1 - 1e-9):
+            log.info("ilp: the MILP's incumbent (%.3f ms) is slower than %s's start (%.3f ms); returning the start",
+                     result.time_ms, start.solver, start.time_ms)
+            plan = None
+    elif start is None:
+        why = "warm_start=False" if not warm_start else "no heuristic start fits"
         raise SolverUnavailableError(
-            f"ilp: no plan found within time_limit_s={time_limit_s} ({pulp.LpStatus[model.problem.status]}); "
-            "raise time_limit_s or use solver='greedy'")
-    optimal = status == pulp.LpSolutionOptimal
-    gap: float | None = 0.0 if optimal else None
-    solver_model = getattr(model.problem, "solverModel", None)
-    if not optimal and solver_model is not None and hasattr(solver_model, "getInfo"):
-        gap = float(solver_model.getInfo().mip_gap)
-    keep, runs, offloaded = model.solution()
-    plan = assemble_plan(graph, "ilp", budget_bytes, keep, runs, optimal=optimal, gap=gap,
-                         options={"time_limit_s": time_limit_s, "backend": backend, **size,
-                                  "warm_start": start is not None,
-                                  **({"offload_candidates": len(offloads.candidates)} if offloads.candidates else {}),
-                                  "build_time_s": round(built - started, 3), "milp_time_s": round(solved - built, 3)},
-                         offloaded=offloaded, offloads=offloads)
-    result = simulate(graph, plan)
-    if result.peak_bytes > budget_bytes:
-        raise AssertionError(f"ilp: simulated peak {result.peak_bytes} > budget {budget_bytes}: "
-                             "the MILP's memory model undercounts (a solver bug)")
+            f"ilp: no plan found within time_limit_s={time_limit_s} ({pulp.LpStatus[model.problem.status]}) "
+            f"and {why}; raise time_limit_s or use solver='auto'")
+    if plan is None:
+        log.info("ilp: returning %s's start (%.3f ms)", start.solver, start.time_ms)
+        start_gap = _dual_bound_gap(model.problem, start.recompute_ms)
+        plan = assemble_plan(graph, "ilp", budget_bytes, start.keep, list(start.runs), optimal=start_gap == 0.0,
+                             gap=start_gap, options={**options, "incumbent": f"start:{start.solver}"})
+        result = simulate(graph, plan)
+        if result.peak_bytes > budget_bytes:
+            raise AssertionError(f"ilp: simulated peak {result.peak_bytes} of {start.solver}'s start > budget "
+                                 f"{budget_bytes} (a solver bug)")
     return plan

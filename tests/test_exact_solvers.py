@@ -9,16 +9,17 @@ solver's own accounting.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from solvers import (Graph, InfeasibleBudgetError, Op, Phase, Plan, UnsupportedGraphError, Value, ValueKind, simulate,
-                     solve)
+from solvers import (Decision, Graph, InfeasibleBudgetError, Op, Phase, Plan, SolverUnavailableError,
+                     UnsupportedGraphError, Value, ValueKind, simulate, solve)
+from solvers import ilp
 from solvers.brute_force import least_feasible_plan, plan_space
 from solvers.plan import StepKind
 from strategies import budget_between, chain_graphs, keep_all_peak_bytes, small_graphs
 
-pytest.importorskip("pulp")
+pulp = pytest.importorskip("pulp")
 
 MAX_FORWARD_OPS = 8
 
@@ -187,3 +188,137 @@ def test_brute_force_refuses_large_graphs() -> None:
     graph = chain(12)
     with pytest.raises(UnsupportedGraphError, match="too large for brute_force"):
         solve(graph, 10**12, "brute_force")
+
+
+# -- starts: the MILP ends without an incumbent, or with a slower one -------------------------------
+
+START_SOLVERS = ("hierarchical", "greedy", "every_block", "chain")
+
+
+class NoIncumbent:
+    """A MILP backend that stops as HiGHS does at a time limit before any incumbent."""
+
+    def actualSolve(self, problem: pulp.LpProblem, **kwargs: object) -> int:   # noqa: N802 (pulp's name)
+        problem.assignStatus(pulp.LpStatusNotSolved, pulp.LpSolutionNoSolutionFound)
+        return pulp.LpStatusNotSolved
+
+
+def start_times(graph: Graph, budget: int) -> dict[str, float]:
+    """Simulated time of the fastest start converted from each heuristic whose plan fits."""
+    space = plan_space(graph)
+    times = {}
+    for name in START_SOLVERS:
+        try:
+            decisions = solve(graph, budget, name).decisions
+        except InfeasibleBudgetError:
+            continue
+        found = [start[2] for carry in (True, False)
+                 if (start := ilp._start_runs(graph, budget, space, decisions, carry)) is not None]
+        if found:
+            times[name] = min(found)
+    return times
+
+
+@given(graph=st.integers(1, 6).flatmap(chain_graphs), frac=st.floats(0.3, 1.2))
+def test_ilp_returns_the_fastest_start_when_the_milp_finds_no_plan(graph: Graph, frac: float) -> None:
+    budget = budget_between(graph, frac)
+    times = start_times(graph, budget)
+    assume(times)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ilp, "_backend", lambda *args, **kwargs: NoIncumbent())
+        plan = solve(graph, budget, "ilp", time_limit_s=0.01)
+    assert out_of_space(graph, plan) is None
+    fastest = min(times.values())
+    first = next(name for name in START_SOLVERS if times.get(name) == fastest)
+    assert replay_time(graph, plan, budget) == fastest
+    assert plan.options["warm_start"] == first and plan.options["incumbent"] == f"start:{first}"
+    assert not plan.optimal and plan.gap is None and plan.solver == "ilp"
+
+
+def layers(length: int) -> Graph:
+    """`strategies.chain_graphs`' shape with fixed sizes and times: ``a_i = f_i(a_{i-1}, w_i)``,
+    ``a_i`` of 64, 128 or 192 bytes, ``f_i`` 0.25 to 1 ms, ``b_i`` 0.5 ms. At 8 layers:
+    keep-all peak 1616 bytes; hierarchical and greedy fit from 1136, every_block and chain
+    from 1264."""
+    def size(i: int) -> int:
+        return 64 * (1 + i % 3)
+
+    values = [Value("a0", 64, ValueKind.INPUT)]
+    ops = []
+    for i in range(1, length + 1):
+        values += [Value(f"w{i}", 16, ValueKind.PARAMETER), Value(f"a{i}", size(i), ValueKind.ACTIVATION, f"f{i}")]
+        ops.append(Op(f"f{i}", (f"a{i - 1}", f"w{i}"), (f"a{i}",), Phase.FORWARD, 0.25 * (1 + i % 4)))
+    values.append(Value(f"grad_a{length}", size(length), ValueKind.TANGENT))
+    for i in range(length, 0, -1):
+        values.append(Value(f"grad_w{i}", 16, ValueKind.GRADIENT_WORK, f"b{i}"))
+        if i > 1:
+            values.append(Value(f"grad_a{i - 1}", size(i - 1), ValueKind.GRADIENT_WORK, f"b{i}"))
+        ops.append(Op(f"b{i}", (f"grad_a{i}", f"a{i - 1}", f"w{i}"),
+                      (f"grad_w{i}",) + ((f"grad_a{i - 1}",) if i > 1 else ()), Phase.BACKWARD, 0.5))
+    return Graph(ops=tuple(ops), values=tuple(values),
+                 placeholders=("a0",) + tuple(f"w{i}" for i in range(1, length + 1)) + (f"grad_a{length}",),
+                 forward_outputs=(f"a{length}",), gradients=tuple(f"grad_w{i}" for i in range(1, length + 1)),
+                 name=f"layers{length}")
+
+
+@pytest.mark.parametrize("time_limit_s", [0.0, 0.01])
+def test_ilp_with_almost_no_time_is_no_slower_than_its_start(time_limit_s: float) -> None:
+    """Real HiGHS: whether it stops with the start, a better incumbent or none, the plan fits
+    and is no slower than the fastest heuristic start."""
+    for graph, budget in ((two_branch_graph(), 207), (layers(8), 1136), (layers(8), 1296)):
+        times = start_times(graph, budget)
+        assert times
+        plan = solve(graph, budget, "ilp", time_limit_s=time_limit_s)
+        assert replay_time(graph, plan, budget) <= min(times.values())
+        assert plan.options["warm_start"] in times
+        assert plan.options["incumbent"] in ("milp", f"start:{plan.options['warm_start']}")
+
+
+def test_ilp_without_start_or_incumbent_raises() -> None:
+    graph = two_branch_graph()
+    budget = keep_all_peak_bytes(graph) - 1
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ilp, "_backend", lambda *args, **kwargs: NoIncumbent())
+        with pytest.raises(SolverUnavailableError, match="no plan found within time_limit_s=0.01 .* warm_start=False"):
+            solve(graph, budget, "ilp", time_limit_s=0.01, warm_start=False)
+        plan = solve(graph, budget, "ilp", time_limit_s=0.01)
+    assert plan.options["incumbent"] == f"start:{plan.options['warm_start']}"
+    assert simulate(graph, plan).time_ms == 8.0
+
+
+def test_ilp_returns_the_start_when_the_milp_incumbent_is_slower() -> None:
+    """The MILP's incumbent recomputes everything (as a time-limited one may); the start,
+    keep-all, is faster and returned."""
+    graph = two_branch_graph()
+    budget = keep_all_peak_bytes(graph)
+    space = plan_space(graph)
+    keep, runs, _ = ilp._start_runs(graph, 10**18, space, {root: Decision.RECOMPUTE for root in space.droppable_roots},
+                                    carry=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ilp._Model, "solution", lambda self: (keep, runs, frozenset()))
+        plan = solve(graph, budget, "ilp")
+    assert replay_time(graph, plan, budget) == graph.total_time_ms == 7.0
+    assert plan.options["warm_start"] == "hierarchical" and plan.options["incumbent"] == "start:hierarchical"
+    assert plan.optimal and plan.gap == 0.0            # keep-all: the dual bound proves it
+
+
+def test_start_drops_the_kept_sibling_of_a_recomputed_output() -> None:
+    """f0 makes p and q on their own storages (an attention op's output and log-sum-exp);
+    a heuristic keeps q and drops p. Recomputing f0 while q is live leaves the space, so the
+    start keeps neither and f0 makes both again."""
+    act, work = ValueKind.ACTIVATION, ValueKind.GRADIENT_WORK
+    values = (Value("w", 16, ValueKind.PARAMETER), Value("x", 16, ValueKind.INPUT), Value("t", 16, ValueKind.TANGENT),
+              Value("p", 64, act, "f0"), Value("q", 16, act, "f0"), Value("out", 16, act, "f1"),
+              Value("g_p", 64, work, "b1"), Value("g_w", 16, work, "b0"))
+    ops = (Op("f0", ("x", "w"), ("p", "q"), Phase.FORWARD, 1.0), Op("f1", ("p",), ("out",), Phase.FORWARD, 1.0),
+           Op("b1", ("t", "p"), ("g_p",), Phase.BACKWARD, 1.0),
+           Op("b0", ("g_p", "q", "x", "w"), ("g_w",), Phase.BACKWARD, 1.0))
+    graph = Graph(ops=ops, values=values, placeholders=("w", "x", "t"), forward_outputs=("out",), gradients=("g_w",),
+                  name="siblings")
+    space = plan_space(graph)
+    for carry, recomputed in ((True, ["f0"]), (False, ["f0", "f0"])):
+        keep, runs, time_ms = ilp._start_runs(graph, 10**18, space, {"p": Decision.RECOMPUTE, "q": Decision.KEEP},
+                                              carry)
+        assert "q" not in keep and [name for name in runs if name.startswith("f")] == recomputed
+        plan = ilp.assemble_plan(graph, "ilp", 10**18, keep, runs, optimal=False, gap=None)
+        assert out_of_space(graph, plan) is None and simulate(graph, plan).time_ms == time_ms
