@@ -7,10 +7,13 @@ schedule where a stage's forward may run several times during the backward.
 Stages are the segments of `segments.segment_chain`. Stage k has forward time ``uf[k]``,
 backward time ``ub[k]``, input bytes ``x[k]`` (the storages produced by stage k - 1 that stage
 k reads: what must be kept to run it again), ``xbar[k]`` (what a forward "with all saved"
-keeps for the backward, its output ``x[k + 1]`` included), ``act[k]`` (its transient
-activations), ``bw[k]`` (what B(k) holds besides ``x[k]``: the storages of F(k) it reads,
-the gradients of its input and output, its workspace) and ``g[k]`` (the step's parameter
-gradients B(k) makes, alive to the end of the step). Storages that are always kept: skip
+keeps for the backward, its output ``x[k + 1]`` included), ``act[k]`` (the highest bytes
+of its own storages while F(k) runs "all", by liveness inside the stage: each storage alive
+from its op to its last read there, or to the end when kept; ``sweep[k]`` the same for
+F(k) run "checkpoint only", keeping just ``x[k + 1]``), ``bw[k]`` (what B(k) holds besides
+``x[k]``: the storages of F(k) it reads, each until its last read in B(k), proxies ``x[k]``
+and ``x[k + 1]`` for the gradients of its input and output, its workspace) and ``g[k]``
+(the step's parameter gradients B(k) makes, alive to the end of the step). Storages that are always kept: skip
 tensors (read more than one stage after the one that makes them), outputs of ops that
 cannot run twice (buffer updates), forward outputs; they are a constant.
 
@@ -25,13 +28,23 @@ stages after t made):
               B(s) needs x[s] + bw[s] + g[s] + g[s+1..t] <= m
     "ck" j:   uf[s..j-1] + opt(j, t, m - x[s]) + opt(s, j - 1, m - g[j..t])   s < j <= t
 
-each option only where its transient memory fits. With one stage per op (``every_op``) the
+each option only where its transient memory fits.
+
+Stage options (Rockmate: Zhao, Le Hellard, Eyraud-Dubois, Gusak, Beaumont, ICML 2023, where
+each block of the Rotor chain has several schedules): with ``options_per_segment > 1`` a
+stage run "all" (alone or before ``opt(s + 1, ..)``) may also drop some of its own saved
+storages after F(s) and recompute them inside B(s), just in time (`backward_program`, with
+recomputed values carried to their last read or made again for each reader). Option o
+replaces xbar, act, bw by its own (fewer storages kept; B(s)'s peak counts the recomputed
+values by liveness) and adds its recomputation time to ub[s]; the drop sets are
+`hierarchical.segment_options`' prefixes. Option 0 keeps everything, so the DP with
+options is never worse under its model. O(L^2 * U * (L + O)) for O options per stage. With one stage per op (``every_op``) the
 DP's plans lie in the exact solvers' space; on a uniform chain its optimum is the MILP's
 proved one, on some random chains it is still above it (the model is coarser than
 `simulate`; tests/test_chain.py). Sizes are rounded up and the memory
 down to slots of ``budget / resolution`` bytes (safe side). O(L^3 * U) time and
-O(L^2 * U) memory for L stages and U = resolution slots; the table for every m is built
-once.
+O(L^2 * U) memory for L stages and U = resolution slots (times (L + O) with O stage
+options); the table for every m is built once.
 
 Program. The optimal sequence starts with one forward sweep F(0)..F(L-1) (the forward
 phase runs every forward op once, in order); the rest is the backward phase: F(k) runs
@@ -79,6 +92,7 @@ DP's model (not proved for the graph).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
 
 from solvers.baselines import plan_from_decisions
 from solvers.brute_force import delay_frees
@@ -110,11 +124,28 @@ class Stage:
     gradient_bytes: int = 0  # g[k]: the step's gradients its backward makes (alive to the end)
     backward_reads_own: bool = True   # B(k) reads a storage F(k) makes (else B(k) needs no F(k) first)
     input_roots: tuple[str, ...] = ()   # the storages of x[k], graph order
+    sweep_bytes: int | None = None      # act of F(k) run "checkpoint only" (None: transient_bytes)
+    options: tuple["StageOption", ...] = ()   # ways to run F(k) "all" with fewer storages kept
+
+
+@dataclass(frozen=True)
+class StageOption:
+    """Stage k run "all" while dropping ``dropped`` (some of its own saved storages) after
+    F(k): B(k) recomputes them just in time (`backward_program`). The fields replace the
+    stage's ``all_bytes``, ``transient_bytes`` and ``backward_bytes``; ``recompute_ms`` is
+    added to its backward."""
+
+    dropped: tuple[str, ...]
+    all_bytes: int
+    transient_bytes: int
+    backward_bytes: int
+    recompute_ms: float
+    backward_program: tuple[str, ...]   # B(k)'s ops, recomputations included, in order
 
 
 @register(SOLVER)
 def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_bisections: int = 10,
-                offload: bool | None = None, every_op: bool = False) -> Plan:
+                offload: bool | None = None, every_op: bool = False, options_per_segment: int = 1) -> Plan:
     """Least-time Rotor schedule over the segment chain that `simulate` fits in the budget;
     with ``offload`` (default: ``graph.transfer.real``) the forward phase's checkpoints may
     be offloaded (module docstring). ``every_op``: one stage per forward op
@@ -135,7 +166,13 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
         return keep_all
 
     segments = segment_chain(graph, every_op=every_op)
-    stages, constant_bytes = chain_stages(graph, segments)
+    drop_sets = None
+    if options_per_segment > 1:
+        from solvers.hierarchical import segment_options
+
+        drop_sets = [[levels.dropped(level) for level in range(1, len(levels.prefix_lengths))]
+                     for levels in segment_options(graph, segments, options_per_segment)]
+    stages, constant_bytes = chain_stages(graph, segments, drop_sets)
     slot_bytes = max(1, -(-budget_bytes // resolution))
     copy_ms = _copy_times(graph, stages) if (graph.transfer.real if offload is None else offload) else None
     table = _ChainTable(stages, slot_bytes, resolution, copy_ms)
@@ -178,9 +215,13 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
 
 # -- stages --------------------------------------------------------------------------------------
 
-def chain_stages(graph: Graph, segments: tuple[Segment, ...]) -> tuple[list[Stage], int]:
+def chain_stages(graph: Graph, segments: tuple[Segment, ...],
+                 drop_sets: Sequence[Sequence[tuple[str, ...]]] | None = None) -> tuple[list[Stage], int]:
     """The DP's stages and the constant bytes (resident placeholders, tangents and the
-    always-kept storages of the module docstring). O(ops + edges)."""
+    always-kept storages of the module docstring). ``drop_sets[k]``: sets of stage k's own
+    saved storages, each one `StageOption` of the stage (the others are ignored).
+    Transients come from liveness inside the stage (`_forward_peak`). O(ops + edges) plus
+    O(stage size) per option."""
     producer_segment = root_segments(graph, segments)
     always = {graph.value(name).root for name in graph.forward_outputs}
     always |= {graph.value(name).root for op in graph.forward_ops if not op.recomputable for name in op.outputs}
@@ -188,8 +229,8 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...]) -> tuple[list[Stag
         always |= {root for root in segment.crossing_in if producer_segment[root] < segment.index - 1}
     always &= set(producer_segment)
 
-    def size(roots: set[str]) -> int:
-        return sum(graph.value(root).size_bytes for root in roots)
+    def size(roots: Iterable[str]) -> int:
+        return sum(graph.value(root).size_bytes for root in set(roots))
 
     inputs = [set(segment.crossing_in) - always for segment in segments] + [set()]
     backward_read = {graph.value(name).root for op in graph.backward_ops for name in op.inputs}
@@ -202,19 +243,130 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...]) -> tuple[list[Stag
                      for name in graph.op(op_name).inputs}
         own = {root for root, k in producer_segment.items() if k == segment.index} - always
         saved = (own & backward_read) | inputs[segment.index + 1]
-        workspace = max((graph.op(name).tmp_bytes for name in segment.backward_ops), default=0)
+        boundary_bytes = size(inputs[segment.index]) + size(inputs[segment.index + 1])
+        options = []
+        for dropped in (drop_sets[segment.index] if drop_sets is not None else ()):
+            dropped_set = set(dropped) & saved - inputs[segment.index + 1]
+            if not dropped_set:
+                continue
+            kept = saved - dropped_set
+            programs = [backward_program(graph, segment, own - kept, carry) for carry in (True, False)]
+            for program in programs[:1] if programs[0] == programs[1] else programs:
+                options.append(StageOption(
+                    dropped=tuple(root for root in dropped if root in dropped_set), all_bytes=size(kept),
+                    transient_bytes=_forward_peak(graph, segment.forward_ops, own, kept),
+                    backward_bytes=boundary_bytes + _backward_peak(graph, program, own - kept, (own & read_here) - dropped_set),
+                    recompute_ms=sum(graph.op(name).time_ms for name in program
+                                     if graph.op(name).phase is Phase.FORWARD),
+                    backward_program=tuple(program)))
         stages.append(Stage(
             forward_ms=sum(graph.op(name).time_ms for name in segment.forward_ops),
             backward_ms=sum(graph.op(name).time_ms for name in segment.backward_ops),
             input_bytes=size(inputs[segment.index]), all_bytes=size(saved),
-            transient_bytes=size(own) + max((graph.op(name).tmp_bytes for name in segment.forward_ops), default=0),
-            backward_bytes=(size(own & read_here) + size(inputs[segment.index])
-                            + size(inputs[segment.index + 1]) + workspace),
+            transient_bytes=_forward_peak(graph, segment.forward_ops, own, saved),
+            backward_bytes=boundary_bytes + _backward_peak(graph, segment.backward_ops, set(), own & read_here),
             backward_reads_own=bool(own & read_here),
             gradient_bytes=size({root for root in gradient_roots if gradient_producer[root] in segment_backward}),
-            input_roots=tuple(root for root in producer_segment if root in inputs[segment.index])))
+            input_roots=tuple(root for root in producer_segment if root in inputs[segment.index]),
+            sweep_bytes=_forward_peak(graph, segment.forward_ops, own, inputs[segment.index + 1]),
+            options=tuple(options)))
     placeholders = {graph.value(name).root for name in graph.placeholders}
     return stages, size(always) + sum(graph.value(root).size_bytes for root in placeholders) + graph.caller_bytes
+
+
+def _forward_peak(graph: Graph, forward_ops: Sequence[str], own: set[str], kept: set[str]) -> int:
+    """Highest bytes of the storages ``own`` while ``forward_ops`` run in order, each alive
+    from its producer to its last read among them (to the end when in ``kept``), plus the
+    running op's workspace. O(ops + arity)."""
+    free_at: dict[str, int] = {}
+    for index, name in enumerate(forward_ops):
+        op = graph.op(name)
+        for value_name in op.outputs:
+            if value_name in own:
+                free_at[value_name] = index
+        for value_name in op.inputs:
+            root = graph.value(value_name).root
+            if root in own:
+                free_at[root] = index
+    for root in kept & set(free_at):
+        free_at[root] = len(forward_ops)
+    leaving: dict[int, int] = {}
+    for root, index in free_at.items():
+        leaving[index] = leaving.get(index, 0) + graph.value(root).size_bytes
+    live = peak = 0
+    for index, name in enumerate(forward_ops):
+        op = graph.op(name)
+        live += sum(graph.value(value_name).size_bytes for value_name in op.outputs if value_name in own)
+        peak = max(peak, live + op.tmp_bytes)
+        live -= leaving.get(index, 0)
+    return peak
+
+
+def backward_program(graph: Graph, segment: Segment, missing: set[str], carry: bool = True) -> list[str]:
+    """B(k) with just-in-time recomputation: before each of the segment's backward ops, the
+    forward ops of the segment that make the storages in ``missing`` it reads (and, in
+    turn, those their recomputation reads), in dependency order. With ``carry`` each runs
+    once and its values stay until their last read; without, the values made only on the
+    way to another recomputation are dropped after the backward op and made again when
+    needed (less memory, more time: `schedule.build_program`'s ``free_intermediates``).
+    Op names. O(stage ops + arity) with ``carry``, O(stage ops * arity) without."""
+    defined: set[str] = set()
+    program: list[str] = []
+    for backward_name in segment.backward_ops:
+        reads = graph.op(backward_name).inputs
+        intermediates: set[str] = set()
+        stack: list[tuple[str, bool]] = [(name, False) for name in reversed(reads)]
+        while stack:
+            name, inputs_ready = stack.pop()
+            value = graph.value(name)
+            if value.root not in missing or name in defined:
+                continue
+            producer = graph.op(value.producer)
+            if inputs_ready:
+                program.append(producer.name)
+                defined.update(producer.outputs)
+                if not set(producer.outputs) & set(reads):
+                    intermediates.update(producer.outputs)
+                continue
+            stack.append((name, True))
+            stack.extend((input_name, False) for input_name in reversed(producer.inputs))
+        program.append(backward_name)
+        if not carry:
+            defined -= intermediates
+    return program
+
+
+def _backward_peak(graph: Graph, program: Sequence[str], missing: set[str], kept: set[str]) -> int:
+    """Highest bytes, while ``program`` runs, of the kept storages ``kept`` (alive from the
+    start to their last read) and of the recomputed ones (roots in ``missing``, each
+    definition alive to its last read before the next), plus the running op's workspace.
+    O(program * arity + program * storages)."""
+    lifetimes: list[list[int]] = []          # [root size, first step, last step]
+    current: dict[str, list[int]] = {}
+    for root in kept:
+        current[root] = [graph.value(root).size_bytes, 0, -1]
+        lifetimes.append(current[root])
+    for index, name in enumerate(program):
+        op = graph.op(name)
+        for value_name in op.inputs:
+            root = graph.value(value_name).root
+            if root in current:
+                current[root][2] = index
+        if op.phase is Phase.FORWARD:
+            for value_name in op.outputs:
+                if value_name in missing:
+                    current[value_name] = [graph.value(value_name).size_bytes, index, index]
+                    lifetimes.append(current[value_name])
+    change = [0] * (len(program) + 1)
+    for size_bytes, first, last in lifetimes:
+        if last >= first:
+            change[first] += size_bytes
+            change[last + 1] -= size_bytes
+    live = peak = 0
+    for index, name in enumerate(program):
+        live += change[index]
+        peak = max(peak, live + graph.op(name).tmp_bytes)
+    return peak
 
 
 def _copy_times(graph: Graph, stages: list[Stage]) -> list[tuple[float, float]]:
@@ -242,8 +394,15 @@ class _ChainTable:
         x = [units(stage.input_bytes) for stage in stages] + [0]
         xbar = [units(stage.all_bytes) for stage in stages]
         act = [units(stage.transient_bytes) for stage in stages]
+        sweep = [units(stage.transient_bytes if stage.sweep_bytes is None else stage.sweep_bytes)
+                 for stage in stages]
         bw = [units(stage.backward_bytes) for stage in stages]
         g = [units(stage.gradient_bytes) for stage in stages]
+        # ways[k]: (xbar, act, bw, extra backward ms) of running stage k "all", option 0 first
+        ways = [[(xbar[k], act[k], bw[k], 0.0)]
+                + [(units(o.all_bytes), units(o.transient_bytes), units(o.backward_bytes), o.recompute_ms)
+                   for o in stage.options] for k, stage in enumerate(stages)]
+        self._ways = ways
         grads_before = [0]                 # grads_before[k]: g[0] + ... + g[k - 1]
         for units_k in g:
             grads_before.append(grads_before[-1] + units_k)
@@ -258,34 +417,37 @@ class _ChainTable:
         for length in range(1, count + 1):
             for s in range(count - length + 1):
                 t = s + length - 1
-                cost, choice = [_INFINITY] * (slots + 1), [-1] * (slots + 1)
+                cost, choice = [_INFINITY] * (slots + 1), [None] * (slots + 1)
                 single = stages[s].forward_ms + stages[s].backward_ms
                 # alone, F(s) runs only for what B(s) reads of it (the plan drops unread re-runs);
                 # the last stage is only ever reached in the forward phase, where F runs anyway
                 forward_needed = stages[s].backward_reads_own or s == count - 1
-                last_ms = single if forward_needed else stages[s].backward_ms
                 # B(s) runs after the backward of s + 1..t made their gradients
                 later_grads = grads_before[t + 1] - grads_before[s + 1]
-                backward_need = x[s] + bw[s] + g[s] + later_grads
-                all_need = max(x[s] + act[s] + x[t + 1], backward_need)
-                last_need = all_need if forward_needed else backward_need
+                # per option o of running s "all": (memory it needs, what stays for s + 1..t, ms)
+                all_ways = [(max(x[s] + way_act + x[t + 1], x[s] + way_bw + g[s] + later_grads),
+                             x[s] + way_xbar - x[s + 1], single + extra_ms)
+                            for way_xbar, way_act, way_bw, extra_ms in ways[s]]
+                if s == t and not forward_needed:
+                    all_ways = [(x[s] + bw[s] + g[s] + later_grads, 0, stages[s].backward_ms)]
                 # sweep_need[j]: transient of F(s)..F(j-1) run "checkpoint only" with x[s] stored
                 sweep_need, running = {}, 0
                 for j in range(s + 1, t + 1):
                     k = j - 1
-                    running = max(running, x[s] + (x[k] if k > s else 0) + act[k] + x[t + 1])
+                    running = max(running, x[s] + (x[k] if k > s else 0) + sweep[k] + x[t + 1])
                     sweep_need[j] = running
                 for m in range(slots + 1):
-                    best, best_choice = _INFINITY, -1
+                    best, best_choice = _INFINITY, None
                     if s == t:
-                        if last_need <= m:
-                            best, best_choice = last_ms, _ALL
+                        for option, (need, _, way_ms) in enumerate(all_ways):
+                            if need <= m and way_ms < best:
+                                best, best_choice = way_ms, _ALL - option
                     else:
-                        if all_need <= m:
-                            rest = m - x[s] - xbar[s] + x[s + 1]
-                            if rest >= 0:
-                                best = single + self.cost[(s + 1, t)][rest]
-                                best_choice = _ALL
+                        for option, (need, held, way_ms) in enumerate(all_ways):
+                            if need <= m and m - held >= 0:
+                                total = way_ms + self.cost[(s + 1, t)][m - held]
+                                if total < best:
+                                    best, best_choice = total, _ALL - option
                         for j in range(s + 1, t + 1):
                             if sweep_need[j] > m or m - x[s] < 0:
                                 continue
@@ -303,9 +465,9 @@ class _ChainTable:
         self.top_choice: list[list[int]] = []
         self.can_offload = copy_ms is not None and count > 1 and any(stage.input_roots for stage in stages)
         if self.can_offload:
-            self._build_top(stages, x, xbar, act, bw, forward_prefix, copy_ms)
+            self._build_top(stages, x, sweep, bw, forward_prefix, copy_ms)
 
-    def _build_top(self, stages: list[Stage], x: list[int], xbar: list[int], act: list[int], bw: list[int],
+    def _build_top(self, stages: list[Stage], x: list[int], sweep: list[int], bw: list[int],
                    forward_prefix: list[float], copy_ms: list[tuple[float, float]]) -> None:
         """``top[s][m]``: stages s..L-1 from the forward phase on, with "ck-off" and
         "ck-off-late" (module docstring); choice ``kind * L + j`` with kind 0 "ck",
@@ -314,27 +476,29 @@ class _ChainTable:
         self.top_cost, self.top_choice = [[]] * count, [[]] * count
         self.top_cost[last], self.top_choice[last] = self.cost[(last, last)], self.choice[(last, last)]
         for s in range(last - 1, -1, -1):
-            cost, choice = [_INFINITY] * (slots + 1), [-1] * (slots + 1)
+            cost, choice = [_INFINITY] * (slots + 1), [None] * (slots + 1)
             single = stages[s].forward_ms + stages[s].backward_ms
             grads = self._grads_before
             after = [grads[count] - grads[k] for k in range(count + 1)]   # after[k]: g[k] + ... + g[L-1]
             g_s = grads[s + 1] - grads[s]
-            all_need = max(x[s] + act[s], x[s] + bw[s] + g_s + after[s + 1])
+            all_ways = [(max(x[s] + way_act, x[s] + way_bw + g_s + after[s + 1]), x[s] + way_xbar - x[s + 1],
+                         single + extra_ms) for way_xbar, way_act, way_bw, extra_ms in self._ways[s]]
             sweep_need, offloaded_sweep_need, running, offloaded_running = {}, {}, 0, 0
             for j in range(s + 1, last + 1):
                 k = j - 1
-                running = max(running, x[s] + (x[k] if k > s else 0) + act[k])
-                offloaded_running = max(offloaded_running, x[k] + act[k])   # x[s] leaves after F(s)
+                running = max(running, x[s] + (x[k] if k > s else 0) + sweep[k])
+                offloaded_running = max(offloaded_running, x[k] + sweep[k])   # x[s] leaves after F(s)
                 sweep_need[j], offloaded_sweep_need[j] = running, offloaded_running
             to_host_ms, to_device_ms = copy_ms[s]
             offload_stall_ms = max(0.0, to_host_ms - stages[s].forward_ms)
             offloadable = bool(stages[s].input_roots) and x[s] > 0
             for m in range(slots + 1):
-                best, best_choice = _INFINITY, -1
-                if all_need <= m:
-                    rest = m - x[s] - xbar[s] + x[s + 1]
-                    if rest >= 0:
-                        best, best_choice = single + self.top_cost[s + 1][rest], _ALL
+                best, best_choice = _INFINITY, None
+                for option, (need, held, way_ms) in enumerate(all_ways):
+                    if need <= m and m - held >= 0:
+                        total = way_ms + self.top_cost[s + 1][m - held]
+                        if total < best:
+                            best, best_choice = total, _ALL - option
                 for j in range(s + 1, last + 1):
                     sweep_ms = forward_prefix[j] - forward_prefix[s]
                     rest = m - after[j]        # stages j..L-1 made their gradients
@@ -356,86 +520,86 @@ class _ChainTable:
                 cost[m], choice[m] = best, best_choice
             self.top_cost[s], self.top_choice[s] = cost, choice
 
-    def sequence(self, memory: int, offload: bool = False) -> list[tuple[str, int]] | None:
-        """The optimal operations (``("F", k)``, ``("B", k)``, and with ``offload``
-        ``("P", s)``: prefetch x[s], right before B(j) for "ck-off" j, right after it for
-        "ck-off-late" j) with ``memory`` slots, or None when the DP finds none. Explicit
-        stack: no recursion limit."""
+    def sequence(self, memory: int, offload: bool = False) -> list[tuple[str, int, int]] | None:
+        """The optimal operations ``(kind, k, option)``: ``("F", k, 0)``, ``("B", k, o)`` (B(k)
+        after F(k) was run "all" with option o of `Stage.options`, 0: keep all), and with
+        ``offload`` ``("P", s, 0)``: prefetch x[s], right before B(j) for "ck-off" j, right
+        after it for "ck-off-late" j; with ``memory`` slots, or None when the DP finds none.
+        Explicit stack: no recursion limit."""
         memory = min(memory, self.slots)
         top = offload and self.can_offload
         first = self.top_cost[0] if top else self.cost[(0, self.count - 1)]
         if memory < 0 or first[memory] == _INFINITY:
             return None
-        x, xbar = self._x, self._xbar
-        result: list[tuple[str, int]] = []
+        x = self._x
+        result: list[tuple[str, int, int]] = []
         prefetch_before: dict[int, int] = {}    # B(j) -> s whose x[s] comes back before it
         prefetch_after: dict[int, int] = {}     # B(j) -> s whose x[s] comes back after it
         stack: list[tuple[str, int, int, int]] = [("top" if top else "solve", 0, self.count - 1, memory)]
         while stack:
             kind, s, t, m = stack.pop()
-            if kind == "top":
-                choice = self.top_choice[s][m]
+            if kind not in ("top", "solve"):
+                result.append((kind, s, t))          # ("B", k, option, _)
+                continue
+            choice = self.top_choice[s][m] if kind == "top" else self.choice[(s, t)][m]
+            if choice <= _ALL:
+                option = _ALL - choice
+                result.append(("F", s, 0))
                 if s == t:
-                    result += [("F", s), ("B", s)]
-                elif choice == _ALL:
-                    result.append(("F", s))
-                    stack += [("B", s, s, 0), ("top", s + 1, t, m - x[s] - xbar[s] + x[s + 1])]
+                    result.append(("B", s, option))
                 else:
-                    kind, j = divmod(choice, self.count)
-                    result += [("F", k) for k in range(s, j)]
-                    if kind:
-                        (prefetch_before if kind == 1 else prefetch_after)[j] = s
-                    rest = m - (self._grads_before[self.count] - self._grads_before[j])
-                    stack += [("solve", s, j - 1, rest), ("top", j, t, m if kind else m - x[s])]
-                continue
-            if kind != "solve":
-                result.append((kind, s))
-                continue
-            choice = self.choice[(s, t)][m]
-            if s == t:
-                result += [("F", s), ("B", s)]
-            elif choice == _ALL:
-                result.append(("F", s))
-                stack += [("B", s, s, 0), ("solve", s + 1, t, m - x[s] - xbar[s] + x[s + 1])]
+                    way_xbar = self._ways[s][option][0]
+                    stack += [("B", s, option, 0), (kind, s + 1, t, m - x[s] - way_xbar + x[s + 1])]
+            elif kind == "top":
+                offload_kind, j = divmod(choice, self.count)
+                result += [("F", k, 0) for k in range(s, j)]
+                if offload_kind:
+                    (prefetch_before if offload_kind == 1 else prefetch_after)[j] = s
+                rest = m - (self._grads_before[self.count] - self._grads_before[j])
+                stack += [("solve", s, j - 1, rest), ("top", j, t, m if offload_kind else m - x[s])]
             else:
-                result += [("F", k) for k in range(s, choice)]
+                result += [("F", k, 0) for k in range(s, choice)]
                 rest = m - (self._grads_before[t + 1] - self._grads_before[choice])
                 stack += [("solve", s, choice - 1, rest), ("solve", choice, t, m - x[s])]
         if prefetch_before or prefetch_after:
             with_prefetches = []
-            for kind, k in result:
+            for kind, k, option in result:
                 if kind == "B" and k in prefetch_before:
-                    with_prefetches.append(("P", prefetch_before[k]))
-                with_prefetches.append((kind, k))
+                    with_prefetches.append(("P", prefetch_before[k], 0))
+                with_prefetches.append((kind, k, option))
                 if kind == "B" and k in prefetch_after:
-                    with_prefetches.append(("P", prefetch_after[k]))
+                    with_prefetches.append(("P", prefetch_after[k], 0))
             result = with_prefetches
         return result
 
 
 # -- program -------------------------------------------------------------------------------------
 
-def program_plan(graph: Graph, segments: tuple[Segment, ...], sequence: list[tuple[str, int]],
+def program_plan(graph: Graph, segments: tuple[Segment, ...], sequence: list[tuple[str, int, int]],
                  budget_bytes: int, options: dict, stages: list[Stage] | None = None) -> Plan:
     """The `Plan` of a DP sequence (module docstring, "Program"); ``("P", s)`` offloads the
     storages of x[s] (``stages[s].input_roots``) in the forward right after they are made,
     frees them after stage s's forward ops, and prefetches them where it stands in the
     backward. O(steps + total arity)."""
-    first_backward = next(index for index, (kind, _) in enumerate(sequence) if kind != "F")
-    if [k for _, k in sequence[:first_backward]] != list(range(len(segments))):
+    first_backward = next(index for index, (kind, _, _) in enumerate(sequence) if kind != "F")
+    if [k for _, k, _ in sequence[:first_backward]] != list(range(len(segments))):
         raise AssertionError(f"chain DP sequence does not start with one forward sweep: {sequence[:first_backward]}")
     free_after: dict[str, str] = {}       # offloaded storage -> forward op after which it leaves the device
-    for kind, s in sequence:
+    for kind, s, _ in sequence:
         if kind == "P":
             free_after.update((root, segments[s].forward_ops[-1]) for root in stages[s].input_roots)
     backward_runs: list[Step] = []
     reruns = [0] * len(segments)
-    for kind, k in sequence[first_backward:]:
+    options_used = 0
+    for kind, k, option in sequence[first_backward:]:
         if kind == "F":
             reruns[k] += 1
             backward_runs += [run(name) for name in segments[k].forward_ops if graph.op(name).recomputable]
         elif kind == "P":
             backward_runs += [prefetch(root) for root in stages[k].input_roots]
+        elif option:
+            options_used += 1
+            backward_runs += [run(name) for name in stages[k].options[option - 1].backward_program]
         else:
             backward_runs += [run(name) for name in segments[k].backward_ops]
     backward_runs, needed = _drop_unread_reruns(graph, backward_runs)
@@ -458,6 +622,7 @@ def program_plan(graph: Graph, segments: tuple[Segment, ...], sequence: list[tup
     return Plan(graph_hash=graph.hash, solver=SOLVER, budget_bytes=budget_bytes, forward=forward,
                 backward=backward, decisions=decisions,
                 options={**options, "source": "dp", "segments": len(segments), "forward_reruns": reruns,
+                         **({"stage_options_used": options_used} if options_used else {}),
                          **({"offloaded": len(free_after)} if free_after else {})})
 
 

@@ -33,8 +33,8 @@ Check. The chosen plan is built with `baselines.plan_from_decisions` and replaye
 additive model was wrong and the peak exceeds the budget, the DP's budget is bisected
 downwards. The ``every_block`` plan is a candidate too, so the result is never slower than
 it when it fits. A last pass restores dropped storages (most recompute time per byte
-first) while the replayed peak fits and the time falls. If nothing fits, ``greedy`` is the
-fallback; `InfeasibleBudgetError` only when it fails too.
+first) while the replayed peak fits and the time falls. The fastest candidate wins. If
+nothing fits, ``greedy`` is the fallback; `InfeasibleBudgetError` only when it fails too.
 
 Complexity, for S segments, L = options_per_segment levels, R saved storages, N program
 steps and U = resolution: L probes and at most ``max_bisections + 1`` checks of O(N) each,
@@ -42,10 +42,15 @@ DP O(S * L * U), restore pass O(R * N), frontiers O(R * graph) once per distinct
 
 Re-runs. The option DP never drops a segment's outputs; `chain` (Rotor, with forward
 re-runs of whole segments) does, and reaches budgets below every_block's peak. Its plan
-over the same segments is a candidate too (O(S^3 * U') more, U' its slots), returned when
-it is faster or the only one that fits; the two are not combined into one DP (a segment
-is either "kept with option o" or "checkpointed", never both across a re-run), which a
-Rotor DP with per-segment options (Rockmate's) would do.
+over the same segments, with the same drop prefixes as stage options (a stage run "all"
+may drop a prefix and recompute it inside its backward: Rockmate's combination), is a
+candidate too (O(S^2 * U' * (S + L)) more, U' its slots), returned when it is faster or
+the only one that fits.
+
+Small graphs. Neither DP drops a segment boundary without re-running the whole segment
+before it; on graphs of few, large segments (a one-block ResNet) dropping one boundary
+storage is what the optimum does. Up to `GREEDY_CANDIDATE_MAX_OPS` ops ``greedy``, which
+may drop any storage, is one more candidate (a second at most there).
 
 Not optimal: the options are a few prefixes of one heuristic order, and the additive
 memory model is checked, not proved.
@@ -66,6 +71,9 @@ from solvers.segments import Segment, segment_chain, segment_of_forward_op
 from solvers.simulate import SimResult, simulate
 
 SOLVER = "hierarchical"
+# Up to this many ops ``greedy`` (O(R) full replays: about a second at 260 ops, 25 s at
+# 1,400) is one more candidate; above, only the fallback when nothing else fits.
+GREEDY_CANDIDATE_MAX_OPS = 300
 
 
 @dataclass(frozen=True)
@@ -136,27 +144,38 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     every_block = checkpoint_decisions(graph, {root for segment in segments for root in segment.crossing_in})
     if checker.fits(every_block):
         candidates.append((checker.time_ms(every_block), every_block))
-    rerun = _chain_plan(graph, budget_bytes) if with_reruns else None
-    if not candidates:
-        if rerun is not None:
-            return rerun
-        return _fallback(graph, budget_bytes, checker, len(segments))
-    _, decisions = min(candidates, key=lambda candidate: candidate[0])   # first wins ties: the DP's
-    decisions, restored = _restore(graph, decisions, checker)
-    if rerun is not None and simulate(graph, rerun, check_hash=False).time_ms < checker.time_ms(decisions):
-        return rerun
-    return _finish(graph, budget_bytes, decisions,
-                   {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})
+    rerun = _chain_plan(graph, budget_bytes, options_per_segment) if with_reruns else None
+    found: list[tuple[float, Plan]] = []             # (simulated time, plan); first wins ties
+    if candidates:
+        _, decisions = min(candidates, key=lambda candidate: candidate[0])   # first wins ties: the DP's
+        decisions, restored = _restore(graph, decisions, checker)
+        found.append((checker.time_ms(decisions), _finish(
+            graph, budget_bytes, decisions,
+            {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})))
+    if rerun is not None:
+        found.append((simulate(graph, rerun, check_hash=False).time_ms, rerun))
+    if not found or len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS:
+        try:
+            plan = _fallback(graph, budget_bytes, checker, len(segments))
+        except InfeasibleBudgetError:
+            if not found:
+                raise
+        else:
+            if found:                                # a candidate, not the fallback
+                plan = replace(plan, options={**{k: v for k, v in plan.options.items() if k != "fallback"},
+                                              "source": "greedy"})
+            found.append((simulate(graph, plan, check_hash=False).time_ms, plan))
+    return min(found, key=lambda item: item[0])[1]
 
 
-def _chain_plan(graph: Graph, budget_bytes: int) -> Plan | None:
-    """`chain`'s schedule over the same segments, relabelled, or None when it finds none:
-    forward re-runs (Revolve-like) reach budgets below every_block's peak, where keeping or
-    dropping storages alone has no plan."""
+def _chain_plan(graph: Graph, budget_bytes: int, options_per_segment: int) -> Plan | None:
+    """`chain`'s schedule over the same segments with the same drop options per segment,
+    relabelled, or None when it finds none: forward re-runs (Revolve-like) reach budgets
+    below every_block's peak, where keeping or dropping storages alone has no plan."""
     from solvers.chain import solve_chain
 
     try:
-        plan = solve_chain(graph, budget_bytes)
+        plan = solve_chain(graph, budget_bytes, options_per_segment=options_per_segment)
     except InfeasibleBudgetError:
         return None
     return replace(plan, solver=SOLVER, options={**plan.options, "source": f"chain/{plan.options.get('source')}"})

@@ -514,6 +514,19 @@ def _dual_bound_gap(problem: Any, objective: float) -> float | None:
     return abs(objective - dual) / abs(objective) if objective != 0 else None
 
 
+def _stale_solution(highs: Any) -> bool:
+    """Whether HiGHS' column values disagree with the objective it reports. With a start
+    handed to ``setSolution`` (HiGHS 1.16 through highspy), a model that presolve solves
+    can come back with the start's values and the optimum's objective."""
+    solution = highs.getSolution()
+    if not solution.value_valid:
+        return False
+    costs = highs.getLp().col_cost_
+    value = sum(cost * column for cost, column in zip(costs, solution.col_value))
+    reported = highs.getInfo().objective_function_value
+    return abs(value - reported) > 1e-6 * max(1.0, abs(reported))
+
+
 def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, float] | None = None) -> Any:
     import pulp
 
@@ -530,8 +543,14 @@ def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, fl
 
                 known = [(var.index, value) for var, value in start.items() if getattr(var, "index", None) is not None]
                 indices = np.array([index for index, _ in known], dtype=np.int32)
-                problem.solverModel.setSolution(len(indices), indices, np.array([v for _, v in known], dtype=float))
+                highs = problem.solverModel
+                highs.setSolution(len(indices), indices, np.array([v for _, v in known], dtype=float))
                 run_highs(problem)
+                if _stale_solution(highs):
+                    log.warning("ilp: HiGHS returned the start's values with another objective; solving again "
+                                "without the start")
+                    highs.clearSolver()
+                    run_highs(problem)
 
             solver.callSolver = call_with_start
         return solver

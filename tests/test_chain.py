@@ -150,3 +150,63 @@ def test_gpt_tiny_end_to_end_gradients(tiny) -> None:
     model_copy, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(model_copy, step, graph, plan)
     assert_same_training_step(scheduled, model_copy, reference, inputs, label=f"{name}")
+
+
+# -- stage options: a stage run "all" that drops some of its storages ----------------------------
+
+def test_backward_program_recomputes_just_in_time_with_and_without_carry() -> None:
+    """One stage f1 f2 f3 whose a1, a2 are dropped: B reads a2 first (b3), then a1 (b2).
+    Carried, f1 and f2 run once before b3; without carry a1, made only on the way to a2,
+    is dropped after b3 and made again before b2."""
+    from solvers.chain import _backward_peak, backward_program
+    from solvers.segments import Segment
+    graph = uniform_chain(3)
+    stage = Segment(index=0, forward_ops=("f1", "f2", "f3"), backward_ops=("b3", "b2", "b1"), crossing_in=(),
+                    output_roots=("a3",), activation_bytes=3000)
+    missing = {"a1", "a2"}
+    carried = backward_program(graph, stage, missing)
+    assert carried == ["f1", "f2", "b3", "b2", "b1"]
+    assert backward_program(graph, stage, missing, carry=False) == ["f1", "f2", "b3", "f1", "b2", "b1"]
+    assert backward_program(graph, stage, set()) == ["b3", "b2", "b1"]
+    assert _backward_peak(graph, carried, missing, kept=set()) == 2000          # a1 and a2 while b3 runs
+    assert _backward_peak(graph, ["b3", "b2", "b1"], set(), kept={"a1", "a2"}) == 2000
+    assert _backward_peak(graph, ["b1"], set(), kept={"a1", "a2"}) == 0        # neither is read
+
+
+def test_stage_options_fit_reach_lower_and_keep_gradients(tiny) -> None:
+    """With drop options per stage, chain's plans replay within the budget, reach a lower
+    budget than the stages run "all" with everything kept, and a plan that uses an option
+    (recomputation inside B(k), after forward re-runs) trains with the plain model's
+    gradients."""
+    from planner.budget import resolve_budget
+    from runtime.module import ScheduledModule
+    from solvers.chain import solve_chain
+    name, model, inputs, step, graph = tiny
+
+    def lowest(options_per_segment: int) -> int:
+        """The least budget (to 1/64 of the keep-all peak) at which chain finds a plan."""
+        low, high = resolve_budget(0.01, graph).budget_bytes // 2, resolve_budget(1.0, graph).budget_bytes
+        while high - low > high // 64:
+            middle = (low + high) // 2
+            try:
+                solve_chain(graph, middle, options_per_segment=options_per_segment)
+                high = middle
+            except InfeasibleBudgetError:
+                low = middle
+        return high
+
+    assert lowest(8) < lowest(1), name
+    used = None
+    for fraction in (0.8, 0.6, 0.4, 0.2):
+        budget = resolve_budget(fraction, graph).budget_bytes
+        try:
+            plan = solve_chain(graph, budget, options_per_segment=8)
+        except InfeasibleBudgetError:
+            continue
+        assert simulate(graph, plan).peak_bytes <= budget
+        if plan.options.get("stage_options_used") and used is None:
+            used = plan
+    assert used is not None, f"{name}: no plan used a stage option"
+    model_copy, reference = copy.deepcopy(model), copy.deepcopy(model)
+    scheduled = ScheduledModule(model_copy, step, graph, used)
+    assert_same_training_step(scheduled, model_copy, reference, inputs, label=f"{name} with stage options")

@@ -175,3 +175,34 @@ def test_optimize_chain_with_offload_trains_exactly() -> None:
     assert report.peak_bytes <= plan.budget_bytes and report.host_peak_bytes > 0
     model.load_state_dict(reference.state_dict())
     assert_same_training_step(scheduled, model, reference, inputs, label="mlp chain+offload")
+
+
+def test_ilp_with_a_start_returns_the_optimum_not_the_start() -> None:
+    """Regression (found by hypothesis): on this chain HiGHS, handed the start (recompute
+    f1 for b2), proved the optimum (offload a1, a2: no recomputation) but returned the
+    start's column values; `ilp` notices and solves again without the start."""
+    from solvers import Op, Phase, Value, ValueKind
+    sizes = {"a0": 16, "w1": 16, "a1": 48, "w2": 16, "a2": 32, "w3": 16, "a3": 80, "w4": 16, "a4": 32,
+             "w5": 48, "a5": 16}
+    values = [Value("a0", 16, ValueKind.INPUT)]
+    ops = []
+    for i in range(1, 6):
+        values += [Value(f"w{i}", sizes[f"w{i}"], ValueKind.PARAMETER),
+                   Value(f"a{i}", sizes[f"a{i}"], ValueKind.ACTIVATION, producer=f"f{i}")]
+        ops.append(Op(f"f{i}", (f"a{i - 1}", f"w{i}"), (f"a{i}",), Phase.FORWARD, 0.25))
+    values.append(Value("grad_a5", 16, ValueKind.TANGENT))
+    for i in range(5, 0, -1):
+        values.append(Value(f"grad_w{i}", sizes[f"w{i}"], ValueKind.GRADIENT_WORK, producer=f"b{i}"))
+        if i > 1:
+            values.append(Value(f"grad_a{i - 1}", sizes[f"a{i - 1}"], ValueKind.GRADIENT_WORK, producer=f"b{i}"))
+        ops.append(Op(f"b{i}", (f"grad_a{i}", f"a{i - 1}", f"w{i}"),
+                      (f"grad_w{i}",) + ((f"grad_a{i - 1}",) if i > 1 else ()), Phase.BACKWARD,
+                      0.75 if i == 5 else 0.25, tmp_bytes=64 if i == 2 else 0))
+    graph = Graph(ops=tuple(ops), values=tuple(values),
+                  placeholders=("a0", "w1", "w2", "w3", "w4", "w5", "grad_a5"), forward_outputs=("a5",),
+                  gradients=tuple(f"grad_w{i}" for i in range(1, 6)), name="chain5",
+                  transfer=TARGETS["h100-pcie5"])
+    least, _ = least_feasible_plan(graph)
+    best, plan = solve(graph, least, "brute_force"), solve(graph, least, "ilp")
+    assert plan.options["warm_start"] and plan.optimal
+    assert replay(graph, plan, least).time_ms == pytest.approx(replay(graph, best, least).time_ms) == 3.0
