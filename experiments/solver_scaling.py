@@ -3,14 +3,16 @@ U-Net, at a fraction of activation memory, for each solver on the same profiled 
 
     python experiments/solver_scaling.py [--blocks 2 4 8 12 24 48] [--fraction 0.5]
         [--solvers hierarchical greedy every_block ilp] [--ilp-max-ops 400] [--ilp-time-limit 60]
-        [--greedy-max-ops 1500]
+        [--greedy-max-ops 1500] [--sweep-blocks 12 48] [--sweep-fractions 0.01 0.02 ... 1.0]
 
 Plan quality is the predicted overhead (simulated time / keep-all time - 1; every plan is
 replayed by `solvers.simulate`, which agrees with the measured peak, see
 experiments/budget_sweep.py). `ilp` runs only on graphs up to --ilp-max-ops ops, `greedy`
 (O(R) full replays) up to --greedy-max-ops. Each row also gives hierarchical's overhead at
 every_block's own measured peak (``at_every_block_peak``), every_block being given the same
-budget but using less of it.
+budget but using less of it. On the --sweep-blocks models hierarchical also runs at every
+--sweep-fractions budget (``any_budget``: solve time, infeasible verdicts included, against
+the targets of 10 s at 12 blocks and 60 s at 48).
 Writes experiments/results/solver_scaling.json and solver_scaling.png.
 """
 
@@ -41,7 +43,7 @@ def gpt_graph(blocks: int):
 
 
 def measure(name: str, model: torch.nn.Module, inputs: tuple, fraction: float, solvers: list[str],
-            max_ops: dict[str, int], ilp_time_limit_s: float) -> dict:
+            max_ops: dict[str, int], ilp_time_limit_s: float, sweep_fractions: list[float] | None = None) -> dict:
     started = time.perf_counter()
     graph = profile(capture(model, inputs), model, inputs, repeats=3)
     row = {"model": name, "ops": len(graph.ops), "trace_and_profile_s": time.perf_counter() - started,
@@ -69,8 +71,29 @@ def measure(name: str, model: torch.nn.Module, inputs: tuple, fraction: float, s
                                       "hierarchical_overhead": plan.overhead,
                                       "every_block_overhead": every_block["overhead"],
                                       "ratio": plan.overhead / every_block["overhead"]}
+    if sweep_fractions:
+        row["any_budget"] = sweep_budgets(graph, sweep_fractions)
     print(json.dumps(row), flush=True)
     return row
+
+
+def sweep_budgets(graph, fractions: list[float]) -> dict:
+    """hierarchical at many budgets, down to below the least one it fits: the solve time
+    target holds "at any budget", infeasible verdicts included."""
+    points = []
+    for fraction in sorted(fractions):
+        budget_bytes = resolve_budget(fraction, graph).budget_bytes
+        started = time.perf_counter()
+        try:
+            plan = solve(graph, budget_bytes, "hierarchical")
+        except InfeasibleBudgetError as error:
+            points.append({"fraction": fraction, "budget_bytes": budget_bytes, "solve_s": time.perf_counter() - started,
+                           "infeasible": True, "least_feasible_bytes": error.least_feasible_bytes})
+            continue
+        points.append({"fraction": fraction, "budget_bytes": budget_bytes, "solve_s": time.perf_counter() - started,
+                       "overhead": plan.overhead, "peak_bytes": plan.predicted_peak_bytes,
+                       "source": plan.options.get("source") or plan.options.get("fallback") or "segment options"})
+    return {"points": points, "max_solve_s": max(point["solve_s"] for point in points)}
 
 
 def plot(results: dict) -> None:
@@ -79,7 +102,20 @@ def plot(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in results["rows"] if r["model"].startswith("gpt")]
-    figure, (time_axis, quality_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    swept = [r for r in rows if "any_budget" in r]
+    figure, axes = plt.subplots(1, 3 if swept else 2, figsize=(15 if swept else 10, 4))
+    time_axis, quality_axis = axes[0], axes[1]
+    for row in swept:
+        points = row["any_budget"]["points"]
+        axes[2].plot([100 * p["fraction"] for p in points], [p["solve_s"] for p in points], marker="o",
+                     label=f"{row['model']} ({row['ops']} ops)")
+        axes[2].scatter([100 * p["fraction"] for p in points if p.get("infeasible")],
+                        [p["solve_s"] for p in points if p.get("infeasible")], marker="x", color="black", zorder=3)
+    if swept:
+        axes[2].set(xlabel="budget (% of activation memory; x: infeasible)", ylabel="hierarchical solve time (s)",
+                    yscale="log")
+        axes[2].grid(alpha=0.3)
+        axes[2].legend(fontsize=8)
     for solver in results["solvers"]:
         points = [(r["ops"], r["solvers"][solver]) for r in rows if "solve_s" in r["solvers"].get(solver, {})
                   and "overhead" in r["solvers"][solver]]
@@ -108,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ilp-time-limit", type=float, default=60.0)
     parser.add_argument("--greedy-max-ops", type=int, default=1500)
     parser.add_argument("--no-unet", action="store_true")
+    parser.add_argument("--sweep-blocks", nargs="*", type=int, default=[12, 48],
+                        help="models on which hierarchical also runs at every --sweep-fractions budget")
+    parser.add_argument("--sweep-fractions", nargs="+", type=float,
+                        default=[0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved JSON")
     args = parser.parse_args(argv)
@@ -116,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     max_ops = {"ilp": args.ilp_max_ops, "greedy": args.greedy_max_ops}
-    rows = [measure(f"gpt-{blocks}", *gpt_graph(blocks), args.fraction, args.solvers, max_ops, args.ilp_time_limit)
+    rows = [measure(f"gpt-{blocks}", *gpt_graph(blocks), args.fraction, args.solvers, max_ops, args.ilp_time_limit,
+                    args.sweep_fractions if blocks in args.sweep_blocks else None)
             for blocks in args.blocks]
     if not args.no_unet:
         rows.append(measure("unet-small", *zoo.make("unet", "small"), args.fraction, args.solvers, max_ops,

@@ -34,7 +34,9 @@ additive model was wrong and the peak exceeds the budget, the DP's budget is bis
 downwards. The ``every_block`` plan is a candidate too, so the result is never slower than
 it when it fits. A last pass restores dropped storages (most recompute time per byte
 first) while the replayed peak fits and the time falls. The fastest candidate wins. If
-nothing fits, ``greedy`` is the fallback; `InfeasibleBudgetError` only when it fails too.
+nothing fits, ``greedy`` is the fallback (up to `GREEDY_CANDIDATE_MAX_OPS` ops; above, where
+it takes tens of seconds, one replay of every droppable storage recomputed, then the
+restore pass: `_drop_all_fallback`); `InfeasibleBudgetError` only when it fails too.
 
 Complexity, for S segments, L = options_per_segment levels, R saved storages, N program
 steps and U = resolution: L probes and at most ``max_bisections + 1`` checks of O(N) each,
@@ -156,7 +158,7 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
         found.append((simulate(graph, rerun, check_hash=False).time_ms, rerun))
     if not found or len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS:
         try:
-            plan = _fallback(graph, budget_bytes, checker, len(segments))
+            plan = _fallback(graph, budget_bytes, checker, segments)
         except InfeasibleBudgetError:
             if not found:
                 raise
@@ -376,16 +378,17 @@ def choose_levels(costs: list[list[OptionCost]], budget_bytes: int, resolution: 
 class _Checker:
     """Replays decision sets, memoized: (peak, time) per set of dropped storages."""
 
-    def __init__(self, graph: Graph, budget_bytes: int) -> None:
-        self.graph, self.budget_bytes = graph, budget_bytes
+    def __init__(self, graph: Graph, budget_bytes: int, free_intermediates: bool = False) -> None:
+        self.graph, self.budget_bytes, self.free_intermediates = graph, budget_bytes, free_intermediates
         self._seen: dict[frozenset[str], tuple[int, float]] = {}
         self.lowest_peak: int | None = None
 
     def measure(self, decisions: dict[str, Decision]) -> tuple[int, float]:
         key = frozenset(root for root, decision in decisions.items() if decision is not Decision.KEEP)
         if key not in self._seen:
-            result = simulate(self.graph, plan_from_decisions(self.graph, decisions, SOLVER, self.budget_bytes),
-                              check_hash=False)
+            plan = plan_from_decisions(self.graph, decisions, SOLVER, self.budget_bytes,
+                                       free_intermediates=self.free_intermediates)
+            result = simulate(self.graph, plan, check_hash=False)
             self._seen[key] = (result.peak_bytes, result.time_ms)
             self.lowest_peak = min(result.peak_bytes, self.lowest_peak or result.peak_bytes)
         return self._seen[key]
@@ -398,6 +401,7 @@ class _Checker:
 
 
 RESTORE_REPLAYS = 48   # replays the keep-again pass may spend on storages that might not fit
+DROP_BOUNDARY_ROUNDS = 8   # replays `_drop_all_fallback` may spend dropping boundaries alive at the peak
 
 
 def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) -> tuple[dict[str, Decision], int]:
@@ -433,20 +437,85 @@ def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) ->
     return decisions, restored
 
 
-def _fallback(graph: Graph, budget_bytes: int, checker: _Checker, num_segments: int) -> Plan:
+def _fallback(graph: Graph, budget_bytes: int, checker: _Checker, segments: tuple[Segment, ...]) -> Plan:
+    """``greedy`` up to `GREEDY_CANDIDATE_MAX_OPS` ops, `_drop_all_fallback` above."""
+    num_segments = len(segments)
+    boundaries = {root for segment in segments for root in segment.crossing_in}
+    name = "greedy" if len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS else "drop-all"
     try:
-        plan = solve_greedy(graph, budget_bytes)
+        plan = (solve_greedy(graph, budget_bytes) if name == "greedy"
+                else _drop_all_fallback(graph, budget_bytes, boundaries))
     except InfeasibleBudgetError as error:
         floor = least_feasible_lower_bound(graph)
         lowest = min(checker.lowest_peak or error.least_feasible_bytes, error.least_feasible_bytes)
         raise InfeasibleBudgetError(budget_bytes, lowest,
                                     {f"lowest peak over {num_segments} segments": checker.lowest_peak or 0,
-                                     "greedy's lowest peak": error.least_feasible_bytes,
+                                     f"{name}'s lowest peak": error.least_feasible_bytes,
                                      "lower bound for any plan": floor.total}, solver=SOLVER) from error
-    return replace(plan, solver=SOLVER, options={**plan.options, "segments": num_segments, "fallback": "greedy"})
+    return replace(plan, solver=SOLVER, options={**plan.options, "segments": num_segments, "fallback": name})
+
+
+def _drop_all_fallback(graph: Graph, budget_bytes: int, boundaries: set[str]) -> Plan:
+    """Near where ``greedy``'s lowest pass ends, in one or two replays instead of O(R): every
+    storage greedy may drop is dropped and recomputed (the segment ``boundaries`` kept
+    first, so that recomputations stay inside a segment; while that does not fit, the
+    boundaries alive at the replay's peak are dropped too, `DROP_BOUNDARY_ROUNDS` rounds at
+    most), the values made only on the way to another
+    recomputation freed at once and made again when needed (``free_intermediates``, the
+    pass that reaches lowest). If that fits, `_restore` keeps storages again while the
+    time falls. O(RESTORE_REPLAYS) replays; not always as low as greedy (a drop can raise
+    a peak, greedy would undo it).
+
+    Raises:
+        InfeasibleBudgetError: the all-dropped plan does not fit, with its peak.
+    """
+    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
+    droppable = [root for root in saved_roots(graph) if root not in pinned_roots and graph.value(root).size_bytes > 0
+                 and graph.op(graph.value(root).producer).recomputable]
+    checker = _Checker(graph, budget_bytes, free_intermediates=True)
+    kept = set(boundaries) & set(droppable)
+    for _ in range(DROP_BOUNDARY_ROUNDS + 1):
+        decisions = {root: Decision.RECOMPUTE if root in droppable and root not in kept else Decision.KEEP
+                     for root in saved_roots(graph)}
+        plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True)
+        result = simulate(graph, plan, check_hash=False)
+        if result.peak_bytes <= budget_bytes or not kept:
+            break
+        at_peak = _roots_alive_at_peak(graph, plan, result) & kept
+        kept -= at_peak or kept                  # none of them at the peak: drop them all
+    if result.peak_bytes > budget_bytes:
+        raise InfeasibleBudgetError(budget_bytes, result.peak_bytes,
+                                    {"every droppable storage recomputed": result.peak_bytes}, solver=SOLVER)
+    restored_decisions, restored = _restore(graph, decisions, checker)
+    if checker.fits(restored_decisions):
+        decisions = restored_decisions
+    else:
+        restored = 0
+    plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True)
+    return replace(plan, options={**plan.options, "restored": restored})
 
 
 def _finish(graph: Graph, budget_bytes: int, decisions: dict[str, Decision], options: dict,
             optimal: bool = False) -> Plan:
     plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, optimal=optimal)
     return replace(plan, options={**plan.options, **options})
+
+
+def _roots_alive_at_peak(graph: Graph, plan: Plan, result: SimResult) -> set[str]:
+    """The storages alive at the replay's peak step (what the step reads and makes
+    included). O(steps)."""
+    live: set[str] = set(graph.placeholders)
+    phases = (plan.forward,) if result.peak_phase is Phase.FORWARD else (plan.forward, plan.backward)
+    for phase_index, steps in enumerate(phases):
+        last = result.peak_step_index if phase_index == len(phases) - 1 else len(steps) - 1
+        for index, step in enumerate(steps[:last + 1]):
+            if step.kind is StepKind.RUN:
+                op = graph.op(step.name)
+                live.update(op.outputs)
+                if index == last:
+                    live.update(op.inputs)
+            elif step.kind is StepKind.FREE and index != last:
+                live.discard(step.name)
+            elif step.kind is StepKind.PREFETCH:
+                live.add(step.name)
+    return {graph.value(name).root for name in live}

@@ -184,3 +184,33 @@ def test_forward_reruns_reach_below_every_block() -> None:
     without = solve_hierarchical(graph, budget, with_reruns=False)   # keep/drop only: greedy's fallback
     assert without.options.get("fallback") == "greedy"
     assert simulate(graph, without).time_ms >= plan.predicted_time_ms - 1e-9
+
+
+def test_drop_all_fallback_below_every_dp(monkeypatch) -> None:
+    """Above GREEDY_CANDIDATE_MAX_OPS ops the fallback is one replay of every droppable
+    storage recomputed (boundaries alive at the peak dropped in rounds), not greedy's O(R)
+    replays: below what the DPs reach it fits, no lower than greedy's own floor by much,
+    and trains with the plain model's gradients."""
+    import solvers.hierarchical as hierarchical
+    monkeypatch.setattr(hierarchical, "GREEDY_CANDIDATE_MAX_OPS", 0)
+    model, inputs, step, graph = trace_zoo("gpt")
+
+    def least_fitting(solver: str) -> int:
+        low, high = resolve_budget(0.01, graph).budget_bytes // 2, resolve_budget(1.0, graph).budget_bytes
+        while high - low > high // 256:
+            middle = (low + high) // 2
+            try:
+                solve(graph, middle, solver)
+                high = middle
+            except InfeasibleBudgetError:
+                low = middle
+        return high
+
+    floor = least_fitting("hierarchical")
+    plan = solve(graph, floor, "hierarchical")
+    assert plan.options.get("fallback") == "drop-all", plan.options
+    assert simulate(graph, plan).peak_bytes <= floor
+    assert floor <= least_fitting("greedy") * 1.02
+    scheduled_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    scheduled = ScheduledModule(scheduled_model, step, graph, plan)
+    assert_same_training_step(scheduled, scheduled_model, reference, inputs, label="drop-all fallback")
