@@ -144,11 +144,13 @@ class StageOption:
 
 @register(SOLVER)
 def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_bisections: int = 10,
-                offload: bool | None = None, every_op: bool = False, options_per_segment: int = 1) -> Plan:
+                offload: bool | None = None, every_op: bool = False, options_per_segment: int | None = None) -> Plan:
     """Least-time Rotor schedule over the segment chain that `simulate` fits in the budget;
     with ``offload`` (default: ``graph.transfer.real``) the forward phase's checkpoints may
     be offloaded (module docstring). ``every_op``: one stage per forward op
     (`segments.segment_chain`'s ``every_op``) instead of the block chain.
+    ``options_per_segment``: drop options per stage (module docstring, "Stage options";
+    default 8 on the block chain, 1 (keep all only) with ``every_op``).
     O(L^3 * U + B * (S + R)) for B bisection steps of one plan and one simulation each
     (S steps, R saved storages).
 
@@ -166,6 +168,8 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
 
     segments = segment_chain(graph, every_op=every_op)
     drop_sets = None
+    if options_per_segment is None:
+        options_per_segment = 1 if every_op else 8
     if options_per_segment > 1:
         from solvers.hierarchical import segment_options
 

@@ -95,8 +95,9 @@ def test_chain_offloads_where_recompute_is_costly() -> None:
     re-runs most of the forward; offloading the forward's checkpoints avoids most of it."""
     graph = with_link(uniform_chain(12), TARGETS["h100-pcie5"])
     budget = int(0.6 * keep_all_peak_bytes(graph))
-    recompute_only = solve(graph, budget, "chain", offload=False)
-    plan = solve(graph, budget, "chain")
+    # stages run "all" keep everything (no stage options): the checkpoints' offload alone
+    recompute_only = solve(graph, budget, "chain", offload=False, options_per_segment=1)
+    plan = solve(graph, budget, "chain", options_per_segment=1)
     assert offloaded(plan) and not offloaded(recompute_only)
     assert plan.options.get("offload") is True
     assert plan.predicted_peak_bytes <= budget
