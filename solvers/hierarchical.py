@@ -46,8 +46,9 @@ Re-runs. The option DP never drops a segment's outputs; `chain` (Rotor, with for
 re-runs of whole segments) does, and reaches budgets below every_block's peak. Its plan
 over the same segments, with the same drop prefixes as stage options (a stage run "all"
 may drop a prefix and recompute it inside its backward: Rockmate's combination), is a
-candidate too (O(S^2 * U' * (S + L)) more, U' its slots), returned when it is faster or
-the only one that fits.
+candidate too (O(S^2 * U' * (S + L)) more, U' its slots), and so is its plan without stage
+options (its memory model differs, so neither always wins); either is returned when it is
+faster or the only one that fits.
 
 Small graphs. Neither DP drops a segment boundary without re-running the whole segment
 before it; on graphs of few, large segments (a one-block ResNet) dropping one boundary
@@ -146,7 +147,8 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     every_block = checkpoint_decisions(graph, {root for segment in segments for root in segment.crossing_in})
     if checker.fits(every_block):
         candidates.append((checker.time_ms(every_block), every_block))
-    rerun = _chain_plan(graph, budget_bytes, options_per_segment) if with_reruns else None
+    reruns = [plan for plan in (_chain_plan(graph, budget_bytes, options) for options in
+                                (options_per_segment, 1)) if plan is not None] if with_reruns else []
     found: list[tuple[float, Plan]] = []             # (simulated time, plan); first wins ties
     if candidates:
         _, decisions = min(candidates, key=lambda candidate: candidate[0])   # first wins ties: the DP's
@@ -154,8 +156,7 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
         found.append((checker.time_ms(decisions), _finish(
             graph, budget_bytes, decisions,
             {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})))
-    if rerun is not None:
-        found.append((simulate(graph, rerun, check_hash=False).time_ms, rerun))
+    found += [(simulate(graph, rerun, check_hash=False).time_ms, rerun) for rerun in reruns]
     if not found or len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS:
         try:
             plan = _fallback(graph, budget_bytes, checker, segments)
