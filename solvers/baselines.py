@@ -154,7 +154,7 @@ def recompute_frontier(graph: Graph, root: str) -> frozenset[str]:
         value = graph.value(name)
         if value.root in saved or value.producer is None:
             found.add(value.root)
-            if value.root == name or value.root in saved:
+            if value.root == name or value.root in saved or value.producer is None:
                 continue
         stack.extend(graph.op(value.producer).inputs)
     found.discard(root)

@@ -136,6 +136,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
 
     def bind_placeholders(kinds_wanted: bool) -> None:
         names = tuple(n for n in graph.placeholders if (graph.value(n).kind is ValueKind.TANGENT) == kinds_wanted)
+        names = tuple(sorted(names, key=lambda n: graph.value(n).alias_of is not None))   # roots before views
         for name, instance in memory.instances_for(names, graph.placeholders).items():
             memory.bind(name, instance)   # the program's reference, which a free drops
             memory.acquire(name)          # the caller's (autograd's, for tangents) pin

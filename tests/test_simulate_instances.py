@@ -35,3 +35,19 @@ def test_rerun_while_an_output_is_kept_counts_both_copies() -> None:
     # 1119. Counting by root name would miss the second small: peak 1119.
     assert result.peak_bytes == 1128
     assert result.recompute_ms == 1.0
+
+
+def test_a_placeholder_view_listed_before_its_root_shares_its_storage() -> None:
+    """A segment's sub-graph has placeholders that are views of others (a parameter's
+    ``detach``); listed first, the view must still share the root's storage, not count it
+    twice."""
+    values = (Value("w_t", 0, ValueKind.PARAMETER, alias_of="w"), Value("w", 1000, ValueKind.PARAMETER),
+              Value("x", 10, ValueKind.INPUT), Value("g", 4, ValueKind.TANGENT),
+              Value("y", 10, ValueKind.ACTIVATION, producer="f"),
+              Value("grad_w", 1000, ValueKind.GRADIENT_WORK, producer="b"))
+    ops = (Op("f", ("x", "w_t"), ("y",), Phase.FORWARD, time_ms=1.0),
+           Op("b", ("g", "x"), ("grad_w",), Phase.BACKWARD, time_ms=1.0))
+    graph = Graph(ops, values, placeholders=("w_t", "w", "x", "g"), forward_outputs=("y",), gradients=("grad_w",))
+    plan = Plan(graph.hash, "hand", 0, forward=(run("f"),), backward=(run("b"),))
+    # w 1000 + x 10 + y 10, then the tangent 4 and grad_w 1000 in the backward
+    assert simulate(graph, plan).peak_bytes == 1000 + 10 + 10 + 4 + 1000
