@@ -43,8 +43,10 @@ def available_solvers() -> tuple[str, ...]:
 # What ``solver="auto"`` tries, in order; the fastest plan that fits wins (ties: first).
 AUTO_CANDIDATES = ("hierarchical", "chain", "greedy", "every_block", "sqrt_n")
 # Above this many ops a solver is tried only when the others found nothing: greedy's
-# O(R) full replays take ~30 s at 1,400 ops and minutes beyond.
-AUTO_MAX_OPS = {"greedy": 1500}
+# O(R) full replays take ~1 s at 260 ops, ~3 s at 480, ~25 s at 1,400 and minutes beyond,
+# and above 900 ops `hierarchical` beat it at every size measured
+# (experiments/results/solver_scaling.json).
+AUTO_MAX_OPS = {"greedy": 600}
 
 
 def _solve_auto(graph: Graph, budget_bytes: int, **options: object) -> Plan:
