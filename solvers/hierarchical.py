@@ -34,9 +34,9 @@ additive model was wrong and the peak exceeds the budget, the DP's budget is bis
 downwards. The ``every_block`` plan is a candidate too, so the result is never slower than
 it when it fits. A last pass restores dropped storages (most recompute time per byte
 first) while the replayed peak fits and the time falls. The fastest candidate wins. If
-nothing fits, ``greedy`` is the fallback (up to `GREEDY_CANDIDATE_MAX_OPS` ops; above, where
-it takes tens of seconds, one replay of every droppable storage recomputed, then the
-restore pass: `_drop_all_fallback`); `InfeasibleBudgetError` only when it fails too.
+nothing fits, `_drop_all_fallback` (one replay of every droppable storage recomputed, then
+the restore pass; ``greedy`` too up to `GREEDY_CANDIDATE_MAX_OPS` ops, above which it takes
+tens of seconds) is the fallback; `InfeasibleBudgetError` only when it fails too.
 
 Complexity, for S segments, L = options_per_segment levels, R saved storages, N program
 steps and U = resolution: L probes and at most ``max_bisections + 1`` checks of O(N) each,
@@ -53,7 +53,8 @@ faster or the only one that fits.
 Small graphs. Neither DP drops a segment boundary without re-running the whole segment
 before it; on graphs of few, large segments (a one-block ResNet) dropping one boundary
 storage is what the optimum does. Up to `GREEDY_CANDIDATE_MAX_OPS` ops ``greedy``, which
-may drop any storage, is one more candidate (a second at most there).
+may drop any storage, and `_drop_all_fallback` are more candidates (a second or two at
+most there); above, the latter only when nothing else fits.
 
 Not optimal: the options are a few prefixes of one heuristic order, and the additive
 memory model is checked, not proved.
@@ -157,17 +158,22 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
             graph, budget_bytes, decisions,
             {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})))
     found += [(simulate(graph, rerun, check_hash=False).time_ms, rerun) for rerun in reruns]
-    if not found or len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS:
-        try:
-            plan = _fallback(graph, budget_bytes, checker, segments)
-        except InfeasibleBudgetError:
-            if not found:
-                raise
-        else:
-            if found:                                # a candidate, not the fallback
+    small = len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS
+    if not found or small:
+        failures: list[InfeasibleBudgetError] = []
+        as_fallback = not found
+        for name in ("greedy", "drop-all") if small else ("drop-all",):
+            try:
+                plan = _fallback(graph, budget_bytes, checker, segments, name)
+            except InfeasibleBudgetError as error:
+                failures.append(error)
+                continue
+            if not as_fallback:                      # a candidate beside the DPs' plans
                 plan = replace(plan, options={**{k: v for k, v in plan.options.items() if k != "fallback"},
-                                              "source": "greedy"})
+                                              "source": name})
             found.append((simulate(graph, plan, check_hash=False).time_ms, plan))
+        if not found:
+            raise min(failures, key=lambda error: error.least_feasible_bytes)
     return min(found, key=lambda item: item[0])[1]
 
 
@@ -438,11 +444,12 @@ def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) ->
     return decisions, restored
 
 
-def _fallback(graph: Graph, budget_bytes: int, checker: _Checker, segments: tuple[Segment, ...]) -> Plan:
-    """``greedy`` up to `GREEDY_CANDIDATE_MAX_OPS` ops, `_drop_all_fallback` above."""
+def _fallback(graph: Graph, budget_bytes: int, checker: _Checker, segments: tuple[Segment, ...],
+              name: str) -> Plan:
+    """``greedy``'s plan (``name="greedy"``) or `_drop_all_fallback`'s (``"drop-all"``),
+    relabelled; `InfeasibleBudgetError` with the lowest peak any search reached."""
     num_segments = len(segments)
     boundaries = {root for segment in segments for root in segment.crossing_in}
-    name = "greedy" if len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS else "drop-all"
     try:
         plan = (solve_greedy(graph, budget_bytes) if name == "greedy"
                 else _drop_all_fallback(graph, budget_bytes, boundaries))
