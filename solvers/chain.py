@@ -39,8 +39,11 @@ replaces xbar, act, bw by its own (fewer storages kept; B(s)'s peak counts the r
 values by liveness) and adds its recomputation time to ub[s]; the drop sets are
 `hierarchical.segment_options`' prefixes. Option 0 keeps everything, so the DP with
 options is never worse under its model. O(L^2 * U * (L + O)) for O options per stage. With one stage per op (``every_op``) the
-DP's plans lie in the exact solvers' space, and on chains its optimum is the MILP's proved
-one (tests/test_chain.py: a uniform chain at 20 budgets, random chains under hypothesis). Sizes are rounded up and the memory
+DP's plans lie in the exact solvers' space; on a uniform chain its optimum is the MILP's
+proved one, and on random chains almost always (tests/test_chain.py). The exception: the
+DP builds persistent schedules only (a stored checkpoint stays until the backward of the
+stages after it is done), while the MILP may free a checkpoint early and make it again from
+an earlier one on the way to values the backward needs anyway. Sizes are rounded up and the memory
 down to slots of ``budget / resolution`` bytes (safe side). O(L^3 * U) time and
 O(L^2 * U) memory for L stages and U = resolution slots (times (L + O) with O stage
 options); the table for every m is built once.

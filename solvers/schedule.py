@@ -113,8 +113,8 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
             make_available(name, intermediates)
         backward_core.append(run(op.name))
         live.update(op.outputs)
-        if free_intermediates:
-            live.difference_update(intermediates - set(op.inputs))
+        if free_intermediates:   # an offloaded value a recomputation remade stays: it is prefetched once at most
+            live.difference_update(intermediates - set(op.inputs) - on_host)
     backward_steps = insert_frees(graph, backward_core, live_out=set(graph.gradients),
                                   live_in=kept_for_backward | set(graph.placeholders))
     return forward_steps, backward_steps

@@ -107,13 +107,48 @@ def test_chain_equals_ilp_on_a_uniform_chain() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 8).flatmap(chain_graphs), st.floats(0.0, 1.0))
-def test_chain_equals_ilp_on_chains(graph: Graph, fraction: float) -> None:
-    """On random chains, one stage per op, the Rotor DP's optimum is the MILP's proved one:
-    the same step time, and a plan exactly where the MILP proves one fits."""
+def test_chain_never_beats_ilp_on_chains(graph: Graph, fraction: float) -> None:
+    """On random chains, one stage per op, the DP's plans lie in the MILP's space: never
+    faster than its proved optimum, never feasible where it proved none is. Equal almost
+    always (400 random chains in a row in one probe); the exception is below."""
     budget = budget_between(graph, fraction)
     chain = time_or_none(graph, budget, "chain", every_op=True, resolution=2000)
     ilp = time_or_none(graph, budget, "ilp")
-    assert chain == (None if ilp is None else pytest.approx(ilp, abs=1e-9)), (budget, chain, ilp)
+    if ilp is None:
+        assert chain is None, f"chain found a plan ({chain} ms) where the MILP proved none fits {budget} B"
+    elif chain is not None:
+        assert chain >= ilp - 1e-9
+
+
+def test_a_non_persistent_schedule_beats_the_chain_dp() -> None:
+    """Where `chain` and the MILP differ (found by hypothesis): Rotor's DP only builds
+    *persistent* schedules, where a checkpoint stays stored until the backward of the
+    stages after it is done. The MILP frees checkpoint a3 once a4 is made from it and
+    makes a3 again from the input, on the way to a1 and a2, which the backward needs anyway:
+    0.75 ms less recomputation. A DP over non-persistent schedules would close the gap."""
+    sizes = {"a0": 16, "a1": 16, "a2": 16, "a3": 16, "a4": 32, "a5": 64, "a6": 32}
+    values = [Value("a0", 16, ValueKind.INPUT)]
+    ops = []
+    for i in range(1, 7):
+        values += [Value(f"w{i}", 16, ValueKind.PARAMETER),
+                   Value(f"a{i}", sizes[f"a{i}"], ValueKind.ACTIVATION, producer=f"f{i}")]
+        ops.append(Op(f"f{i}", (f"a{i - 1}", f"w{i}"), (f"a{i}",), Phase.FORWARD, 0.25))
+    values.append(Value("grad_a6", 32, ValueKind.TANGENT))
+    for i in range(6, 0, -1):
+        values.append(Value(f"grad_w{i}", 16, ValueKind.GRADIENT_WORK, producer=f"b{i}"))
+        if i > 1:
+            values.append(Value(f"grad_a{i - 1}", sizes[f"a{i - 1}"], ValueKind.GRADIENT_WORK, producer=f"b{i}"))
+        ops.append(Op(f"b{i}", (f"grad_a{i}", f"a{i - 1}", f"w{i}"),
+                      (f"grad_w{i}",) + ((f"grad_a{i - 1}",) if i > 1 else ()), Phase.BACKWARD, 0.25))
+    graph = Graph(ops=tuple(ops), values=tuple(values),
+                  placeholders=("a0",) + tuple(f"w{i}" for i in range(1, 7)) + ("grad_a6",), forward_outputs=("a6",),
+                  gradients=tuple(f"grad_w{i}" for i in range(1, 7)), name="chain6")
+    budget = 344
+    ilp = solve(graph, budget, "ilp")
+    assert ilp.optimal and ilp.predicted_time_ms == 4.0
+    runs = [step.name for step in ilp.backward if step.kind.value == "run"]
+    assert runs.index("f4") < runs.index("b5") < runs.index("f1")      # a3 -> a4, b5, then a3 again from a0
+    assert time_or_none(graph, budget, "chain", every_op=True, resolution=2000) == 4.75
 
 
 @pytest.fixture(scope="module", params=("gpt", "resnet"))
