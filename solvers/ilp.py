@@ -76,7 +76,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from solvers.brute_force import (OffloadSpace, PlanSpace, assemble_plan, forward_high_water, offload_space,
                                  plan_space)
@@ -459,27 +459,33 @@ def _start_runs(graph: Graph, budget_bytes: int, space: PlanSpace, decisions: Ma
     return (frozenset(keep), runs, result.time_ms) if result.peak_bytes <= budget_bytes else None
 
 
-def _best_start(graph: Graph, budget_bytes: int, space: PlanSpace) -> _Start | None:
+def _best_start(graph: Graph, budget_bytes: int, space: PlanSpace,
+                starts: Sequence[Plan] | None = None) -> _Start | None:
     """The fastest start (least simulated time; ties: the earlier solver) that `_start_runs`
     converts, with and without ``carry``, from the plans of `_START_SOLVERS` that fit
-    ``budget_bytes``; None if none does. Each distinct drop set is converted once, and the
-    search stops at a start that recomputes nothing. Well under a second per heuristic at
-    a few hundred ops."""
+    ``budget_bytes`` (or from ``starts``, plans the caller already has); None if none does.
+    Each distinct drop set is converted once, and the search stops at a start that
+    recomputes nothing. Well under a second per heuristic at a few hundred ops."""
     from solvers.registry import AUTO_MAX_OPS, solve
+
+    def plans() -> Iterator[tuple[str, Plan]]:
+        if starts is not None:
+            yield from ((plan.solver, plan) for plan in starts)
+            return
+        for name in _START_SOLVERS:
+            if len(graph.ops) > AUTO_MAX_OPS.get(name, len(graph.ops)):
+                continue
+            try:
+                yield name, solve(graph, budget_bytes, name)
+            except (InfeasibleBudgetError, UnsupportedGraphError) as error:
+                log.debug("ilp: no start from %s: %s", name, error)
 
     best: _Start | None = None
     converted: set[frozenset[str]] = set()
     droppable = set(space.droppable_roots)
-    for name in _START_SOLVERS:
+    for name, plan in plans():
         if best is not None and best.recompute_ms == 0:
             break                                # recomputes nothing: no start is faster
-        if len(graph.ops) > AUTO_MAX_OPS.get(name, len(graph.ops)):
-            continue
-        try:
-            plan = solve(graph, budget_bytes, name)
-        except (InfeasibleBudgetError, UnsupportedGraphError) as error:
-            log.debug("ilp: no start from %s: %s", name, error)
-            continue
         dropped = frozenset(root for root, decision in plan.decisions.items()
                             if decision is not Decision.KEEP and root in droppable)
         if dropped in converted:
@@ -562,7 +568,8 @@ def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, fl
 
 @register("ilp")
 def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, backend: str = "auto",
-              rel_gap: float = 0.0, warm_start: bool = True, offload: bool | None = None) -> Plan:
+              rel_gap: float = 0.0, warm_start: bool = True, offload: bool | None = None,
+              starts: Sequence[Plan] | None = None) -> Plan:
     """Least-time keep/recompute/offload plan of the exact solvers' space under ``budget_bytes``.
 
     MILP after Checkmate (Jain et al., MLSys 2020), see the module docstring; pulp with
@@ -573,7 +580,8 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     ``mip_gap``; None from CBC).
 
     With ``warm_start``, the fastest start converted from the heuristics' plans (module
-    docstring; under a second per heuristic at a few hundred ops, ``options["start_time_s"]``)
+    docstring; under a second per heuristic at a few hundred ops, ``options["start_time_s"]``;
+    ``starts``: plans the caller already has, converted instead of solving again)
     is handed to HiGHS, and returned instead of the MILP's incumbent when the MILP ends
     without one or with a slower one (simulated time): then ``gap`` is the start's, |objective - dual bound| / |objective| on the recomputation time, None
     without a finite dual bound (CBC, or HiGHS stopped before bounding), and ``optimal``
@@ -598,7 +606,7 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     model = _Model(graph, budget_bytes, space, offloads if offloads.candidates else None)
     plans = "keep/recompute/offload" if offloads.candidates else "keep/recompute"
     built = time.perf_counter()
-    start = _best_start(graph, budget_bytes, space) if warm_start and graph.backward_ops else None
+    start = _best_start(graph, budget_bytes, space, starts) if warm_start and graph.backward_ops else None
     started_milp = time.perf_counter()
     hint = model.start_values(start.keep, list(start.runs)) if start is not None else None
     model.problem.solve(_backend(backend, time_limit_s, rel_gap, hint))
