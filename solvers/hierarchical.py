@@ -158,23 +158,35 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
             graph, budget_bytes, decisions,
             {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})))
     found += [(simulate(graph, rerun, check_hash=False).time_ms, rerun) for rerun in reruns]
-    small = len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS
-    if not found or small:
-        failures: list[InfeasibleBudgetError] = []
-        as_fallback = not found
-        for name in ("greedy", "drop-all") if small else ("drop-all",):
-            try:
-                plan = _fallback(graph, budget_bytes, checker, segments, name)
-            except InfeasibleBudgetError as error:
-                failures.append(error)
-                continue
-            if not as_fallback:                      # a candidate beside the DPs' plans
-                plan = replace(plan, options={**{k: v for k, v in plan.options.items() if k != "fallback"},
-                                              "source": name})
-            found.append((simulate(graph, plan, check_hash=False).time_ms, plan))
-        if not found:
-            raise min(failures, key=lambda error: error.least_feasible_bytes)
+    if not found or len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS:
+        found += _search_candidates(graph, budget_bytes, checker, segments, as_fallback=not found)
     return min(found, key=lambda item: item[0])[1]
+
+
+def _search_candidates(graph: Graph, budget_bytes: int, checker: _Checker, segments: tuple[Segment, ...],
+                       as_fallback: bool) -> list[tuple[float, Plan]]:
+    """(simulated time, plan) of ``greedy`` (up to `GREEDY_CANDIDATE_MAX_OPS` ops) and
+    `_drop_all_fallback`, labelled as the fallback or as candidates beside the DPs' plans.
+
+    Raises:
+        InfeasibleBudgetError: ``as_fallback`` and neither fits, with the lowest peak reached.
+    """
+    found: list[tuple[float, Plan]] = []
+    failures: list[InfeasibleBudgetError] = []
+    small = len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS
+    for name in ("greedy", "drop-all") if small else ("drop-all",):
+        try:
+            plan = _fallback(graph, budget_bytes, checker, segments, name)
+        except InfeasibleBudgetError as error:
+            failures.append(error)
+            continue
+        if not as_fallback:
+            plan = replace(plan, options={**{k: v for k, v in plan.options.items() if k != "fallback"},
+                                          "source": name})
+        found.append((simulate(graph, plan, check_hash=False).time_ms, plan))
+    if not found and as_fallback:
+        raise min(failures, key=lambda error: error.least_feasible_bytes)
+    return found
 
 
 def _chain_plan(graph: Graph, budget_bytes: int, options_per_segment: int) -> Plan | None:
