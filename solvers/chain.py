@@ -466,7 +466,7 @@ class _ChainTable:
                                 best, best_choice = total, j
                     cost[m], choice[m] = best, best_choice
                 self.cost[(s, t)], self.choice[(s, t)] = cost, choice
-        self._x, self._xbar = x, xbar
+        self._x = x
         self.top_cost: list[list[float]] = []
         self.top_choice: list[list[int]] = []
         self.can_offload = copy_ms is not None and count > 1 and any(stage.input_roots for stage in stages)
