@@ -112,6 +112,9 @@ def plot(results: dict) -> None:
         axes[2].scatter([100 * p["fraction"] for p in points if p.get("infeasible")],
                         [p["solve_s"] for p in points if p.get("infeasible")], marker="x", color="black", zorder=3)
     if swept:
+        for seconds, label in ((10, "target, 12 blocks"), (60, "target, 48 blocks")):
+            axes[2].axhline(seconds, linestyle="--", linewidth=0.8, color="grey")
+            axes[2].annotate(label, (50, seconds), fontsize=7, color="grey", va="bottom", ha="center")
         axes[2].set(xlabel="budget (% of activation memory; x: infeasible)", ylabel="hierarchical solve time (s)",
                     yscale="log")
         axes[2].grid(alpha=0.3)
