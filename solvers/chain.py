@@ -28,7 +28,15 @@ stages after t made):
               B(s) needs x[s] + bw[s] + g[s] + g[s+1..t] <= m
     "ck" j:   uf[s..j-1] + opt(j, t, m - x[s]) + opt(s, j - 1, m - g[j..t])   s < j <= t
 
-each option only where its transient memory fits.
+each option only where its transient memory fits. With one stage per op (``every_op``) the
+DP's plans lie in the exact solvers' space; on a uniform chain its optimum is the MILP's
+proved one, and on random chains almost always (tests/test_chain.py). The exception: the
+DP builds persistent schedules only (a stored checkpoint stays until the backward of the
+stages after it is done), while the MILP may free a checkpoint early and make it again from
+an earlier one on the way to values the backward needs anyway. Sizes are rounded up and
+the memory down to slots of ``budget / resolution`` bytes (safe side). O(L^3 * U) time and
+O(L^2 * U) memory for L stages and U = resolution slots; the table for every m is built
+once.
 
 Stage options (Rockmate: Zhao, Le Hellard, Eyraud-Dubois, Gusak, Beaumont, ICML 2023, where
 each block of the Rotor chain has several schedules): with ``options_per_segment > 1`` a
@@ -38,15 +46,7 @@ recomputed values carried to their last read or made again for each reader). Opt
 replaces xbar, act, bw by its own (fewer storages kept; B(s)'s peak counts the recomputed
 values by liveness) and adds its recomputation time to ub[s]; the drop sets are
 `hierarchical.segment_options`' prefixes. Option 0 keeps everything, so the DP with
-options is never worse under its model. O(L^2 * U * (L + O)) for O options per stage. With one stage per op (``every_op``) the
-DP's plans lie in the exact solvers' space; on a uniform chain its optimum is the MILP's
-proved one, and on random chains almost always (tests/test_chain.py). The exception: the
-DP builds persistent schedules only (a stored checkpoint stays until the backward of the
-stages after it is done), while the MILP may free a checkpoint early and make it again from
-an earlier one on the way to values the backward needs anyway. Sizes are rounded up and the memory
-down to slots of ``budget / resolution`` bytes (safe side). O(L^3 * U) time and
-O(L^2 * U) memory for L stages and U = resolution slots (times (L + O) with O stage
-options); the table for every m is built once.
+options is never worse under its model. O(L^2 * U * (L + O)) time for O options per stage.
 
 Program. The optimal sequence starts with one forward sweep F(0)..F(L-1) (the forward
 phase runs every forward op once, in order); the rest is the backward phase: F(k) runs
@@ -261,7 +261,8 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...],
                 options.append(StageOption(
                     dropped=tuple(root for root in dropped if root in dropped_set), all_bytes=size(kept),
                     transient_bytes=_forward_peak(graph, segment.forward_ops, own, kept),
-                    backward_bytes=boundary_bytes + _backward_peak(graph, program, own - kept, (own & read_here) - dropped_set),
+                    backward_bytes=boundary_bytes + _backward_peak(graph, program, own - kept,
+                                                                   (own & read_here) - dropped_set),
                     recompute_ms=sum(graph.op(name).time_ms for name in program
                                      if graph.op(name).phase is Phase.FORWARD),
                     backward_program=tuple(program)))

@@ -583,8 +583,9 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     docstring; under a second per heuristic at a few hundred ops, ``options["start_time_s"]``;
     ``starts``: plans the caller already has, converted instead of solving again)
     is handed to HiGHS, and returned instead of the MILP's incumbent when the MILP ends
-    without one or with a slower one (simulated time): then ``gap`` is the start's, |objective - dual bound| / |objective| on the recomputation time, None
-    without a finite dual bound (CBC, or HiGHS stopped before bounding), and ``optimal``
+    without one or with a slower one (simulated time): then ``gap`` is the start's,
+    |objective - dual bound| / |objective| on the recomputation time, None without a
+    finite dual bound (CBC, or HiGHS stopped before bounding), and ``optimal``
     holds when that gap is 0 (the dual bound proves the start optimal).
     ``options["warm_start"]`` names the heuristic the start came from (False: none fits,
     or ``warm_start=False``), ``options["incumbent"]`` what was returned (``"milp"`` or
