@@ -71,7 +71,6 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool,
                  independent_first: bool) -> tuple[Plan | None, int]:
     """One greedy pass under one recompute policy: (plan, peak) or (None, lowest peak)."""
     decisions = {root: Decision.KEEP for root in saved_roots(graph)}
-    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
 
     def plan_of(trial: dict[str, Decision]) -> Plan:
         return plan_from_decisions(graph, trial, "greedy", budget_bytes, free_intermediates=free_intermediates)
@@ -103,10 +102,7 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool,
         op = graph.op(graph.value(root).producer)
         return graph.value(root).size_bytes / (op.time_ms + 1e-6)
 
-    candidates = [root for root in decisions
-                  if root not in pinned_roots and graph.value(root).size_bytes > 0
-                  and graph.op(graph.value(root).producer).recomputable]
-    candidates.sort(key=score, reverse=True)   # stable: ties keep graph order
+    candidates = sorted(droppable_roots(graph), key=score, reverse=True)   # stable: ties keep graph order
     frontier = {root: recompute_frontier(graph, root) for root in candidates}
     dropped: list[str] = []
     # sweep 1 drops only storages whose recomputation reads kept storages (no cascades,
@@ -136,6 +132,15 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool,
         if measure(decisions)[1] > budget_bytes:
             decisions[root] = chosen
     return plan_of(decisions), peak
+
+
+def droppable_roots(graph: Graph) -> tuple[str, ...]:
+    """Saved storages a plan may drop: not pinned, not empty, made by an op that can run
+    again. Graph order. O(values)."""
+    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
+    return tuple(root for root in saved_roots(graph)
+                 if root not in pinned_roots and graph.value(root).size_bytes > 0
+                 and graph.op(graph.value(root).producer).recomputable)
 
 
 def recompute_frontier(graph: Graph, root: str) -> frozenset[str]:

@@ -256,11 +256,12 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...],
             if not dropped_set:
                 continue
             kept = saved - dropped_set
+            forward_peak = _forward_peak(graph, segment.forward_ops, own, kept)
             programs = [backward_program(graph, segment, own - kept, carry) for carry in (True, False)]
             for program in programs[:1] if programs[0] == programs[1] else programs:
                 options.append(StageOption(
                     dropped=tuple(root for root in dropped if root in dropped_set), all_bytes=size(kept),
-                    transient_bytes=_forward_peak(graph, segment.forward_ops, own, kept),
+                    transient_bytes=forward_peak,
                     backward_bytes=boundary_bytes + _backward_peak(graph, program, own - kept,
                                                                    (own & read_here) - dropped_set),
                     recompute_ms=sum(graph.op(name).time_ms for name in program

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from solvers.baselines import plan_from_decisions, recompute_frontier, solve_greedy
+from solvers.baselines import droppable_roots, plan_from_decisions, recompute_frontier, solve_greedy
 from solvers.checkpoint_baselines import checkpoint_decisions
 from solvers.errors import InfeasibleBudgetError, UnsupportedGraphError
 from solvers.graph import Graph, Phase, ValueKind
@@ -489,9 +489,7 @@ def _drop_all_fallback(graph: Graph, budget_bytes: int, boundaries: set[str]) ->
     Raises:
         InfeasibleBudgetError: the all-dropped plan does not fit, with its peak.
     """
-    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
-    droppable = [root for root in saved_roots(graph) if root not in pinned_roots and graph.value(root).size_bytes > 0
-                 and graph.op(graph.value(root).producer).recomputable]
+    droppable = set(droppable_roots(graph))
     checker = _Checker(graph, budget_bytes, free_intermediates=True)
     kept = set(boundaries) & set(droppable)
     for _ in range(DROP_BOUNDARY_ROUNDS + 1):

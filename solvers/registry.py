@@ -92,8 +92,6 @@ def _refine_with_ilp(graph: Graph, budget_bytes: int, best: tuple[float, Plan], 
     replaces ``best`` when it is faster. Its space (forward once, recomputation inside each
     backward stage) lacks the heuristics' forward re-runs, so it often is not; where it is
     (the U-Net's skip tensors, which the DPs always keep), by a lot."""
-    from solvers.errors import SolverUnavailableError
-
     tried.append("ilp")
     try:
         plan = _SOLVERS["ilp"](graph, budget_bytes, time_limit_s=AUTO_EXACT_TIME_S, starts=plans_found)

@@ -62,9 +62,10 @@ SOLVERS = ("hierarchical", "chain", "greedy", "every_block", "sqrt_n", "ilp")
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_every_solver_end_to_end(traced, solver: str) -> None:
     """Each solver's plan at 60 % of activation memory, run by the runtime: measured peak
-    within the budget, loss, gradients and buffers equal. The checkpoint baselines may not
-    fit a model at that budget (every_block does not fit the U-Net); the others must. `ilp`
-    gets 3 s: on these graphs its plan is the heuristic start or what the MILP improves."""
+    within the budget, loss, gradients and buffers equal. The checkpoint baselines keep
+    every block boundary and may not fit a model at that budget (they fit the MLP and the
+    U-Net, not the tiny GPT and ResNet: those four cases skip); the others must. `ilp` gets
+    3 s: on these graphs its plan is the heuristic start or what the MILP improves."""
     from solvers import InfeasibleBudgetError
     name, model, inputs, step, graph = traced
     budget = resolve_budget(0.6, graph)
