@@ -38,10 +38,11 @@ def solve_none(graph: Graph, budget_bytes: int) -> Plan:
 @register("greedy")
 def solve_greedy(graph: Graph, budget_bytes: int) -> Plan:
     """Drop saved storages (recompute them, or offload them when the graph's transfer
-    profile is real and that is better) in order of bytes per recompute millisecond, keeping a drop
-    only when it lowers the simulated excess over the budget (summed over all steps, so a
-    drop that helps one of several equal peaks counts), until the peak fits; then restore
-    the drops the budget does not need, most recently added first.
+    profile is real and that is better) in order of bytes per recompute millisecond (of the
+    whole recomputation, `recompute_time_ms`: a dropout mask costs its random fill too),
+    keeping a drop only when it lowers the simulated excess over the budget (summed over
+    all steps, so a drop that helps one of several equal peaks counts), until the peak
+    fits; then restore the drops the budget does not need, most recently added first.
 
     Four passes, and the fastest plan that fits wins: recomputed values kept until their
     last backward use or recompute intermediates freed at once (recomputed again when
@@ -99,8 +100,7 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool,
         return plan_from_decisions(graph, decisions, "greedy", budget_bytes, optimal=True), peak
 
     def score(root: str) -> float:
-        op = graph.op(graph.value(root).producer)
-        return graph.value(root).size_bytes / (op.time_ms + 1e-6)
+        return graph.value(root).size_bytes / (recompute_time_ms(graph, root) + 1e-6)
 
     candidates = sorted(droppable_roots(graph), key=score, reverse=True)   # stable: ties keep graph order
     frontier = {root: recompute_frontier(graph, root) for root in candidates}
@@ -147,10 +147,25 @@ def recompute_frontier(graph: Graph, root: str) -> frozenset[str]:
     """The storages that recomputing ``root`` reads: walk back from its producer through
     forward values the forward does not keep (they would be recomputed too) to the
     first saved storages or placeholders. O(size of that sub-graph)."""
+    return _recompute_walk(graph, root)[0]
+
+
+def recompute_time_ms(graph: Graph, root: str) -> float:
+    """Time to recompute ``root`` alone, every other saved storage kept: its producer and
+    the ops behind it whose outputs the forward does not keep (a dropout mask's random
+    fill behind the saved, cheap scaling). What dropping ``root`` costs at the least, the
+    denominator of the drop scores. O(size of that sub-graph)."""
+    return sum(graph.op(name).time_ms for name in _recompute_walk(graph, root)[1])
+
+
+def _recompute_walk(graph: Graph, root: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(storages read, ops run) by the recomputation of ``root`` (`recompute_frontier`)."""
     saved = set(saved_roots(graph))
     found: set[str] = set()
     seen: set[str] = set()
-    stack = list(graph.op(graph.value(root).producer).inputs)
+    producer = graph.value(root).producer
+    ops = {producer}
+    stack = list(graph.op(producer).inputs)
     while stack:
         name = stack.pop()
         if name in seen:
@@ -161,6 +176,7 @@ def recompute_frontier(graph: Graph, root: str) -> frozenset[str]:
             found.add(value.root)
             if value.root == name or value.root in saved or value.producer is None:
                 continue
+        ops.add(value.producer)
         stack.extend(graph.op(value.producer).inputs)
     found.discard(root)
-    return frozenset(found)
+    return frozenset(found), frozenset(ops)

@@ -11,9 +11,10 @@ roots its forward ops allocate, except the ones a later segment's forward reads 
 segment's outputs, ``crossing_in`` of the later segments), pinned ones and ones whose op
 cannot run twice; those are always kept, so recomputing a segment never reaches into
 another one and the options of different segments compose. The droppable storages are
-ordered as `baselines._greedy_pass` orders them (bytes per recompute millisecond), the
-independent ones first (a storage whose recomputation reads no other dropped storage,
-`baselines.recompute_frontier`), then the rest; every option drops a prefix of that order:
+ordered as `baselines._greedy_pass` orders them (bytes per millisecond of the whole
+recomputation, `baselines.recompute_time_ms`), the independent ones first (a storage whose
+recomputation reads no other dropped storage, `baselines.recompute_frontier`), then the
+rest; every option drops a prefix of that order:
 nothing (keep all), everything (checkpoint the block: what ``every_block`` does), and up to
 ``options_per_segment - 2`` prefixes in between, spread evenly over the dropped bytes.
 Identical blocks (same op targets, output sizes and shapes, in order) share one order.
@@ -64,7 +65,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from solvers.baselines import droppable_roots, plan_from_decisions, recompute_frontier, solve_greedy
+from solvers.baselines import (droppable_roots, plan_from_decisions, recompute_frontier, recompute_time_ms,
+                               solve_greedy)
 from solvers.checkpoint_baselines import checkpoint_decisions
 from solvers.errors import InfeasibleBudgetError, UnsupportedGraphError
 from solvers.graph import Graph, Phase, ValueKind
@@ -252,7 +254,7 @@ def _drop_order_options(graph: Graph, roots: list[str], options_per_segment: int
     """Greedy's order (bytes per recompute ms, independent drops first) and the prefixes
     spread evenly over the dropped bytes."""
     def score(root: str) -> float:
-        return graph.value(root).size_bytes / (graph.op(graph.value(root).producer).time_ms + 1e-6)
+        return graph.value(root).size_bytes / (recompute_time_ms(graph, root) + 1e-6)
 
     by_score = sorted(roots, key=score, reverse=True)   # stable: ties keep graph order
     frontier = {root: recompute_frontier(graph, root) for root in by_score}

@@ -18,6 +18,8 @@ from hypothesis import given, settings, strategies as st
 from solvers import (Decision, Graph, InfeasibleBudgetError, InvalidPlanError, Op, Phase, Plan, SimResult,
                      SolverUnavailableError, StepKind, Value, ValueKind, available_solvers,
                      least_feasible_lower_bound, simulate, solve)
+from solvers.baselines import recompute_time_ms
+from solvers.hierarchical import _drop_order_options
 from solvers.plan import Step
 from solvers.schedule import build_program, decisions_for, insert_frees, saved_roots
 from strategies import KEEP_ALL_BUDGET_BYTES, budget_between, chain_graphs, keep_all_peak_bytes, small_graphs
@@ -289,6 +291,39 @@ def test_builder_keeps_what_an_unrecomputable_op_feeds_a_recomputation() -> None
             assert error.least_feasible_bytes > budget_bytes
     with pytest.raises(InvalidPlanError, match="'update'.*cannot be recomputed"):
         build_program(graph, {"z": Decision.RECOMPUTE, "y": Decision.RECOMPUTE})
+
+
+def dropout_mask_graph() -> Graph:
+    """A dropout-like forward: the saved mask ``m`` comes from a cheap scaling of an
+    expensive random fill that is not saved, beside a saved ``y`` of the same size from a
+    moderately expensive op; the peak is the workspace of a last forward op. Recomputing
+    ``m`` costs the fill too (5.1 ms), ``y`` 1 ms."""
+    act = ValueKind.ACTIVATION
+    values = (Value("x", 16, ValueKind.INPUT), Value("t", 16, ValueKind.TANGENT),
+              Value("r", 64, act, "fill"), Value("m", 64, act, "scale"), Value("y", 64, act, "f"),
+              Value("z", 16, act, "mix"), Value("out", 16, act, "head"), Value("g", 16, ValueKind.GRADIENT_WORK, "mix_bw"))
+    ops = (Op("fill", ("x",), ("r",), FWD, 5.0, random=True), Op("scale", ("r",), ("m",), FWD, 0.1),
+           Op("f", ("x",), ("y",), FWD, 1.0), Op("mix", ("m", "y"), ("z",), FWD, 1.0),
+           Op("head", ("z",), ("out",), FWD, 1.0, tmp_bytes=512), Op("mix_bw", ("t", "m", "y"), ("g",), BWD, 1.0))
+    return Graph(ops=ops, values=values, placeholders=("x", "t"), forward_outputs=("out",), gradients=("g",))
+
+
+@pytest.mark.parametrize("solver", ["greedy", "hierarchical"])
+def test_drops_are_scored_by_the_whole_recomputation(solver: str) -> None:
+    """Room for one of ``m`` and ``y``: the mask's own op is the cheaper one, but dropping
+    it means running the fill again, so the solvers drop ``y`` (1 ms, not 5.1 ms)."""
+    graph = dropout_mask_graph()
+    assert recompute_time_ms(graph, "m") == pytest.approx(5.1)
+    assert recompute_time_ms(graph, "y") == pytest.approx(1.0)
+    def peak_bytes(recompute: list[str]) -> int:
+        return simulate(graph, builder_plan(graph, decisions_for(graph, recompute=recompute))).peak_bytes
+
+    budget_bytes = max(peak_bytes(["m"]), peak_bytes(["y"]))   # either drop fits
+    assert budget_bytes < peak_bytes([])
+    assert _drop_order_options(graph, ["m", "y"], 3).order == ("y", "m")   # hierarchical's options
+    plan = solve(graph, budget_bytes, solver)
+    assert plan.decisions["m"] is Decision.KEEP and plan.decisions["y"] is Decision.RECOMPUTE
+    assert simulate(graph, plan).recompute_ms == pytest.approx(1.0)
 
 
 # -- insert_frees: liveness ------------------------------------------------------------------------
