@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from solvers.errors import PlanFormatError, format_bytes
 from solvers.graph import Graph, Phase, ValueKind
 from solvers.plan import Decision, Plan, StepKind
+from solvers.baselines import recompute_time_ms
 from solvers.schedule import saved_roots
 from solvers.simulate import SimResult, simulate
 
@@ -248,14 +249,17 @@ def _saved_rows(graph: Graph, plan: Plan, sim: SimResult, live_roots_at_peak: fr
         if step.kind is StepKind.RUN:
             backward_runs[step.name] = backward_runs.get(step.name, 0) + 1
 
-    def rate(root: str) -> float:
-        """Bytes a recomputation frees per millisecond it costs."""
-        time_ms = graph.op(graph.value(root).producer).time_ms
-        return graph.value(root).size_bytes / time_ms if time_ms > 0 else math.inf
-
     # what a recompute decision could be about: droppable storages, best bytes per ms first
     candidates = [root for root in roots if root not in pinned_roots and graph.value(root).size_bytes > 0
                   and graph.op(graph.value(root).producer).recomputable]
+    # the whole recomputation, as the solvers score it (a dropout mask's random fill included)
+    alone_ms = {root: recompute_time_ms(graph, root) for root in candidates}
+
+    def rate(root: str) -> float:
+        """Bytes a recomputation frees per millisecond it costs."""
+        time_ms = alone_ms.get(root, graph.op(graph.value(root).producer).time_ms)
+        return graph.value(root).size_bytes / time_ms if time_ms > 0 else math.inf
+
     candidates.sort(key=lambda root: (-rate(root), order[root]))
     rank = {root: position + 1 for position, root in enumerate(candidates)}
     decision_of = {root: plan.decisions.get(root, Decision.KEEP) for root in roots}
@@ -271,7 +275,8 @@ def _saved_rows(graph: Graph, plan: Plan, sim: SimResult, live_roots_at_peak: fr
         count = backward_runs.get(op.name, 0)
         live = root in live_roots_at_peak
         if decision is Decision.RECOMPUTE:
-            why = _why_recompute(value.size_bytes, op.time_ms, rate(root), rank.get(root), len(candidates), count)
+            why = _why_recompute(value.size_bytes, alone_ms.get(root, op.time_ms), rate(root), rank.get(root),
+                                 len(candidates), count)
         elif decision is Decision.OFFLOAD:
             why = _why_offload(graph, value.size_bytes, *window_ms.get(root, (0.0, 0.0)), sim.stall_ms)
         elif root in output_roots:
@@ -286,7 +291,7 @@ def _saved_rows(graph: Graph, plan: Plan, sim: SimResult, live_roots_at_peak: fr
             why = (f"keep: the budget is met with every saved value kept "
                    f"(peak {format_bytes(sim.peak_bytes)} <= {format_bytes(plan.budget_bytes)})")
         else:
-            why = (f"keep: recomputing would cost {format_ms(op.time_ms)} for {format_bytes(value.size_bytes)} "
+            why = (f"keep: recomputing would cost {format_ms(alone_ms[root])} for {format_bytes(value.size_bytes)} "
                    f"({format_rate(rate(root))}, rank {rank[root]} of {len(candidates)})")
             if not live:
                 why += "; not live at the peak, so dropping it cannot lower the peak"

@@ -19,6 +19,7 @@ from solvers import (Decision, Graph, InfeasibleBudgetError, InvalidPlanError, O
                      SolverUnavailableError, StepKind, Value, ValueKind, available_solvers,
                      least_feasible_lower_bound, simulate, solve)
 from solvers.baselines import recompute_time_ms
+from solvers.explain import explain
 from solvers.hierarchical import _drop_order_options
 from solvers.plan import Step
 from solvers.schedule import build_program, decisions_for, insert_frees, saved_roots
@@ -324,6 +325,9 @@ def test_drops_are_scored_by_the_whole_recomputation(solver: str) -> None:
     plan = solve(graph, budget_bytes, solver)
     assert plan.decisions["m"] is Decision.KEEP and plan.decisions["y"] is Decision.RECOMPUTE
     assert simulate(graph, plan).recompute_ms == pytest.approx(1.0)
+    why = {row.name: row.why for row in explain(graph, plan).rows}   # plan-inspect says the same
+    assert why["m"].startswith("keep: recomputing would cost 5.1 ms") and "rank 2 of 2" in why["m"]
+    assert why["y"].startswith("recompute: frees 64 B for 1 ms")
 
 
 # -- insert_frees: liveness ------------------------------------------------------------------------
