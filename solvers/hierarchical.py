@@ -426,7 +426,7 @@ DROP_BOUNDARY_ROUNDS = 8   # replays `_drop_all_fallback` may spend dropping bou
 
 
 def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) -> tuple[dict[str, Decision], int]:
-    """Keep dropped storages again, most producer time per byte first, while the replayed
+    """Keep dropped storages again, most recompute time per byte first, while the replayed
     peak fits and the time falls. Keeping a storage raises the peak by at most its size, so
     while the peak plus that size fits it is kept without a replay; the others get at most
     `RESTORE_REPLAYS` replays. O(R + RESTORE_REPLAYS) replays' worth of work at most."""
@@ -434,7 +434,7 @@ def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) ->
     peak, current = checker.measure(decisions)
 
     def value_of_keeping(root: str) -> float:
-        return graph.op(graph.value(root).producer).time_ms / (graph.value(root).size_bytes + 1)
+        return recompute_time_ms(graph, root) / (graph.value(root).size_bytes + 1)
 
     dropped = [root for root, decision in decisions.items() if decision is Decision.RECOMPUTE]
     restored = replays = 0
