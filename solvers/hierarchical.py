@@ -429,9 +429,24 @@ DROP_BOUNDARY_ROUNDS = 8   # replays `_drop_all_fallback` may spend dropping bou
 
 def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) -> tuple[dict[str, Decision], int]:
     """Keep dropped storages again, most recompute time per byte first, while the replayed
-    peak fits and the time falls. Keeping a storage raises the peak by at most its size, so
-    while the peak plus that size fits it is kept without a replay; the others get at most
-    `RESTORE_REPLAYS` replays. O(R + RESTORE_REPLAYS) replays' worth of work at most."""
+    peak fits and the time falls; returns the decisions (which fit if ``decisions`` did)
+    and how many storages were kept again.
+
+    A first pass trusts that keeping a storage raises the peak by at most its size and keeps
+    it without a replay while the peak plus that size fits; the others get at most
+    `RESTORE_REPLAYS` replays. The result is replayed; if the bound failed (the schedule
+    builder may order recomputations differently once a storage is kept), a second pass
+    replays every trial instead, and if that does not fit either the decisions come back
+    unchanged. O(R + RESTORE_REPLAYS) replays' worth of work per pass."""
+    for trust_size_bound in (True, False):
+        restored_decisions, restored = _restore_pass(graph, decisions, checker, trust_size_bound)
+        if checker.fits(restored_decisions):
+            return restored_decisions, restored
+    return dict(decisions), 0
+
+
+def _restore_pass(graph: Graph, decisions: dict[str, Decision], checker: _Checker,
+                  trust_size_bound: bool) -> tuple[dict[str, Decision], int]:
     decisions = dict(decisions)
     peak, current = checker.measure(decisions)
 
@@ -443,8 +458,8 @@ def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) ->
     for root in sorted(dropped, key=value_of_keeping, reverse=True):
         size_bytes = graph.value(root).size_bytes
         decisions[root] = Decision.KEEP
-        if peak + size_bytes <= checker.budget_bytes:
-            peak += size_bytes            # an upper bound, replayed once at the end
+        if trust_size_bound and peak + size_bytes <= checker.budget_bytes:
+            peak += size_bytes            # an upper bound if the bound holds; replayed at the end
             restored += 1
             continue
         if replays >= RESTORE_REPLAYS:
@@ -508,11 +523,7 @@ def _drop_all_fallback(graph: Graph, budget_bytes: int, boundaries: set[str]) ->
     if result.peak_bytes > budget_bytes:
         raise InfeasibleBudgetError(budget_bytes, result.peak_bytes,
                                     {"every droppable storage recomputed": result.peak_bytes}, solver=SOLVER)
-    restored_decisions, restored = _restore(graph, decisions, checker)
-    if checker.fits(restored_decisions):
-        decisions = restored_decisions
-    else:
-        restored = 0
+    decisions, restored = _restore(graph, decisions, checker)
     plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True)
     return replace(plan, options={**plan.options, "restored": restored})
 

@@ -14,8 +14,11 @@ from hypothesis import given, strategies as st
 
 from planner.budget import resolve_budget
 from runtime.module import ScheduledModule
-from solvers import InfeasibleBudgetError, UnsupportedGraphError, simulate, solve
-from solvers.hierarchical import OptionCost, choose_levels, segment_options, solve_hierarchical
+from solvers import (Decision, Graph, InfeasibleBudgetError, Op, Phase, UnsupportedGraphError, Value, ValueKind,
+                     simulate, solve)
+from solvers import hierarchical
+from solvers.hierarchical import (OptionCost, _Checker, _restore, choose_levels, segment_options,
+                                  solve_hierarchical)
 from solvers.segments import segment_chain
 from strategies import budget_between, chain_graphs, small_graphs
 from helpers import assert_same_training_step, trace_zoo
@@ -191,7 +194,6 @@ def test_drop_all_fallback_below_every_dp(monkeypatch) -> None:
     storage recomputed (boundaries alive at the peak dropped in rounds), not greedy's O(R)
     replays: below what the DPs reach it fits, no lower than greedy's own floor by much,
     and trains with the plain model's gradients."""
-    import solvers.hierarchical as hierarchical
     monkeypatch.setattr(hierarchical, "GREEDY_CANDIDATE_MAX_OPS", 0)
     model, inputs, step, graph = trace_zoo("gpt")
 
@@ -214,3 +216,44 @@ def test_drop_all_fallback_below_every_dp(monkeypatch) -> None:
     scheduled_model, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(scheduled_model, step, graph, plan)
     assert_same_training_step(scheduled, scheduled_model, reference, inputs, label="drop-all fallback")
+
+
+def kept_output_raises_the_peak_by_more_than_its_size() -> tuple[Graph, dict[str, Decision]]:
+    """A graph (found by a hypothesis search) where keeping the 16-byte ``a4_0`` instead of
+    recomputing it raises the peak by 256 bytes: without the re-run of its op ``f4`` the
+    schedule builder orders the other recomputation differently."""
+    fwd, bwd, act, work = Phase.FORWARD, Phase.BACKWARD, ValueKind.ACTIVATION, ValueKind.GRADIENT_WORK
+    ops = (Op("f0", ("x", "w0"), ("a0_0",), fwd, 0.75), Op("f1", ("a0_0",), ("a1_0",), fwd, 3.25, tmp_bytes=64),
+           Op("f2", ("a0_0",), ("v2",), fwd, 0.0), Op("f3", ("x",), ("a3_0", "a3_1"), fwd, 1.75),
+           Op("f4", ("a1_0", "v2"), ("a4_0", "a4_1"), fwd, 1.75, tmp_bytes=256),
+           Op("f5", ("a3_0",), ("a5_0",), fwd, 3.0, tmp_bytes=64),
+           Op("b0", ("tangent0", "a4_0"), ("g0_0", "g0_1"), bwd, 0.5), Op("b1", ("g0_1", "a1_0"), ("g1_0",), bwd, 0.25),
+           Op("b2", ("g0_0",), ("gv2",), bwd, 0.0), Op("b3", ("g0_0",), ("gv3",), bwd, 0.0),
+           Op("b4", ("gv3", "a4_0", "a4_1"), ("g4_0",), bwd, 0.75),
+           Op("b5", ("gv3", "g1_0"), ("g5_0", "g5_1"), bwd, 2.5, tmp_bytes=256))
+    values = (Value("w0", 272, ValueKind.PARAMETER), Value("x", 256, ValueKind.INPUT),
+              Value("tangent0", 224, ValueKind.TANGENT), Value("a0_0", 224, act, "f0"), Value("a1_0", 128, act, "f1"),
+              Value("v2", 0, act, "f2", alias_of="a0_0"), Value("a3_0", 128, act, "f3"), Value("a3_1", 432, act, "f3"),
+              Value("a4_0", 16, act, "f4"), Value("a4_1", 192, act, "f4"), Value("a5_0", 224, act, "f5"),
+              Value("g0_0", 64, work, "b0"), Value("g0_1", 448, work, "b0"), Value("g1_0", 32, work, "b1"),
+              Value("gv2", 0, work, "b2", alias_of="g0_0"), Value("gv3", 0, work, "b3", alias_of="g0_0"),
+              Value("g4_0", 432, work, "b4"), Value("g5_0", 224, work, "b5"), Value("g5_1", 208, work, "b5"))
+    graph = Graph(ops=ops, values=values, placeholders=("w0", "x", "tangent0"), forward_outputs=("a5_0",),
+                  gradients=("gv2",))
+    return graph, {"a1_0": Decision.RECOMPUTE, "a4_0": Decision.RECOMPUTE, "a4_1": Decision.KEEP}
+
+
+def test_the_restore_pass_replays_what_it_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restore pass keeps storages again without a replay while the peak plus their
+    size fits; that bound can fail, so its result is replayed and, if over the budget,
+    made again with a replay per trial: it never returns decisions that do not fit. (No
+    replays allowed for the rest, so that keeping ``a1_0`` as well cannot rescue it.)"""
+    monkeypatch.setattr(hierarchical, "RESTORE_REPLAYS", 0)
+    graph, decisions = kept_output_raises_the_peak_by_more_than_its_size()
+    checker = _Checker(graph, 0)
+    peak_bytes = checker.measure(decisions)[0]
+    kept = {**decisions, "a4_0": Decision.KEEP}
+    assert checker.measure(kept)[0] - peak_bytes > graph.value("a4_0").size_bytes   # the bound fails here
+    checker = _Checker(graph, peak_bytes + graph.value("a4_0").size_bytes)
+    restored, _ = _restore(graph, decisions, checker)
+    assert checker.measure(restored)[0] <= checker.budget_bytes
