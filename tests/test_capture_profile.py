@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -160,3 +161,19 @@ def test_in_place_update_of_an_input_is_refused_with_the_fix() -> None:
 
     with pytest.raises(UnsupportedModelError, match=r"modifies its input in place.*clone"):
         capture(MutatesInput(), (torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("repeats, expected_ms", [(1, 1000.0), (2, 50.0), (3, 2.0)])
+def test_cpu_op_time_is_the_fastest_repeat_after_the_first(monkeypatch: pytest.MonkeyPatch, repeats: int,
+                                                           expected_ms: float) -> None:
+    """On CPU a repeat can only be slowed (page faults of memory handed back to the
+    system, other processes), so the profile takes the fastest timed repeat: runs of
+    1 s (warm-up, left out), 50 ms and 2 ms give 2 ms; a single run is all there is."""
+    import planner.profile as profiling
+    clock = iter([0.0, 1.0, 10.0, 10.05, 20.0, 20.002])
+    monkeypatch.setattr(profiling, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    builder = profiling._GraphBuilder.__new__(profiling._GraphBuilder)
+    builder.device, builder.repeats = torch.device("cpu"), repeats
+    result, time_ms, workspace_bytes = builder._timed(torch.add, (torch.ones(2), 1), {})
+    assert torch.equal(result, torch.full((2,), 2.0)) and workspace_bytes == 0
+    assert time_ms == pytest.approx(expected_ms)
