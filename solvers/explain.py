@@ -16,10 +16,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from solvers.baselines import recompute_time_ms
 from solvers.errors import PlanFormatError, format_bytes
 from solvers.graph import Graph, Phase, ValueKind
 from solvers.plan import Decision, Plan, StepKind
-from solvers.baselines import recompute_time_ms
 from solvers.schedule import saved_roots
 from solvers.simulate import SimResult, simulate
 

@@ -80,7 +80,7 @@ SOLVER = "hierarchical"
 # Up to this many ops ``greedy`` (O(R) full replays: about a second at 260 ops, 2-3 s at
 # 480, 14-25 s at 1,400) is one more candidate; above, only the fallback when nothing else
 # fits. 600 as `registry.AUTO_MAX_OPS`: on the 4-block GPT (483 ops) at every_block's peak
-# greedy's plan, which drops block inputs that are cheap to remake, is the fastest.
+# greedy's plan, which may drop a block input that is cheap to remake, can be the fastest.
 GREEDY_CANDIDATE_MAX_OPS = 600
 
 
