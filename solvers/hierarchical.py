@@ -152,8 +152,11 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     every_block = checkpoint_decisions(graph, {root for segment in segments for root in segment.crossing_in})
     if checker.fits(every_block):
         candidates.append((checker.time_ms(every_block), every_block))
+    solvers_run = ["every_block"]     # registered solvers whose plans were candidates here
     reruns = [plan for plan in (_chain_plan(graph, budget_bytes, options) for options in
                                 (options_per_segment, 1)) if plan is not None] if with_reruns else []
+    if with_reruns:
+        solvers_run.append("chain")
     found: list[tuple[float, Plan]] = []             # (simulated time, plan); first wins ties
     if candidates:
         _, decisions = min(candidates, key=lambda candidate: candidate[0])   # first wins ties: the DP's
@@ -164,7 +167,10 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     found += [(simulate(graph, rerun, check_hash=False).time_ms, rerun) for rerun in reruns]
     if not found or len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS:
         found += _search_candidates(graph, budget_bytes, checker, segments, as_fallback=not found)
-    return min(found, key=lambda item: item[0])[1]
+        if len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS:
+            solvers_run.append("greedy")
+    plan = min(found, key=lambda item: item[0])[1]
+    return replace(plan, options={**plan.options, "solvers_run": solvers_run})
 
 
 def _search_candidates(graph: Graph, budget_bytes: int, checker: _Checker, segments: tuple[Segment, ...],

@@ -56,23 +56,30 @@ AUTO_EXACT_TIME_S = 3.0
 def _solve_auto(graph: Graph, budget_bytes: int, **options: object) -> Plan:
     """Run the registered candidates and keep the plan with the least simulated time (on
     graphs of up to `AUTO_EXACT_MAX_OPS` ops, then `_refine_with_ilp`); when none fits,
-    raise the `InfeasibleBudgetError` with the smallest least-feasible budget."""
+    raise the `InfeasibleBudgetError` with the smallest least-feasible budget. A candidate
+    whose plan lists, in ``options["solvers_run"]``, solvers it already ran as candidates of
+    its own (``hierarchical`` runs chain, every_block and, on small graphs, greedy) saves
+    auto from running them again; a plan proved optimal (keep-all fits) ends the search."""
     best: tuple[float, Plan] | None = None
     failures: list[InfeasibleBudgetError] = []
     plans_found: list[Plan] = []
     registered = [name for name in AUTO_CANDIDATES if name in _SOLVERS]
     first = [name for name in registered if len(graph.ops) <= AUTO_MAX_OPS.get(name, len(graph.ops))]
     tried: list[str] = []
+    covered: set[str] = set()
     for group in (first, [name for name in registered if name not in first]):
         if best is not None:
             break
         for name in group:
+            if name in covered:
+                continue
             tried.append(name)
             try:
                 plan = _SOLVERS[name](graph, budget_bytes, **options)
             except InfeasibleBudgetError as error:
                 failures.append(error)
                 continue
+            covered.update(registered if plan.optimal else plan.options.get("solvers_run", ()))
             result = simulate(graph, plan)
             if result.peak_bytes <= budget_bytes:
                 plans_found.append(plan)

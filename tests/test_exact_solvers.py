@@ -338,3 +338,26 @@ def test_auto_refines_small_graphs_with_the_milp(monkeypatch) -> None:
     monkeypatch.setattr(registry, "AUTO_EXACT_MAX_OPS", 0)
     plan = solve(graph, 344, "auto")
     assert plan.solver != "ilp" and "ilp" not in plan.options["auto_tried"]
+
+
+@given(graph=st.integers(2, 6).flatmap(chain_graphs), frac=st.floats(0.0, 1.0))
+def test_auto_does_not_rerun_what_hierarchical_ran(graph: Graph, frac: float) -> None:
+    """`hierarchical` runs chain, every_block and (small graphs) greedy as candidates and
+    says so; `auto` then skips them and still returns a plan at least as fast as each."""
+    budget_bytes = budget_between(graph, frac)
+    try:
+        hierarchical = solve(graph, budget_bytes, "hierarchical")
+    except InfeasibleBudgetError:
+        return
+    plan = solve(graph, budget_bytes, "auto")
+    if hierarchical.optimal:   # keep-all fits: nothing else runs
+        assert plan.options["auto_tried"] == ["hierarchical"] and plan.predicted_time_ms == graph.total_time_ms
+    else:
+        assert {"chain", "every_block", "greedy"} <= set(hierarchical.options["solvers_run"])
+        assert not {"chain", "every_block", "greedy"} & set(plan.options["auto_tried"])
+    assert plan.predicted_time_ms <= hierarchical.predicted_time_ms + 1e-9
+    for name in ("chain", "every_block", "greedy"):
+        try:
+            assert plan.predicted_time_ms <= solve(graph, budget_bytes, name).predicted_time_ms + 1e-9
+        except InfeasibleBudgetError:
+            pass
