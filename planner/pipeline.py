@@ -274,7 +274,11 @@ def _plan_stage(forward: StageForward, stage: StageSlice, received: tuple[torch.
     in_flight = in_flight_microbatches(rank, stages, microbatches, schedule)
     received_bytes = _nbytes(received) if rank > 0 else 0
     output_bytes = sum(graph.value(graph.value(v).root).size_bytes for v in set(graph.forward_outputs))
-    sent_bytes = output_bytes if rank < stages - 1 else 0
+    # values passed through (a U-Net skip) are sent too, and their gradients come back into
+    # receive buffers of their size, one per micro-batch
+    passed_bytes = _nbytes([received[stage.received.index(name)] for name in stage.sent
+                            if name not in stage.computed])
+    sent_bytes = output_bytes + passed_bytes if rank < stages - 1 else 0
     buffers = microbatches * (received_bytes + sent_bytes)
     # With several micro-batches, the gradients accumulated in .grad stay while the next
     # micro-batch's backward makes its own (the stage plan counts only those).

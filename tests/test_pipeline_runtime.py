@@ -42,11 +42,11 @@ def run_ranks(tmp_path: Path, ranks: int, *arguments: str) -> list[dict]:
     return reports
 
 
-def assert_within_budget(reports: list[dict], prediction_tolerance: float = 1.02) -> None:
+def assert_within_budget(reports: list[dict]) -> None:
     for report in reports:
         assert report["peak_bytes"] <= report["budget_bytes"], report
         # the runtime's prediction for the whole stage is on the safe side of the measurement
-        assert report["peak_bytes"] <= report["predicted_peak_bytes"] * prediction_tolerance, report
+        assert report["peak_bytes"] <= report["predicted_peak_bytes"] * 1.02, report
 
 
 def test_gpt_two_ranks_1f1b_equal_gradients(tmp_path):
@@ -59,16 +59,22 @@ def test_gpt_two_ranks_1f1b_equal_gradients(tmp_path):
 
 def test_unet_three_ranks_gpipe_equal_gradients_buffers_and_skips(tmp_path):
     """U-Net long skips cross stages (passed through the middle one); BatchNorm statistics
-    are updated once per micro-batch, as in the reference.
-
-    Known bug, open: the split follows single-shot op timings, and on two of the splits
-    seen the middle stage's whole-stage prediction is under its measured peak: 3.3 % with
-    segments 2..4 (434,384 vs 420,624 B, every run of that saved pipeline plan) and 5.3 %
-    with segments 3..4 (398,536 vs 378,376 B); the other splits are within 2 %. Until the
-    stage formula in `planner.pipeline._plan_stage` is fixed, 6 % here."""
+    are updated once per micro-batch, as in the reference."""
     reports = run_ranks(tmp_path, 3, "--model", "unet", "--budget", "4000000", "--microbatches", "2",
                         "--schedule", "gpipe")
-    assert_within_budget(reports, prediction_tolerance=1.06)
+    assert_within_budget(reports)
+
+
+def test_passed_through_values_count_their_gradient_buffers(tmp_path):
+    """A saved plan whose middle stage passes a U-Net skip through (received, sent on,
+    not read): the gradient of that skip comes back into a receive buffer per micro-batch,
+    which the stage's prediction must count (it did not: 434,384 B measured against
+    420,624 predicted). The split is fixed here; planned afresh it follows the timings."""
+    plan = Path(__file__).with_name("data") / "unet_tiny_3_stages_gpipe.plan.json"
+    reports = run_ranks(tmp_path, 3, "--model", "unet", "--budget", "4000000", "--microbatches", "2",
+                        "--schedule", "gpipe", "--plan", str(plan))
+    assert reports[1]["segments"] == [2, 5]
+    assert_within_budget(reports)
 
 
 def _gpt_microbatch_chain(microbatches: int):
