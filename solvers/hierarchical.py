@@ -444,24 +444,25 @@ def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) ->
     builder may order recomputations differently once a storage is kept), a second pass
     replays every trial instead, and if that does not fit either the decisions come back
     unchanged. O(R + RESTORE_REPLAYS) replays' worth of work per pass."""
+    def value_of_keeping(root: str) -> float:
+        return recompute_time_ms(graph, root) / (graph.value(root).size_bytes + 1)
+
+    dropped = [root for root, decision in decisions.items() if decision is Decision.RECOMPUTE]
+    order = sorted(dropped, key=value_of_keeping, reverse=True)
     for trust_size_bound in (True, False):
-        restored_decisions, restored = _restore_pass(graph, decisions, checker, trust_size_bound)
+        restored_decisions, restored = _restore_pass(graph, decisions, checker, order, trust_size_bound)
         if checker.fits(restored_decisions):
             return restored_decisions, restored
     return dict(decisions), 0
 
 
-def _restore_pass(graph: Graph, decisions: dict[str, Decision], checker: _Checker,
+def _restore_pass(graph: Graph, decisions: dict[str, Decision], checker: _Checker, order: list[str],
                   trust_size_bound: bool) -> tuple[dict[str, Decision], int]:
+    """One pass of `_restore` over the dropped storages in ``order``."""
     decisions = dict(decisions)
     peak, current = checker.measure(decisions)
-
-    def value_of_keeping(root: str) -> float:
-        return recompute_time_ms(graph, root) / (graph.value(root).size_bytes + 1)
-
-    dropped = [root for root, decision in decisions.items() if decision is Decision.RECOMPUTE]
     restored = replays = 0
-    for root in sorted(dropped, key=value_of_keeping, reverse=True):
+    for root in order:
         size_bytes = graph.value(root).size_bytes
         decisions[root] = Decision.KEEP
         if trust_size_bound and peak + size_bytes <= checker.budget_bytes:
