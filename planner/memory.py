@@ -22,7 +22,8 @@ the host account. On CPU the call is retroactive: the copy's bytes are taken out
 device peak for its whole life, so marking the copy right after making it is exact.
 
 What the storage tracker does not see: memory a kernel allocates internally and frees
-before it returns (workspace), tensors made without an aten op (``torch.from_numpy``),
+before it returns (workspace) while another profiler is running (otherwise it is measured
+per op, `planner.scratch`), tensors made without an aten op (``torch.from_numpy``),
 ops run on other threads, and ``UntypedStorage.resize_`` called directly on a storage
 (resizes done by aten ops, ``Tensor.resize_`` and ``out=`` included, are seen).
 """
@@ -36,10 +37,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import (TorchDispatchMode, is_traceable_wrapper_subclass,
                                           is_traceable_wrapper_subclass_type)
 
-from planner.scratch import measure_scratch, uses_cpu_scratch
+from planner.scratch import OpScratch, kineto_quiet
 
 __all__ = ["MemoryReport", "StepMemoryTracker", "mark_host", "measure_step_memory",
            "STORAGE_TRACKER", "CUDA_ALLOCATOR"]
@@ -191,13 +193,11 @@ class _StorageCounter:
             else:
                 self.device_bytes -= ref.nbytes
 
-    def record_transient(self, extra_bytes: int) -> None:
-        """An op held ``extra_bytes`` of scratch on top of what is live now, while it ran."""
+    def record_transient(self, extra_bytes: int, at_bytes: int) -> None:
+        """An op held ``extra_bytes`` of scratch on top of the ``at_bytes`` live when it
+        returned (the scratch is known only after the step: the peak alone is raised)."""
         with self._lock:
-            self.device_timeline.append(self.device_bytes + extra_bytes)
-            self.host_timeline.append(self.host_bytes)
-            self.device_peak = max(self.device_peak, self.device_bytes + extra_bytes)
-            self._record_event()
+            self.device_peak = max(self.device_peak, at_bytes + extra_bytes)
 
     def _record_event(self) -> None:
         self.device_timeline.append(self.device_bytes)
@@ -282,26 +282,36 @@ class _StorageCounter:
 
 
 class _CountingMode(TorchDispatchMode):
-    """Forwards every aten op's outputs to a `_StorageCounter`; changes no result."""
+    """Forwards every aten op's outputs to a `_StorageCounter`; changes no result. With a
+    `planner.scratch.OpScratch` session, each op runs in its own range and the device
+    bytes live right after it are noted, so `add_scratch` can add the op's scratch later."""
 
-    def __init__(self, counter: _StorageCounter, measure_scratch: bool) -> None:
+    def __init__(self, counter: _StorageCounter, scratch: OpScratch | None) -> None:
         super().__init__()
         self.counter = counter
-        self.measure_scratch = measure_scratch
+        self.scratch = scratch
+        self.bytes_after_op: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's signature
         if any(is_traceable_wrapper_subclass_type(cls) for cls in types):
             return NotImplemented      # let the subclass unwrap; its inner ops come back here
         kwargs = kwargs or {}
-        scratch_bytes = 0
-        if self.measure_scratch and uses_cpu_scratch(func):
-            outputs, scratch_bytes = measure_scratch(func, args, kwargs)
-        else:
+        if self.scratch is None or not self.scratch.active:
+            outputs = func(*args, **kwargs)
+            self.counter.record_outputs(outputs, args, kwargs)
+            return outputs
+        with self.scratch.op(len(self.bytes_after_op)):
             outputs = func(*args, **kwargs)
         self.counter.record_outputs(outputs, args, kwargs)
-        if scratch_bytes:
-            self.counter.record_transient(scratch_bytes)
+        self.bytes_after_op.append(self.counter.device_bytes)
         return outputs
+
+    def add_scratch(self) -> None:
+        """Raise the peak by each op's scratch on top of the bytes live when it returned."""
+        if self.scratch is None:
+            return
+        for index, scratch_bytes in self.scratch.scratch_bytes().items():
+            self.counter.record_transient(scratch_bytes, at_bytes=self.bytes_after_op[index])
 
 
 # --------------------------------------------------------------------------- CUDA
@@ -361,8 +371,10 @@ class StepMemoryTracker:
     On CUDA the caching allocator's statistics (absolute: everything on the device counts,
     ``resident`` is not needed, and the device's peak statistic is reset on entry); on any
     other device the storage tracker described in the module docstring, which counts the
-    storages of ``resident`` from the start, plus (``measure_scratch``, default on) the
-    transient scratch of CPU kernels that allocate it inside one call (`planner.scratch`).
+    storages of ``resident`` from the start, plus (``measure_scratch``, default on, CPU) the
+    transient scratch every op allocates and frees inside its call, from the allocator's
+    events (`planner.scratch.OpScratch`; added to the peak when the block ends, and not
+    measured when another profiler is running).
     Properties are live inside the block and frozen after it; `report` gives the result.
     A tracker is used once.
     """
@@ -375,6 +387,7 @@ class StepMemoryTracker:
         self._resident = tuple(resident)
         self._counter: _StorageCounter | None = None
         self._mode: _CountingMode | None = None
+        self._scratch: OpScratch | None = None
         self._cuda: _CudaPeak | None = None
         self._start_bytes = 0
         self._state = "new"          # new -> active -> done
@@ -392,7 +405,9 @@ class StepMemoryTracker:
         else:
             self._counter = _StorageCounter(self.device)
             self._counter.start(self._resident)
-            self._mode = _CountingMode(self._counter, self.measure_scratch)
+            if self.measure_scratch and self.device.type == "cpu":
+                self._scratch = OpScratch().__enter__()
+            self._mode = _CountingMode(self._counter, self._scratch)
             self._mode.__enter__()
         self._resident = ()
         self._state = "active"
@@ -405,6 +420,9 @@ class StepMemoryTracker:
             if self._mode is not None:
                 self._mode.__exit__(exc_type, exc_value, traceback)
         finally:
+            if self._scratch is not None:
+                self._scratch.__exit__(exc_type, exc_value, traceback)
+                self._mode.add_scratch()
             if self._cuda is not None:
                 self._cuda.stop()
             self._final = self._snapshot()
@@ -498,3 +516,37 @@ def measure_step_memory(step: Callable[[], object], device: torch.device | str,
     with StepMemoryTracker(device, resident) as tracker:
         result = step()
     return result, tracker.report()
+
+
+# --------------------------------------------------------------------------- allocator events (CPU)
+
+
+def measure_allocator_peak(step: Callable[[], object], resident: Iterable[torch.Tensor] = ()) -> tuple[object, int]:
+    """Run ``step()`` once under ``torch.profiler`` with ``profile_memory=True`` and return its
+    result and the peak of live bytes from the allocator's own events: every allocation and
+    free of the step in time order (kernel scratch, tensors made outside aten included),
+    on top of the distinct storages of ``resident`` (parameters, buffers, inputs) alive at
+    entry. This is the independent measurement the storage tracker is checked against.
+
+    The result is kept alive, so what it holds counts until the end as for the tracker.
+    The step must not free memory allocated before it (set ``.grad`` to None first): the
+    profiler reports such a free with its size only when it saw the allocation, so its
+    running sum would start below zero.
+
+    Raises:
+        ValueError: the step freed memory that an earlier profiled region allocated.
+    """
+    resident_storages = {s._cdata: s.nbytes() for t in resident for s in _storages_of(t)}
+    with kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = step()
+    with kineto_quiet():
+        events = profiler.profiler.kineto_results.events()
+    allocations = sorted((event.start_ns(), event.nbytes()) for event in events if event.name() == "[memory]")
+    live_bytes = high_water_bytes = 0
+    for _, nbytes in allocations:
+        live_bytes += nbytes
+        high_water_bytes = max(high_water_bytes, live_bytes)
+        if live_bytes < 0:
+            raise ValueError("measure_allocator_peak: the step freed memory allocated before it (old .grad "
+                             "tensors?); free it before measuring, e.g. model.zero_grad(set_to_none=True)")
+    return result, sum(resident_storages.values()) + high_water_bytes

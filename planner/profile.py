@@ -10,7 +10,8 @@ For each node of the joint graph, on the model's device, with its real parameter
   * bytes: the storage its outputs newly own; a view or alias owns none and points to the
     value whose storage it shares (found by storage identity, not by op name, so ops that
     alias only sometimes, like ``reshape``, are classified by what they did);
-  * workspace: on CUDA the allocator's high-water mark during the op beyond its outputs;
+  * workspace: the high-water mark during the op beyond its outputs (on CUDA the
+    allocator's statistics, on CPU its events in one profiler session, `planner.scratch`);
     outputs of a multi-output op that nothing reads count as workspace too.
 
 Profiling does not change the model: buffers are cloned, the RNG state is restored, and
@@ -19,6 +20,8 @@ parameters are only read.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import operator
 import statistics
@@ -34,7 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from planner.capture import CapturedStep, Role, is_random
-from planner.scratch import measure_scratch, uses_cpu_scratch
+from planner.scratch import OpScratch
 from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind, backward_as_late_as_possible
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,7 @@ def step_arguments(step: CapturedStep, model: torch.nn.Module, example_inputs: S
     flat += [leaves[i].detach() for i in step.tensor_input_positions]
     if tangents is None:
         tangents = [torch.ones(leaf.shape, dtype=leaf.dtype, device=leaf.device)
-                    for leaf in step.output_leaves if leaf.differentiable]
+                    for leaf in step.output_leaves if leaf.tangent]
     return flat + list(tangents)
 
 
@@ -78,8 +81,8 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
     if transfer is None:
         transfer = measure_transfer(device) if device.type == "cuda" else Transfer(source="nominal (not measured)")
     tangents = [name for name in graph.placeholders if step.roles[name] is Role.TANGENT]
-    differentiable = [leaf for leaf in step.output_leaves if leaf.differentiable]
-    returns_its_loss = len(differentiable) == 1 and differentiable[0].shape == ()
+    seeded = [leaf for leaf in step.output_leaves if leaf.tangent]
+    returns_its_loss = len(seeded) == 1 and seeded[0].shape == ()
     # A model that returns its loss needs nothing more; otherwise the caller reduces the
     # outputs to a loss (a few scalars) and autograd seeds the backward with a scalar.
     caller_bytes = 0 if returns_its_loss else _CALLER_REDUCTION_BYTES
@@ -126,7 +129,7 @@ class _GraphBuilder:
         self.gradients: list[str] = []
         self.storage_owner: dict[int, tuple[weakref.ref, str]] = {}   # data_ptr -> (storage, root value)
         self.root_of: dict[str, str] = {}
-        self.cpu_scratch_bytes: dict[tuple, int] = {}   # op signature -> measured scratch
+        self.scratch = OpScratch()   # CPU kernels' scratch, measured on each op's first run
         # placeholders the step updates in place: an op reading them must not be re-run
         # after the update, or it would see the new value
         self.updated_in_place = {node.args[0].name for node in step.joint.graph.nodes
@@ -160,15 +163,17 @@ class _GraphBuilder:
         return Value(name, int(storage.nbytes()), kind, producer=producer, shape=shape, dtype=dtype)
 
     # -- timing --------------------------------------------------------------------------
-    def _timed(self, target: Any, args: tuple, kwargs: dict) -> tuple[Any, float, int]:
-        """Result of the first run, time in ms (module docstring), workspace bytes (CUDA only)."""
+    def _timed(self, name: str, target: Any, args: tuple, kwargs: dict) -> tuple[Any, float, int]:
+        """Result of the first run, time in ms (module docstring), workspace bytes (CUDA only;
+        on CPU the first run's scratch is measured by `self.scratch` under ``name``)."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             base_bytes = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
-        result = target(*args, **kwargs)
+        with self.scratch.op(name):
+            result = target(*args, **kwargs)
         if cuda:
             torch.cuda.synchronize(self.device)
         times_ms = [(time.perf_counter() - started) * 1e3]
@@ -176,7 +181,12 @@ class _GraphBuilder:
         if cuda:
             high_water = torch.cuda.max_memory_allocated(self.device) - base_bytes
             workspace_bytes = max(0, high_water - (torch.cuda.memory_allocated(self.device) - base_bytes))
+        # an in-place op (a gradient summed into its buffer) is timed again on copies, so
+        # the repeats leave the value the step goes on with as its first run made it
+        mutates = isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
         for _ in range(self.repeats - 1):
+            if mutates:
+                args = (args[0].clone(), *args[1:])
             if cuda:
                 start_event = torch.cuda.Event(enable_timing=True)
                 end_event = torch.cuda.Event(enable_timing=True)
@@ -192,14 +202,6 @@ class _GraphBuilder:
         if len(times_ms) > 1:
             times_ms = times_ms[1:]   # the first run pays for warm-up
         return result, (statistics.median(times_ms) if cuda else min(times_ms)), workspace_bytes
-
-    def _cpu_scratch(self, target: Any, args: tuple, kwargs: dict) -> int:
-        """Scratch of a CPU kernel, measured once per signature (see `planner.scratch`)."""
-        signature = (target, repr(fx.node.map_aggregate(
-            (args, kwargs), lambda a: (tuple(a.shape), a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a)))
-        if signature not in self.cpu_scratch_bytes:
-            _, self.cpu_scratch_bytes[signature] = measure_scratch(target, args, kwargs)
-        return self.cpu_scratch_bytes[signature]
 
     # -- the walk ------------------------------------------------------------------------
     def run(self, arguments: list[torch.Tensor], progress: bool | None = None) -> "_GraphBuilder":
@@ -218,11 +220,14 @@ class _GraphBuilder:
                 if remaining_users[source] == 0 and source.op != "placeholder":
                     env.pop(source.name, None)
 
-        with bar:
+        with bar, (self.scratch if self.device.type == "cpu" else contextlib.nullcontext()):
             task = bar.add_task("profile", total=len(nodes))
             for node in nodes:
                 self._visit(node, env, argument_iter, release)
                 bar.advance(task)
+        scratch_bytes = self.scratch.scratch_bytes()
+        self.ops = [dataclasses.replace(op, tmp_bytes=op.tmp_bytes + scratch_bytes[op.name])
+                    if op.name in scratch_bytes else op for op in self.ops]
         return self
 
     def _visit(self, node: fx.Node, env: dict[str, Any], argument_iter: Iterator[torch.Tensor],
@@ -248,9 +253,7 @@ class _GraphBuilder:
 
     def _run_op(self, node: fx.Node, role: Role, env: dict[str, Any]) -> None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
-        result, time_ms, workspace_bytes = self._timed(node.target, args, kwargs)
-        if self.device.type == "cpu" and uses_cpu_scratch(node.target):
-            workspace_bytes += self._cpu_scratch(node.target, args, kwargs)
+        result, time_ms, workspace_bytes = self._timed(node.name, node.target, args, kwargs)
         phase = Phase.BACKWARD if role is Role.BACKWARD else Phase.FORWARD
         kind = ValueKind.GRADIENT_WORK if phase is Phase.BACKWARD else ValueKind.ACTIVATION
         getitems = {user.args[1]: user for user in node.users if user.target is operator.getitem}

@@ -26,7 +26,9 @@ class _StepProgram:
     def __init__(self, step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> None:
         self.step = step
         self.programs: Programs = generate(step, graph, plan, device_type)
-        self.differentiable = [leaf.differentiable for leaf in step.output_leaves if leaf.is_tensor]
+        tensor_leaves = [leaf for leaf in step.output_leaves if leaf.is_tensor]
+        self.differentiable = [leaf.differentiable for leaf in tensor_leaves]
+        self.tangent = [leaf.tangent for leaf in tensor_leaves]
         self.num_params = len(step.param_names)
         self.num_buffers = len(step.buffer_names)
         self.num_inputs = len(step.tensor_input_positions)
@@ -50,6 +52,8 @@ class _ScheduledStep(torch.autograd.Function):
         non_differentiable = [out for out, grad in zip(outputs, program.differentiable) if not grad]
         if non_differentiable:
             ctx.mark_non_differentiable(*non_differentiable)
+        # an output the backward does not start from gets None, not a materialized zero tensor
+        ctx.set_materialize_grads(False)
         return tuple(outputs)
 
     @staticmethod
@@ -60,10 +64,18 @@ class _ScheduledStep(torch.autograd.Function):
                                "not supported because saved activations are freed as the backward uses them")
         arguments = ctx.handover
         ctx.handover = None
+        for index, (gradient, seeded) in enumerate(zip(grad_outputs, program.tangent)):
+            if gradient is not None and not seeded and program.differentiable[index]:
+                raise PlanMismatchError(
+                    f"a gradient reached output {index} of the optimized {program.step.model_name or 'model'}, but the plan "
+                    "backpropagates from its loss output(s) only; optimize(..., backward_from='all') plans a "
+                    "backward from every output")
         # The traced backward expects contiguous gradients. When autograd hands over an
         # expanded one (after .sum() or .mean()), the copy is held to the end like the ones
         # autograd holds itself: the plan counts every tangent for the whole backward.
-        tangents = [g.contiguous() for g, grad in zip(grad_outputs, program.differentiable) if grad]
+        leaves = [leaf for leaf in program.step.output_leaves if leaf.is_tensor]
+        tangents = [torch.zeros(leaf.shape, dtype=leaf.dtype, device=leaf.device) if g is None else g.contiguous()
+                    for g, leaf in zip(grad_outputs, leaves) if leaf.tangent]
         arguments.extend(tangents)
         gradients = program.programs.backward(arguments)
         del tangents
