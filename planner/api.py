@@ -26,7 +26,8 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
              plan: str | os.PathLike | Plan | None = None, repeats: int = 3,
              solver_options: Mapping[str, Any] | None = None, progress: bool | None = None,
              target: str | None = None, stages: int | None = None, microbatches: int = 1,
-             schedule: str = "1f1b", loss_fn: Callable[..., torch.Tensor] | None = None) -> Any:
+             schedule: str = "1f1b", loss_fn: Callable[..., torch.Tensor] | None = None,
+             backward_from: str = "auto") -> Any:
     """Return ``model`` wrapped so that one training step (forward + backward) peaks at
     most at ``budget`` with the same gradients, at the least extra time the solver finds.
 
@@ -51,6 +52,10 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             training step of ``microbatches`` micro-batches under ``schedule`` (``"1f1b"``
             or ``"gpipe"``) and returns the loss; ``loss_fn(output, target)`` makes the loss
             (default: the model's own scalar output, or `planner.benchmark.training_loss`).
+        backward_from: which outputs the backward starts from: ``"auto"``, the scalar ones
+            when the model returns its loss beside other tensors (logits), else all of them;
+            ``"all"``, every differentiable output. A gradient that reaches an output the
+            plan does not backpropagate from raises `PlanMismatchError` with this fix.
 
     Raises:
         UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError.
@@ -67,7 +72,7 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
     if target is not None and target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(sorted(TARGETS))}")
     started = time.perf_counter()
-    step = capture(model, example_inputs, example_kwargs)
+    step = capture(model, example_inputs, example_kwargs, backward_from=backward_from)
     graph = profile(step, model, example_inputs, example_kwargs, repeats=1 if plan is not None else repeats,
                     progress=progress, transfer=TARGETS[target] if target is not None else None)
     log.info("traced and profiled %s in %.1f s: %d ops", graph.name, time.perf_counter() - started, len(graph.ops))

@@ -17,15 +17,17 @@ from planner.memory import MemoryReport, measure_step_memory
 
 
 def training_loss(output: Any) -> torch.Tensor:
-    """A scalar to backpropagate from a model's output: the output itself when it is a
-    scalar (a model that returns its loss), else the sum of the means of its floating-point
-    tensors (a reduction that saves nothing for its backward)."""
-    if isinstance(output, torch.Tensor) and output.dim() == 0:
-        return output
+    """A scalar to backpropagate from a model's output: the sum of its scalar floating-point
+    outputs when it has some (a model that returns its loss, beside logits or not), else
+    the sum of the means of its floating-point tensors (a reduction that saves nothing for
+    its backward). The same rule as `planner.capture.loss_outputs` with ``"auto"``."""
     leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()
               and t.requires_grad]
     if not leaves:
         raise ValueError("the model's output has no floating-point tensor that requires grad")
+    losses = [t for t in leaves if t.dim() == 0]
+    if losses:
+        return sum(losses[1:], losses[0])
     return sum(t.mean() for t in leaves)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from planner import UnsupportedModelError
 from planner.capture import capture
 from planner.profile import profile
+from planner.scratch import OpScratch
 from planner.capture import Role
 from solvers import Phase, ValueKind
 
@@ -173,7 +174,7 @@ def test_cpu_op_time_is_the_fastest_repeat_after_the_first(monkeypatch: pytest.M
     clock = iter([0.0, 1.0, 10.0, 10.05, 20.0, 20.002])
     monkeypatch.setattr(profiling, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     builder = profiling._GraphBuilder.__new__(profiling._GraphBuilder)
-    builder.device, builder.repeats = torch.device("cpu"), repeats
-    result, time_ms, workspace_bytes = builder._timed(torch.add, (torch.ones(2), 1), {})
+    builder.device, builder.repeats, builder.scratch = torch.device("cpu"), repeats, OpScratch()
+    result, time_ms, workspace_bytes = builder._timed("add", torch.add, (torch.ones(2), 1), {})
     assert torch.equal(result, torch.full((2,), 2.0)) and workspace_bytes == 0
     assert time_ms == pytest.approx(expected_ms)
