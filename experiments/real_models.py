@@ -188,7 +188,10 @@ def checkpointed_forwards(blocks: list[torch.nn.Module]) -> Iterator[None]:
 @contextlib.contextmanager
 def hf_gradient_checkpointing(model: torch.nn.Module) -> Iterator[None]:
     """transformers' own checkpointing, non-reentrant, while inside (``activation_checkpointing_*``
-    from transformers 5, ``gradient_checkpointing_*`` before)."""
+    from transformers 5, ``gradient_checkpointing_*`` before). Enabling it on a text model
+    also hooks the input embeddings (``enable_input_require_grads``), which disabling leaves
+    in place; the hook is removed here, so that hooks do not pile up (and torch.compile's
+    guards, which count them, keep holding)."""
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -200,6 +203,8 @@ def hf_gradient_checkpointing(model: torch.nn.Module) -> Iterator[None]:
             model.activation_checkpointing_disable()
         else:
             model.gradient_checkpointing_disable()
+        if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+            model.disable_input_require_grads()
 
 
 def inductor_at_budget(fraction: float) -> Callable:
@@ -239,42 +244,47 @@ class Snapshot:
         self.buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         model.zero_grad(set_to_none=True)
 
-    def mismatch(self, reference: Snapshot) -> str | None:
-        """The first difference from ``reference`` (assert_close's message), or None."""
-        pairs = [("loss", self.loss, reference.loss)]
-        pairs += [(f"grad {name}", g, reference.gradients[name]) for name, g in self.gradients.items()]
-        pairs += [(f"buffer {name}", b, reference.buffers[name]) for name, b in self.buffers.items()]
-        for label, actual, expected in pairs:
-            try:
-                torch.testing.assert_close(actual, expected)
-            except AssertionError as error:
-                return f"{label}: {' '.join(str(error).split())}"
-        return None
+    def mismatches(self, reference: Snapshot) -> tuple[str | None, str | None]:
+        """The first difference from ``reference`` in the loss or a gradient, and the first in
+        a buffer (assert_close's messages), or None."""
+        gradients = [("loss", self.loss, reference.loss)]
+        gradients += [(f"grad {name}", g, reference.gradients[name]) for name, g in self.gradients.items()]
+        buffers = [(f"buffer {name}", b, reference.buffers[name]) for name, b in self.buffers.items()]
+        return _first_difference(gradients), _first_difference(buffers)
+
+
+def _first_difference(pairs: list[tuple[str, Any, Any]]) -> str | None:
+    for label, actual, expected in pairs:
+        try:
+            torch.testing.assert_close(actual, expected)
+        except AssertionError as error:
+            return f"{label}: {' '.join(str(error).split())}"
+    return None
 
 
 def measure(model: torch.nn.Module, resident: list[torch.Tensor], buffers: dict[str, torch.Tensor],
             reference: Snapshot, method: Method) -> None:
     """Warm-up step with the equality check, then the measured one; fills ``method.row``."""
     started = time.perf_counter()
-    mismatch = Snapshot(model, buffers, method.step).mismatch(reference)
+    gradient_mismatch, buffer_mismatch = Snapshot(model, buffers, method.step).mismatches(reference)
     warmup_s = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
     _, peak = measure_allocator_peak(method.step, resident)
     model.zero_grad(set_to_none=True)
-    method.row.update(method=method.name, measured_peak_bytes=peak, same_step_as_plain=mismatch is None,
-                      first_warmup_s=warmup_s)
-    if mismatch is not None:
-        method.row["mismatch"] = mismatch
-        log.warning("%s: differs from the plain step: %s", method.name, mismatch[:300])
+    method.row.update(method=method.name, measured_peak_bytes=peak, same_gradients=gradient_mismatch is None,
+                      same_buffers=buffer_mismatch is None, first_warmup_s=warmup_s)
+    for kind, mismatch in (("gradient", gradient_mismatch), ("buffer", buffer_mismatch)):
+        if mismatch is not None:
+            method.row[f"{kind}_mismatch"] = mismatch
+            log.warning("%s: %s differs from the plain step's: %s", method.name, kind, mismatch[:300])
     if method.plan is not None:
         method.row.update(budget_bytes=method.budget_bytes, budget_source=method.budget_source,
                           solver=method.plan.solver, predicted_peak_bytes=method.plan.predicted_peak_bytes,
                           predicted_overhead=method.plan.overhead, solve_s=method.plan.solve_time_s,
                           within_budget=peak <= method.budget_bytes)
-    log.info("  %-28s peak %9.1f MiB%s%s", method.name, peak / MiB,
-             "" if method.plan is None else f" (budget {method.budget_bytes / MiB:.1f}, predicted "
-                                            f"{method.plan.predicted_peak_bytes / MiB:.1f} MiB)",
-             "" if mismatch is None else "  STEP DIFFERS")
+    log.info("  %-28s peak %9.1f MiB%s", method.name, peak / MiB,
+             "" if method.plan is None else f" (budget {method.budget_bytes / MiB:.2f}, predicted "
+                                            f"{method.plan.predicted_peak_bytes / MiB:.2f} MiB)")
 
 
 # --------------------------------------------------------------------------- one model
@@ -330,11 +340,17 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         with checkpointed_forwards(workload.blocks):
             return train_step(model, batch)
 
+    hf_supported = getattr(model, "supports_gradient_checkpointing", False)
+    if hf_supported:
+        # once on and off before anything is measured or compiled: it leaves per-layer
+        # attributes behind, which torch.compile's guards would otherwise see change
+        with hf_gradient_checkpointing(model):
+            pass
     reference = Snapshot(model, buffers, plain_step)
     plain = Method("plain", plain_step)
     methods = [plain]
     skipped: dict[str, str] = {}
-    if getattr(model, "supports_gradient_checkpointing", False):
+    if hf_supported:
         methods.append(Method("hf-checkpointing", hf_step))
     else:
         skipped["hf-checkpointing"] = f"not supported: {type(model).__name__}.supports_gradient_checkpointing is False"
@@ -425,7 +441,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
               "memsched_lower_bound_bytes": bound_bytes, "memsched_lower_bound_breakdown": bound_breakdown, "graph_ops": len(graph.ops),
               "optimize_s": optimize_s, "rows": rows, "skipped": skipped, "memsched_infeasible": infeasible,
               "violations": sum(1 for r in memsched_rows if not r["within_budget"]),
-              "step_mismatches": sum(1 for r in rows if not r["same_step_as_plain"])}
+              "gradient_mismatches": sum(1 for r in rows if not r["same_gradients"]),
+              "buffer_mismatches": sum(1 for r in rows if not r["same_buffers"])}
     return result
 
 
@@ -476,7 +493,8 @@ def markdown_table(results: dict[str, Any], names: list[str]) -> str:
         entry = results["models"][name]
         for row in entry["rows"]:
             predicted = f" / {100 * row['predicted_overhead']:+.1f} %" if "predicted_overhead" in row else ""
-            flags = ("" if row["same_step_as_plain"] else " **(step differs)**") + (
+            flags = ("" if row["same_gradients"] else " **(gradients differ)**") + (
+                "" if row["same_buffers"] else " (buffers differ)") + (
                 " **(over budget)**" if row.get("within_budget") is False else "")
             lines.append(f"| {name} | {row['method']}{flags} | {row['measured_peak_bytes'] / MiB:.1f} | "
                          f"{row['peak_ratio']:.2f} | {100 * row['measured_overhead']:+.1f} %{predicted} |")
@@ -511,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         torch._dynamo.reset()
     print(markdown_table(results, args.models), flush=True)
     violations = sum(results["models"][name]["violations"] for name in args.models)
-    mismatches = sum(results["models"][name]["step_mismatches"] for name in args.models)
+    mismatches = sum(results["models"][name]["gradient_mismatches"] for name in args.models)
     return 0 if violations == 0 and mismatches == 0 else 1
 
 

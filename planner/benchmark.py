@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from planner.memory import MemoryReport, measure_step_memory
+from planner.memory import MemoryReport, measure_allocator_peak, measure_step_memory
 
 
 def training_loss(output: Any) -> torch.Tensor:
@@ -52,6 +52,16 @@ def step_memory(model: torch.nn.Module, inputs: Sequence[Any]) -> MemoryReport:
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     _, report = measure_step_memory(lambda: train_step(model, inputs), device, resident)
     return report
+
+
+def allocator_step_peak(model: torch.nn.Module, inputs: Sequence[Any]) -> int:
+    """Peak of one `train_step` from the allocator's own events (CPU; `measure_allocator_peak`),
+    parameters, buffers and inputs included: the independent check of `step_memory`."""
+    model.zero_grad(set_to_none=True)
+    resident = list(model.parameters()) + list(model.buffers())
+    resident += [t for t in pytree.tree_leaves(list(inputs)) if isinstance(t, torch.Tensor)]
+    _, peak_bytes = measure_allocator_peak(lambda: train_step(model, inputs), resident)
+    return peak_bytes
 
 
 def step_times_ms(steps: Mapping[str, Callable[[], Any]], repeats: int = 10, warmup: int = 2) -> dict[str, float]:

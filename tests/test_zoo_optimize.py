@@ -1,6 +1,7 @@
 """The model zoo through the whole path, at 100 %, 70 % and 50 % of activation memory:
 loss, every gradient and every buffer equal the plain model's; the measured peak (CPU
-storage tracker) stays within the budget; the prediction is within 5 % of the measurement.
+storage tracker, and the allocator's own events from torch.profiler, which must agree within
+1 %) stays within the budget; the prediction is within 5 % of the measurement.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import copy
 
 import pytest
 
-from planner.benchmark import step_memory
+from planner.benchmark import allocator_step_peak, step_memory
 from planner.budget import resolve_budget
 from runtime.module import ScheduledModule
 from solvers import simulate, solve
@@ -39,6 +40,9 @@ def test_zoo_model_at_budget(traced, fraction: float) -> None:
 
     report = step_memory(scheduled, inputs)
     assert report.peak_bytes <= plan.budget_bytes, f"{name} at {fraction:.0%}: measured {report.peak_bytes} > budget"
+    allocator_bytes = allocator_step_peak(scheduled, inputs)       # the allocator's events agree
+    assert allocator_bytes <= plan.budget_bytes, f"{name} at {fraction:.0%}: allocator {allocator_bytes} > budget"
+    assert abs(allocator_bytes - report.peak_bytes) <= 0.01 * report.peak_bytes, (name, allocator_bytes, report)
     assert abs(plan.predicted_peak_bytes - report.peak_bytes) <= 0.05 * report.peak_bytes, (
         f"{name} at {fraction:.0%}: predicted {plan.predicted_peak_bytes} vs measured {report.peak_bytes}")
     assert simulate(graph, plan).peak_bytes == plan.predicted_peak_bytes
@@ -80,5 +84,7 @@ def test_every_solver_end_to_end(traced, solver: str) -> None:
     scheduled = ScheduledModule(model_copy, step, graph, plan)
     report = step_memory(scheduled, inputs)
     assert report.peak_bytes <= plan.budget_bytes, f"{name}/{solver}: measured {report.peak_bytes} > budget"
+    allocator_bytes = allocator_step_peak(scheduled, inputs)
+    assert allocator_bytes <= plan.budget_bytes, f"{name}/{solver}: allocator {allocator_bytes} > budget"
     model_copy.load_state_dict(model.state_dict())
     assert_same_training_step(scheduled, model_copy, reference, inputs, label=f"{name}/{solver}")
