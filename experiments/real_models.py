@@ -465,6 +465,8 @@ def plot(results: dict[str, Any], stem: str) -> None:
                        key=lambda r: r["measured_peak_bytes"])
         axis.plot([r["measured_peak_bytes"] / MiB for r in sweep], [100 * r["measured_overhead"] for r in sweep],
                   marker=".", color="C3", label="memsched (budget sweep)")
+        axis.plot([r["measured_peak_bytes"] / MiB for r in sweep], [100 * r["predicted_overhead"] for r in sweep],
+                  linestyle="--", color="C3", alpha=0.5, label="memsched, predicted overhead")
         for row in entry["rows"]:
             x, y = row["measured_peak_bytes"] / MiB, 100 * row["measured_overhead"]
             if row.get("budget_source") == "sweep":

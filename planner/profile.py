@@ -86,28 +86,17 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
     # A model that returns its loss needs nothing more; otherwise the caller reduces the
     # outputs to a loss (a few scalars) and autograd seeds the backward with a scalar.
     caller_bytes = 0 if returns_its_loss else _CALLER_REDUCTION_BYTES
-    values, placeholders = list(graph.values), list(graph.placeholders)
-    rng_bytes = _rng_state_bytes(device, sum(op.random and op.phase is Phase.FORWARD for op in graph.ops))
-    if rng_bytes:
-        values.append(Value(RNG_STATES, rng_bytes, ValueKind.BUFFER))
-        placeholders.append(RNG_STATES)
-    return Graph(ops=backward_as_late_as_possible(graph.ops, tangents), values=tuple(values), placeholders=tuple(placeholders),
+    return Graph(ops=backward_as_late_as_possible(graph.ops, tangents), values=tuple(graph.values), placeholders=tuple(graph.placeholders),
                  forward_outputs=tuple(graph.forward_outputs), gradients=tuple(graph.gradients),
-                 transfer=transfer, device=str(device), name=name or type(model).__name__, caller_bytes=caller_bytes)
+                 transfer=transfer, device=str(device), name=name or type(model).__name__, caller_bytes=caller_bytes,
+                 rng_state_bytes=_rng_state_bytes(device))
 
 
-RNG_STATES = "memsched_rng_states"
-
-
-def _rng_state_bytes(device: torch.device, random_ops: int) -> int:
-    """Device bytes of the generator states the runtime may hold (`runtime.rng`): on CPU a
-    state is a 5,056 B CPU tensor made outside the dispatcher (no aten op shows it), one per
-    random op the plan re-runs, plus the one a replay saves while it runs. Counted as a
-    resident pseudo-buffer, the most any plan can hold; on CUDA the states live in host
-    memory and cost the device nothing."""
-    if device.type != "cpu" or random_ops == 0:
-        return 0
-    return torch.get_rng_state().untyped_storage().nbytes() * (random_ops + 1)
+def _rng_state_bytes(device: torch.device) -> int:
+    """Device bytes of one generator state the runtime saves (`runtime.rng`): on CPU a
+    5,056 B CPU tensor made outside the dispatcher (no aten op shows it); on CUDA the
+    state lives in host memory and costs the device nothing."""
+    return torch.get_rng_state().untyped_storage().nbytes() if device.type == "cpu" else 0
 
 
 def measure_transfer(device: torch.device, size_bytes: int = 64 * 2**20, repeats: int = 5) -> Transfer:

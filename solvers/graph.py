@@ -185,6 +185,9 @@ class Graph:
     name: str = ""
     caller_bytes: int = 0   # what the caller allocates around the step from the backward on:
                             # the loss reduction of non-scalar outputs and autograd's seed gradient
+    rng_state_bytes: int = 0   # device bytes of one saved generator state (CPU: a 5,056 B tensor
+                               # made outside the dispatcher; CUDA: host memory, 0): `simulate`
+                               # counts one per random op the plan re-runs, and one during a replay
 
     def __post_init__(self) -> None:
         self.validate()
@@ -319,6 +322,7 @@ class Graph:
             "forward_outputs": list(self.forward_outputs),
             "gradients": list(self.gradients),
             "caller_bytes": self.caller_bytes,
+            "rng_state_bytes": self.rng_state_bytes,
         }
 
     @cached_property
@@ -328,7 +332,7 @@ class Graph:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": GRAPH_FORMAT, "name": self.name, "device": self.device, "hash": self.hash,
-                "caller_bytes": self.caller_bytes,
+                "caller_bytes": self.caller_bytes, "rng_state_bytes": self.rng_state_bytes,
                 "transfer": self.transfer.to_json(),
                 "placeholders": list(self.placeholders), "forward_outputs": list(self.forward_outputs),
                 "gradients": list(self.gradients),
@@ -344,7 +348,8 @@ class Graph:
                         placeholders=tuple(data["placeholders"]), forward_outputs=tuple(data["forward_outputs"]),
                         gradients=tuple(data["gradients"]), transfer=Transfer.from_json(data.get("transfer", {})),
                         device=data.get("device", "cpu"), name=data.get("name", ""),
-                        caller_bytes=int(data.get("caller_bytes", 0)))
+                        caller_bytes=int(data.get("caller_bytes", 0)),
+                        rng_state_bytes=int(data.get("rng_state_bytes", 0)))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PlanFormatError(f"corrupt memsched graph: {error!r}") from error
         except UnsupportedGraphError as error:

@@ -121,11 +121,19 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", **options: obje
     if budget_bytes < floor.total:
         raise InfeasibleBudgetError(budget_bytes, floor.total, floor.breakdown, solver="lower bound, any solver")
     started = time.perf_counter()
-    plan = _solve_auto(graph, budget_bytes, **options) if solver == "auto" else _SOLVERS[solver](
-        graph, budget_bytes, **options)
+    target_bytes = budget_bytes
+    for _ in range(4):
+        plan = _solve_auto(graph, target_bytes, **options) if solver == "auto" else _SOLVERS[solver](
+            graph, target_bytes, **options)
+        result = simulate(graph, plan)
+        # the solvers' own memory models leave out the generator states saved for replays
+        # (Graph.rng_state_bytes, a few KiB on CPU): aim lower by what they added
+        excess_bytes = result.peak_bytes - budget_bytes
+        if excess_bytes <= 0 or not graph.rng_state_bytes or excess_bytes > 64 * graph.rng_state_bytes:
+            break
+        target_bytes -= excess_bytes
     name = plan.solver
     elapsed_s = time.perf_counter() - started
-    result = simulate(graph, plan)
     if result.peak_bytes > budget_bytes:
         raise AssertionError(f"solver {name!r} returned a plan with simulated peak {result.peak_bytes} "
                              f"> budget {budget_bytes}: a solver bug")

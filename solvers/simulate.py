@@ -133,6 +133,10 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
     offload_done_at: dict[str, float] = {}
     pinned_outputs = set(graph.forward_outputs) | set(graph.gradients)
     transfer = graph.transfer
+    # random ops re-run in the backward: the forward saves a generator state before each
+    # (held to the end of the step), and a replay holds the current state while it runs
+    replayed = {step.name for step in plan.backward if step.kind is StepKind.RUN and step.name in graph.op_by_name
+                and graph.op(step.name).random and graph.op(step.name).phase is Phase.FORWARD}
 
     def bind_placeholders(kinds_wanted: bool) -> None:
         names = tuple(n for n in graph.placeholders if (graph.value(n).kind is ValueKind.TANGENT) == kinds_wanted)
@@ -180,8 +184,14 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
                         raise fail(phase, index, f"input {name!r} is not on the device")
                     start_ms = max(start_ms, ready_at.get(name, 0.0))
                 stall_ms += start_ms - clock_ms
+                rng_bytes = 0
+                if op.name in replayed:
+                    if phase is Phase.FORWARD:
+                        memory.bytes_in_use += graph.rng_state_bytes
+                    else:
+                        rng_bytes = graph.rng_state_bytes
                 instances = memory.instances_for(op.outputs, op.inputs)
-                high_water = memory.bytes_in_use + memory.new_bytes(instances) + op.tmp_bytes
+                high_water = memory.bytes_in_use + memory.new_bytes(instances) + op.tmp_bytes + rng_bytes
                 for name in op.outputs:
                     previous = memory.instance_of.get(name) if name in live else None
                     memory.bind(name, instances[name])
