@@ -3,7 +3,8 @@ checkpointing, torch.utils.checkpoint around every block and torch.compile's mem
 
 Each model is built from its transformers config (random weights, no download, dropout off,
 ``use_cache=False`` on the decoders as in training) and trained for one step,
-``out = model(**batch); out.loss.backward()``:
+``loss = model(**batch).loss; loss.backward()`` (the logits dropped before the backward, as
+in transformers' Trainer; memsched plans with ``release_outputs=True``):
 
     gpt2      GPT2LMHeadModel (124 M)                 input_ids, labels [2, 256]
     bert      BertForMaskedLM (110 M)                 input_ids, labels [2, 256]
@@ -58,7 +59,7 @@ from common import RESULTS, device_description, git_revision, write_results
 from planner.benchmark import step_times_ms
 from planner.capture import capture
 from planner.memory import measure_allocator_peak
-from planner.profile import profile
+from planner.profile import profile, with_released_outputs
 from runtime.module import ScheduledModule
 from solvers.errors import InfeasibleBudgetError
 from solvers.registry import solve
@@ -166,10 +167,12 @@ BUILDERS: dict[str, Callable[[bool], Workload]] = {
 
 
 def train_step(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One forward + backward, holding the output through the backward as a training loop does."""
-    out = module(**batch)
-    out.loss.backward()
-    return out.loss.detach()
+    """One forward + backward keeping only the loss, as transformers' Trainer does (its
+    ``compute_loss`` drops the other outputs before ``backward``): the logits are freed
+    after the forward in every method. memsched plans for it (``release_outputs=True``)."""
+    loss = module(**batch).loss
+    loss.backward()
+    return loss.detach()
 
 
 @contextlib.contextmanager
@@ -375,7 +378,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     step = capture(model, (), batch)
     capture_s = time.perf_counter() - started
     started = time.perf_counter()
-    graph = profile(step, model, (), batch, progress=False)
+    graph = with_released_outputs(profile(step, model, (), batch, progress=False), step)
     profile_s = time.perf_counter() - started
     log.info("  memsched traced %d ops in %.1f s, profiled in %.1f s", len(graph.ops), capture_s, profile_s)
     floor_bytes, bound_bytes, bound_breakdown = solvers_floor(graph)

@@ -12,7 +12,7 @@ import torch
 
 from planner.budget import resolve_budget
 from planner.capture import capture
-from planner.profile import profile
+from planner.profile import profile, with_released_outputs
 from runtime.module import ScheduledModule
 from solvers.graph import TARGETS
 from solvers.plan import Plan
@@ -27,7 +27,7 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
              solver_options: Mapping[str, Any] | None = None, progress: bool | None = None,
              target: str | None = None, stages: int | None = None, microbatches: int = 1,
              schedule: str = "1f1b", loss_fn: Callable[..., torch.Tensor] | None = None,
-             backward_from: str = "auto") -> Any:
+             backward_from: str = "auto", release_outputs: bool = False) -> Any:
     """Return ``model`` wrapped so that one training step (forward + backward) peaks at
     most at ``budget`` with the same gradients, at the least extra time the solver finds.
 
@@ -56,6 +56,11 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             when the model returns its loss beside other tensors (logits), else all of them;
             ``"all"``, every differentiable output. A gradient that reaches an output the
             plan does not backpropagate from raises `PlanMismatchError` with this fix.
+        release_outputs: the caller drops every output the backward does not start from
+            (the logits beside a loss: ``loss = model(x, labels=y).loss``) before calling
+            backward, so the plan counts them freed at the forward's end, as eager
+            does for such a loop. The backward raises `PlanMismatchError` if one is still
+            referenced then (the budget would not hold).
 
     Raises:
         UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError.
@@ -75,6 +80,8 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
     step = capture(model, example_inputs, example_kwargs, backward_from=backward_from)
     graph = profile(step, model, example_inputs, example_kwargs, repeats=1 if plan is not None else repeats,
                     progress=progress, transfer=TARGETS[target] if target is not None else None)
+    if release_outputs:
+        graph = with_released_outputs(graph, step)
     log.info("traced and profiled %s in %.1f s: %d ops", graph.name, time.perf_counter() - started, len(graph.ops))
     if plan is not None:
         chosen = plan if isinstance(plan, Plan) else Plan.load(os.fspath(plan))

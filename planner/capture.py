@@ -130,6 +130,22 @@ class CapturedStep:
     def num_tensor_outputs(self) -> int:
         return sum(leaf.is_tensor for leaf in self.output_leaves)
 
+    def tensor_output_names(self) -> list[str | None]:
+        """The joint graph's node name of each tensor output (None where it returns no node)."""
+        output_node = next(node for node in self.joint.graph.nodes if node.op == "output")
+        return [node.name if isinstance(node, fx.Node) else None
+                for node in output_node.args[0][:self.num_tensor_outputs]]
+
+    def outputs_without_tangent(self) -> tuple[str, ...]:
+        """Tensor outputs the backward does not start from (the logits beside a loss), by
+        node name, less those also returned where it does: what a caller that keeps only
+        the loss drops before calling backward."""
+        tensor_leaves = [leaf for leaf in self.output_leaves if leaf.is_tensor]
+        names = self.tensor_output_names()
+        seeded = {name for name, leaf in zip(names, tensor_leaves) if leaf.tangent}
+        return tuple(dict.fromkeys(name for name, leaf in zip(names, tensor_leaves)
+                                   if name is not None and not leaf.tangent and name not in seeded))
+
 
 def input_signature(leaves: Sequence[Any]) -> tuple:
     """What a traced graph is specialised for: each tensor's shape, dtype, device,

@@ -92,6 +92,13 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
                  rng_state_bytes=_rng_state_bytes(device))
 
 
+def with_released_outputs(graph: Graph, step: CapturedStep) -> Graph:
+    """``graph`` for a caller that drops every output but the loss before calling backward
+    (`CapturedStep.outputs_without_tangent`): `Graph.released_outputs`."""
+    released = tuple(name for name in step.outputs_without_tangent() if name in graph.forward_outputs)
+    return dataclasses.replace(graph, released_outputs=released)
+
+
 def _rng_state_bytes(device: torch.device) -> int:
     """Device bytes of one generator state the runtime saves (`runtime.rng`): on CPU a
     5,056 B CPU tensor made outside the dispatcher (no aten op shows it); on CUDA the

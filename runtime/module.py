@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from planner.capture import CapturedStep, input_signature
 from runtime.codegen import Programs, generate
@@ -29,6 +30,9 @@ class _StepProgram:
         tensor_leaves = [leaf for leaf in step.output_leaves if leaf.is_tensor]
         self.differentiable = [leaf.differentiable for leaf in tensor_leaves]
         self.tangent = [leaf.tangent for leaf in tensor_leaves]
+        # outputs the plan counts as dropped by the caller before the backward
+        self.released = [index for index, name in enumerate(step.tensor_output_names())
+                         if name is not None and name in graph.released_outputs]
         self.num_params = len(step.param_names)
         self.num_buffers = len(step.buffer_names)
         self.num_inputs = len(step.tensor_input_positions)
@@ -49,6 +53,7 @@ class _ScheduledStep(torch.autograd.Function):
         # detached aliases: the same storage, but no reference cycle through the outputs' grad_fn
         ctx.handover = [t.detach() if isinstance(t, torch.Tensor) else t for t in results[programs.num_outputs:]]
         ctx.program = program
+        ctx.released = _watch_released(program, outputs, ctx.handover, flat_args)
         non_differentiable = [out for out, grad in zip(outputs, program.differentiable) if not grad]
         if non_differentiable:
             ctx.mark_non_differentiable(*non_differentiable)
@@ -64,6 +69,14 @@ class _ScheduledStep(torch.autograd.Function):
                                "not supported because saved activations are freed as the backward uses them")
         arguments = ctx.handover
         ctx.handover = None
+        still_held = [index for index, storage in ctx.released if not storage.expired()]
+        ctx.released = []
+        if still_held:
+            raise PlanMismatchError(
+                f"output(s) {still_held} of the optimized {program.step.model_name or 'model'} are still referenced when "
+                "the backward starts, but the plan was made with optimize(..., release_outputs=True), which counts "
+                "them as dropped after the forward: keep only the loss (`loss = model(x).loss`, `del out`) before "
+                "calling backward, or optimize with release_outputs=False")
         for index, (gradient, seeded) in enumerate(zip(grad_outputs, program.tangent)):
             if gradient is not None and not seeded and program.differentiable[index]:
                 raise PlanMismatchError(
@@ -89,6 +102,20 @@ class _ScheduledStep(torch.autograd.Function):
             slot = next(slots)
             result[program.num_params + program.num_buffers + position] = None if slot is None else gradients[slot]
         return (None, *result)
+
+
+def _watch_released(program: _StepProgram, outputs: list[torch.Tensor], handover: list[Any],
+                    flat_args: tuple[torch.Tensor, ...]) -> list[tuple[int, StorageWeakRef]]:
+    """A weak reference to the storage of each released output that nothing but the caller
+    keeps: not saved for the backward, not shared with a held output or an argument."""
+    if not program.released:
+        return []
+    held = [t for t in handover if isinstance(t, torch.Tensor)] + list(flat_args)
+    held += [out for index, out in enumerate(outputs) if index not in program.released]
+    held_storages = {t.untyped_storage().data_ptr() for t in held if t.untyped_storage().nbytes()}
+    return [(index, StorageWeakRef(outputs[index].untyped_storage())) for index in program.released
+            if outputs[index].untyped_storage().nbytes()
+            and outputs[index].untyped_storage().data_ptr() not in held_storages]
 
 
 class ScheduledModule(torch.nn.Module):

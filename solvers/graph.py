@@ -171,7 +171,8 @@ class Graph:
 
     ``placeholders`` are the values that exist before the step (parameters, buffers,
     inputs) or arrive with the backward (tangents). ``forward_outputs`` are returned to the
-    user and stay alive until the step ends; ``gradients`` are the backward's results
+    user and stay alive until the step ends, except ``released_outputs``, which the caller
+    drops before the backward (the runtime checks it); ``gradients`` are the backward's results
     (parameter and input gradients) and stay alive too.
     """
 
@@ -188,6 +189,8 @@ class Graph:
     rng_state_bytes: int = 0   # device bytes of one saved generator state (CPU: a 5,056 B tensor
                                # made outside the dispatcher; CUDA: host memory, 0): `simulate`
                                # counts one per random op the plan re-runs, and one during a replay
+    released_outputs: tuple[str, ...] = ()   # forward outputs the caller drops before the backward
+                                             # (``loss = model(x).loss``): held to the forward's end only
 
     def __post_init__(self) -> None:
         self.validate()
@@ -309,6 +312,9 @@ class Graph:
         for name in self.gradients:
             if name not in values:
                 raise UnsupportedGraphError(f"graph {self.name!r}: gradient {name!r} is not a value")
+        for name in self.released_outputs:
+            if name not in self.forward_outputs:
+                raise UnsupportedGraphError(f"graph {self.name!r}: released output {name!r} is not a forward output")
 
     # -- identity and JSON ---------------------------------------------------------------
     def structure_json(self) -> dict[str, Any]:
@@ -323,6 +329,7 @@ class Graph:
             "gradients": list(self.gradients),
             "caller_bytes": self.caller_bytes,
             "rng_state_bytes": self.rng_state_bytes,
+            **({"released_outputs": list(self.released_outputs)} if self.released_outputs else {}),
         }
 
     @cached_property
@@ -335,7 +342,7 @@ class Graph:
                 "caller_bytes": self.caller_bytes, "rng_state_bytes": self.rng_state_bytes,
                 "transfer": self.transfer.to_json(),
                 "placeholders": list(self.placeholders), "forward_outputs": list(self.forward_outputs),
-                "gradients": list(self.gradients),
+                "gradients": list(self.gradients), "released_outputs": list(self.released_outputs),
                 "values": [v.to_json() for v in self.values], "ops": [op.to_json() for op in self.ops]}
 
     @classmethod
@@ -349,7 +356,8 @@ class Graph:
                         gradients=tuple(data["gradients"]), transfer=Transfer.from_json(data.get("transfer", {})),
                         device=data.get("device", "cpu"), name=data.get("name", ""),
                         caller_bytes=int(data.get("caller_bytes", 0)),
-                        rng_state_bytes=int(data.get("rng_state_bytes", 0)))
+                        rng_state_bytes=int(data.get("rng_state_bytes", 0)),
+                        released_outputs=tuple(data.get("released_outputs", ())))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PlanFormatError(f"corrupt memsched graph: {error!r}") from error
         except UnsupportedGraphError as error:

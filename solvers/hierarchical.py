@@ -430,6 +430,7 @@ class _Checker:
 
 
 RESTORE_REPLAYS = 48   # replays the keep-again pass may spend on storages that might not fit
+LOWER_REPLAYS = 128   # replays `_keep_while_peak_falls` may spend lowering the all-dropped peak
 DROP_BOUNDARY_ROUNDS = 8   # replays `_drop_all_fallback` may spend dropping boundaries alive at the peak
 
 
@@ -508,9 +509,10 @@ def _drop_all_fallback(graph: Graph, budget_bytes: int, boundaries: set[str]) ->
     boundaries alive at the replay's peak are dropped too, `DROP_BOUNDARY_ROUNDS` rounds at
     most), the values made only on the way to another
     recomputation freed at once and made again when needed (``free_intermediates``, the
-    pass that reaches lowest). If that fits, `_restore` keeps storages again while the
-    time falls. O(RESTORE_REPLAYS) replays; not always as low as greedy (a drop can raise
-    a peak, greedy would undo it).
+    pass that reaches lowest). If it does not fit, `_keep_while_peak_falls` keeps storages
+    again where that lowers the peak (a drop can raise it; greedy would undo it). If that
+    fits, `_restore` keeps storages again while the time falls.
+    O(LOWER_REPLAYS + RESTORE_REPLAYS) replays; not always as low as greedy.
 
     Raises:
         InfeasibleBudgetError: the all-dropped plan does not fit, with its peak.
@@ -528,11 +530,37 @@ def _drop_all_fallback(graph: Graph, budget_bytes: int, boundaries: set[str]) ->
         at_peak = _roots_alive_at_peak(graph, plan, result) & kept
         kept -= at_peak or kept                  # none of them at the peak: drop them all
     if result.peak_bytes > budget_bytes:
-        raise InfeasibleBudgetError(budget_bytes, result.peak_bytes,
-                                    {"every droppable storage recomputed": result.peak_bytes}, solver=SOLVER)
+        decisions, peak_bytes = _keep_while_peak_falls(graph, decisions, checker)
+        if peak_bytes > budget_bytes:
+            raise InfeasibleBudgetError(budget_bytes, peak_bytes,
+                                        {"every droppable storage recomputed": result.peak_bytes,
+                                         "then kept again where the peak fell": peak_bytes}, solver=SOLVER)
     decisions, restored = _restore(graph, decisions, checker)
     plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True)
     return replace(plan, options={**plan.options, "restored": restored})
+
+
+def _keep_while_peak_falls(graph: Graph, decisions: dict[str, Decision],
+                           checker: _Checker) -> tuple[dict[str, Decision], int]:
+    """Keep dropped storages again, one trial replay each (`LOWER_REPLAYS` at most), where
+    that lowers the replayed peak, until it fits: recomputing everything is not the lowest
+    point when a recomputation makes large values beside a small one, or runs a long chain
+    where much is alive (greedy keeps such storages). Most recompute time per byte first.
+    Returns the decisions and their peak. O(LOWER_REPLAYS) replays."""
+    decisions = dict(decisions)
+    peak_bytes = checker.measure(decisions)[0]
+    dropped = [root for root, decision in decisions.items() if decision is Decision.RECOMPUTE]
+    dropped.sort(key=lambda root: recompute_time_ms(graph, root) / (graph.value(root).size_bytes + 1), reverse=True)
+    for root in dropped[:LOWER_REPLAYS]:
+        if peak_bytes <= checker.budget_bytes:
+            break
+        decisions[root] = Decision.KEEP
+        trial_peak_bytes = checker.measure(decisions)[0]
+        if trial_peak_bytes < peak_bytes:
+            peak_bytes = trial_peak_bytes
+        else:
+            decisions[root] = Decision.RECOMPUTE
+    return decisions, peak_bytes
 
 
 def _finish(graph: Graph, budget_bytes: int, decisions: dict[str, Decision], options: dict,

@@ -173,7 +173,8 @@ def least_feasible_lower_bound(graph: Graph) -> LowerBound:
             roots |= tangent_roots
             caller = graph.caller_bytes
         working = max(working, size(roots) + op.tmp_bytes + caller)
-    end_roots = {graph.value(n).root for n in graph.forward_outputs + graph.gradients} | tangent_roots
+    held_outputs = tuple(n for n in graph.forward_outputs if n not in graph.released_outputs)
+    end_roots = {graph.value(n).root for n in held_outputs + graph.gradients} | tangent_roots
     return LowerBound({"parameters+buffers+inputs": size(resident_roots),
                        "largest op working set": working,
                        "outputs+gradients+tangents at the end": size(end_roots - resident_roots) + graph.caller_bytes})

@@ -11,7 +11,8 @@ Memory model (storages, DESIGN.md "Budget semantics"):
     first is still alive), a view shares the storage of the input it views;
   * parameters, buffers and inputs are alive for the whole step; tangents for the whole
     backward (autograd holds them); forward outputs and gradients from their production
-    to the end of the step (the caller and autograd hold them);
+    to the end of the step (the caller and autograd hold them), ``graph.released_outputs``
+    to the end of the forward (the caller drops them before calling backward);
   * an op counts its inputs, its new outputs and its workspace while it runs;
   * ``graph.caller_bytes`` (the caller's loss reduction) are counted from the backward on;
   * an offloaded value's device storage is released by ``free`` only once its copy has
@@ -132,6 +133,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
     host_ready_at: dict[str, float] = {}   # value -> time its host copy is complete
     offload_done_at: dict[str, float] = {}
     pinned_outputs = set(graph.forward_outputs) | set(graph.gradients)
+    caller_pinned: dict[str, int] = {}   # pinned output -> the instance the caller holds
     transfer = graph.transfer
     # random ops re-run in the backward: the forward saves a generator state before each
     # (held to the end of the step), and a replay holds the current state while it runs
@@ -163,6 +165,9 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
 
     for phase in (Phase.FORWARD, Phase.BACKWARD):
         if phase is Phase.BACKWARD:
+            for name in graph.released_outputs:
+                if name in caller_pinned:
+                    memory.release_instance(caller_pinned.pop(name))   # the caller dropped it
             memory.bytes_in_use += graph.caller_bytes
             bind_placeholders(True)
         for index, step in enumerate(plan.steps(phase)):
@@ -203,6 +208,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
                     if name in pinned_outputs and op.phase is phase:
                         pinned_outputs.discard(name)
                         memory.acquire(name)      # the caller / autograd keeps it to the end
+                        caller_pinned[name] = memory.instance_of[name]
                 clock_ms = start_ms + op.time_ms
                 compute_ms += op.time_ms
                 if op.phase is Phase.FORWARD:

@@ -180,8 +180,14 @@ def test_gpt_tiny_end_to_end_gradients(tiny) -> None:
     from planner.budget import resolve_budget
     from runtime.module import ScheduledModule
     name, model, inputs, step, graph = tiny
-    fraction = 0.7 if name == "gpt" else 0.6
-    plan = solve(graph, resolve_budget(fraction, graph).budget_bytes, "chain", options_per_segment=1)   # re-runs only
+    plan = None
+    for fraction in (0.6, 0.7, 0.8, 0.9):          # the lowest budget chain's re-runs-only plans reach
+        try:
+            plan = solve(graph, resolve_budget(fraction, graph).budget_bytes, "chain", options_per_segment=1)
+            break
+        except InfeasibleBudgetError:
+            continue
+    assert plan is not None, f"{name}: chain with re-runs only fits no budget below 0.9 of the activations"
     assert plan.options.get("source") == "dp" and sum(plan.options["forward_reruns"]) >= 1
     model_copy, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(model_copy, step, graph, plan)

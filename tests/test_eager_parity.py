@@ -155,3 +155,48 @@ def test_batch_norm_backward_scratch_is_predicted_and_measured() -> None:
         assert allocator_bytes <= scheduled.plan.budget_bytes
         assert tracker_bytes == allocator_bytes
         assert scheduled.plan.predicted_peak_bytes == pytest.approx(allocator_bytes, rel=0.01)
+
+
+def _loss_only_peak(model: nn.Module, owner: nn.Module, inputs: tuple) -> int:
+    """Allocator-event peak of a step that keeps only the loss (``loss = model(x)["loss"]``)."""
+    resident = list(owner.parameters()) + list(owner.buffers()) + list(inputs)
+
+    def step() -> torch.Tensor:
+        loss = model(*inputs)["loss"]
+        loss.backward()
+        return loss.detach()
+
+    step()
+    owner.zero_grad(set_to_none=True)
+    _, allocator_bytes = measure_allocator_peak(step, resident)
+    owner.zero_grad(set_to_none=True)
+    return allocator_bytes
+
+
+def test_released_outputs_are_counted_freed_before_the_backward() -> None:
+    """release_outputs=True: a loop that keeps only the loss frees the logits after the
+    forward, as in eager; the plan counts that (prediction = allocator, <= eager), which
+    lowers the floor by up to a logits tensor; an output still held at the backward is refused."""
+    torch.manual_seed(0)
+    model = TiedLM(vocab=4096, width=64)
+    ids = torch.randint(0, 4096, (2, 64))
+    inputs = (ids, ids)
+    logits_bytes = 2 * 64 * 4096 * 4
+    eager_bytes = _loss_only_peak(model, model, inputs)
+    held = optimize(copy.deepcopy(model), 1.0, inputs, solver="none", repeats=1)
+    released = optimize(copy.deepcopy(model), 1.0, inputs, solver="none", repeats=1, release_outputs=True)
+    assert released.graph.released_outputs and not held.graph.released_outputs
+    allocator_bytes = _loss_only_peak(released, released.module, inputs)
+    assert allocator_bytes <= eager_bytes
+    assert released.plan.predicted_peak_bytes == pytest.approx(allocator_bytes, rel=0.01)
+    assert released.plan.predicted_peak_bytes <= held.plan.predicted_peak_bytes - logits_bytes // 2
+    out = released(*inputs)
+    with pytest.raises(PlanMismatchError, match="release_outputs"):
+        out["loss"].backward()
+    del out
+    released.module.zero_grad(set_to_none=True)
+    loss = released(*inputs)["loss"]            # the step runs once the caller lets go
+    loss.backward()
+    model(*inputs)["loss"].backward()
+    for (name, p), q in zip(model.named_parameters(), released.module.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)

@@ -261,3 +261,23 @@ def test_decisions_do_not_change_the_replay() -> None:
     labelled = Plan(graph_hash=graph.hash, solver="hand", budget_bytes=0, forward=plain.forward,
                     backward=plain.backward, decisions={"a": Decision.RECOMPUTE})
     assert simulate(graph, labelled) == simulate(graph, plain)
+
+
+def test_released_outputs_are_freed_when_the_backward_starts() -> None:
+    """A forward output the caller drops before the backward (`Graph.released_outputs`)
+    counts until the forward's end only; it is part of the graph's identity and JSON."""
+    import json
+    from dataclasses import replace
+    from solvers import UnsupportedGraphError, solve
+    held = hand_graph()
+    released = replace(held, released_outputs=("out",))
+    assert released.hash != held.hash
+    assert Graph.from_json(json.loads(json.dumps(released.to_json()))) == released
+    held_run = simulate(held, solve(held, 10**9, "none"))
+    released_run = simulate(released, solve(released, 10**9, "none"))
+    forward_end = len(solve(held, 10**9, "none").forward) - 1
+    assert released_run.timeline[forward_end].bytes_in_use == held_run.timeline[forward_end].bytes_in_use
+    assert [h.bytes_in_use - r.bytes_in_use for h, r in zip(held_run.timeline, released_run.timeline)][
+        forward_end + 1:] == [1] * (len(held_run.timeline) - forward_end - 1)        # out is 1 byte
+    with pytest.raises(UnsupportedGraphError, match="released output 'b'"):
+        replace(held, released_outputs=("b",))
