@@ -14,7 +14,9 @@ from typing import Any
 
 _EXPORTS = {
     "optimize": "planner.api", "parse_budget": "planner.budget", "resolve_budget": "planner.budget",
-    "BudgetError": "planner.errors", "UnsupportedModelError": "planner.errors",
+    "BudgetError": "planner.errors", "UnsupportedModelError": "planner.errors", "OptionError": "planner.errors",
+    "ModelInputError": "planner.errors",
+    "pad_to_bucket": "planner.batching",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,15 +6,20 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 
-from planner.budget import resolve_budget
-from planner.capture import capture
+from planner.budget import parse_budget, resolve_budget
+from planner.capture import CapturedStep, capture, input_signature
+from planner.errors import OptionError
 from planner.profile import profile, with_released_outputs
-from runtime.module import ScheduledModule
-from solvers.graph import TARGETS
+from runtime.module import ScheduledModule, describe_signature, StepProgram, checked_plan
+from solvers.errors import format_bytes
+from solvers.graph import TARGETS, Graph, Transfer
 from solvers.plan import Plan
 from solvers.registry import solve
 
@@ -27,7 +32,8 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
              solver_options: Mapping[str, Any] | None = None, progress: bool | None = None,
              target: str | None = None, stages: int | None = None, microbatches: int = 1,
              schedule: str = "1f1b", loss_fn: Callable[..., torch.Tensor] | None = None,
-             backward_from: str = "auto", release_outputs: bool = False) -> Any:
+             backward_from: str = "auto", release_outputs: bool = False, on_new_shape: str = "plan",
+             plan_cache_size: int = 8) -> Any:
     """Return ``model`` wrapped so that one training step (forward + backward) peaks at
     most at ``budget`` with the same gradients, at the least extra time the solver finds.
 
@@ -62,31 +68,144 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             does for such a loop. The backward raises `PlanMismatchError` if one is still
             referenced then (the budget would not hold).
 
+        on_new_shape: ``"plan"``: a call whose step differs from the example's (shapes,
+            dtypes, train/eval mode, frozen parameters, see `OptimizedModule`) gets its own
+            plan on first use, logged; ``"error"``: it is refused with `PlanMismatchError`.
+        plan_cache_size: how many plans `OptimizedModule` keeps (least recently used out).
+
     Raises:
-        UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError.
+        UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError,
+        InvalidPlanError (a loaded plan that cannot run or exceeds its budget), OptionError.
     """
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if stages is not None:
         if example_kwargs or target is not None:
-            raise ValueError("optimize(..., stages=K) takes positional tensor inputs and no target= profile")
+            raise OptionError("optimize(..., stages=K) takes positional tensor inputs and no target= profile")
         from planner.pipeline import optimize_pipeline
         return optimize_pipeline(model, budget, example_inputs, stages=stages, microbatches=microbatches,
                                  schedule=schedule, loss_fn=loss_fn, solver=solver, plan=plan, repeats=repeats,
                                  progress=progress, solver_options=dict(solver_options or {}))
     if target is not None and target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(sorted(TARGETS))}")
-    started = time.perf_counter()
-    step = capture(model, example_inputs, example_kwargs, backward_from=backward_from)
-    graph = profile(step, model, example_inputs, example_kwargs, repeats=1 if plan is not None else repeats,
-                    progress=progress, transfer=TARGETS[target] if target is not None else None)
-    if release_outputs:
-        graph = with_released_outputs(graph, step)
-    log.info("traced and profiled %s in %.1f s: %d ops", graph.name, time.perf_counter() - started, len(graph.ops))
+        raise OptionError(f"unknown target {target!r}; choose one of {', '.join(sorted(TARGETS))}")
+    if on_new_shape not in ("plan", "error"):
+        raise OptionError(f"on_new_shape={on_new_shape!r}; choose 'plan' (plan each new input signature) or 'error'")
+    if plan_cache_size < 1:
+        raise OptionError(f"plan_cache_size={plan_cache_size}; keep at least 1 plan")
+    parse_budget(budget)                                  # a bad budget fails before any tracing
+    planner = _StepPlanner(budget=budget, solver=solver, repeats=repeats, solver_options=dict(solver_options or {}),
+                           progress=progress, transfer=TARGETS[target] if target is not None else None,
+                           backward_from=backward_from, release_outputs=release_outputs)
+    loaded = None
     if plan is not None:
-        chosen = plan if isinstance(plan, Plan) else Plan.load(os.fspath(plan))
-        chosen.check_graph(graph)
-    else:
-        breakdown = resolve_budget(budget, graph)
-        chosen = solve(graph, breakdown.budget_bytes, solver, **dict(solver_options or {}))
-    return ScheduledModule(model, step, graph, chosen)
+        loaded = plan if isinstance(plan, Plan) else Plan.load(os.fspath(plan))
+    step, graph, chosen = planner.plan(model, example_inputs, example_kwargs, loaded)
+    return OptimizedModule(model, step, graph, chosen, planner, on_new_shape=on_new_shape,
+                           plan_cache_size=plan_cache_size)
+
+
+@dataclass
+class _StepPlanner:
+    """How `optimize` was asked to plan, to plan a new input signature the same way."""
+
+    budget: int | float | str
+    solver: str
+    repeats: int
+    solver_options: dict[str, Any]
+    progress: bool | None
+    transfer: Transfer | None
+    backward_from: str
+    release_outputs: bool
+
+    def plan(self, model: torch.nn.Module, inputs: Sequence[Any], kwargs: Mapping[str, Any] | None,
+             loaded: Plan | None = None, *, first: bool = True) -> tuple[CapturedStep, Graph, Plan]:
+        """Trace, profile and solve one step (or check ``loaded`` against it). The budget
+        keeps its meaning: bytes stay bytes, a fraction is of this step's activations.
+        A step after the ``first`` is profiled with one timing run per op, to keep the
+        training loop waiting for seconds, not tens of seconds."""
+        started = time.perf_counter()
+        step = capture(model, inputs, kwargs, backward_from=self.backward_from)
+        repeats = 1 if loaded is not None or not first else self.repeats
+        graph = profile(step, model, inputs, kwargs, repeats=repeats, progress=self.progress, transfer=self.transfer)
+        if self.release_outputs:
+            graph = with_released_outputs(graph, step)
+        log.info("traced and profiled %s in %.1f s: %d ops", graph.name, time.perf_counter() - started,
+                 len(graph.ops))
+        if loaded is not None:
+            loaded.check_graph(graph)
+            return step, graph, loaded
+        breakdown = resolve_budget(self.budget, graph)
+        return step, graph, solve(graph, breakdown.budget_bytes, self.solver, **self.solver_options)
+
+
+class OptimizedModule(ScheduledModule):
+    """What `optimize` returns: a `ScheduledModule` that plans each new step signature.
+
+    A training loop changes its step: the last batch is smaller, sequences are padded to
+    each batch's longest, the module goes from ``eval()`` to ``train()``, parameters are
+    unfrozen. Each signature (input structure, shapes, dtypes, ``requires_grad``, autocast,
+    train/eval mode, which parameters require grad) gets its own plan, traced, profiled
+    and solved on first use and kept in a least-recently-used cache of
+    ``plan_cache_size`` plans; ``on_new_shape="error"`` refuses a new signature with
+    `PlanMismatchError` instead. ``plan``, ``graph`` and the generated code are those of
+    the signature that ran last; ``plans`` holds every cached one. Under
+    ``torch.no_grad()`` the plain forward runs (no backward, nothing to plan).
+    """
+
+    def __init__(self, model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan,
+                 planner: _StepPlanner, *, on_new_shape: str = "plan", plan_cache_size: int = 8) -> None:
+        super().__init__(model, step, graph, plan)
+        self._planner = planner
+        self.on_new_shape = on_new_shape
+        self.plan_cache_size = plan_cache_size
+        self._cache: OrderedDict[tuple, tuple[CapturedStep, Graph, Plan, Any]] = OrderedDict()
+        self._cache[self._key_of_step(step)] = (step, self.graph, self.plan, self._program)
+
+    @property
+    def plans(self) -> list[Plan]:
+        """The cached plans, least recently used first."""
+        return [entry[2] for entry in self._cache.values()]
+
+    @staticmethod
+    def _key_of_step(step: CapturedStep) -> tuple:
+        return (step.input_spec, step.input_signature, step.training, tuple(step.param_requires_grad))
+
+    def _key_of_call(self, args: tuple, kwargs: dict) -> tuple:
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        return (spec, input_signature(leaves), self.module.training,
+                tuple(p.requires_grad for p in self.module.parameters()))
+
+    def prepare(self, *args: Any, **kwargs: Any) -> Plan:
+        """Make (or find) the plan for a step on these inputs without running the step:
+        planning profiles the step once un-optimized, at the plain step's peak, as
+        ``optimize`` does, so a loop that must never exceed its budget plans its bucket
+        shapes (`planner.batching.pad_to_bucket`) before training."""
+        key = self._key_of_call(args, kwargs)
+        return (self._cache.get(key) or self._plan_new(key, args, kwargs))[2]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.module(*args, **kwargs)
+        key = self._key_of_call(args, kwargs)
+        entry = self._cache.get(key)
+        if entry is None and self.on_new_shape == "plan":
+            entry = self._plan_new(key, args, kwargs)
+        if entry is not None:
+            self._cache.move_to_end(key)
+            self._step, self.graph, self.plan, self._program = entry
+        return super().forward(*args, **kwargs)     # a signature without a plan is refused there
+
+    def _plan_new(self, key: tuple, args: tuple, kwargs: dict) -> tuple[CapturedStep, Graph, Plan, Any]:
+        started = time.perf_counter()
+        step, graph, plan = self._planner.plan(self.module, args, kwargs, first=False)
+        entry = (step, graph, checked_plan(graph, plan), StepProgram(step, graph, plan, self._device_type()))
+        self._cache[key] = entry
+        while len(self._cache) > self.plan_cache_size:
+            self._cache.popitem(last=False)
+        log.info("memsched: new plan for %s %s in %.1f s (%s, predicted peak %s, %d plan(s) cached)",
+                 type(self.module).__name__, describe_signature(key[1]), time.perf_counter() - started, plan.solver,
+                 format_bytes(entry[2].predicted_peak_bytes), len(self._cache))
+        return entry
+
+    def _device_type(self) -> str:
+        return next((p.device.type for p in self.module.parameters()), "cpu")

@@ -16,7 +16,7 @@ from solvers.graph import Graph
 from solvers.registry import solve
 from solvers.simulate import simulate
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 
@@ -46,13 +46,19 @@ def parse_budget(budget: int | float | str) -> int | float:
     if isinstance(budget, str):
         text = budget.strip()
         if text.endswith("%"):
-            return parse_budget(float(text[:-1]) / 100.0)
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                raise BudgetError(f"cannot read budget {budget!r}: write a percentage such as '50%'") from None
+            return parse_budget(percent / 100.0)
         match = _SIZE.match(text)
-        if not match or match.group(2).lower() not in _UNITS:
+        if not match or (match.group(2) and match.group(2).lower() not in _UNITS):
             raise BudgetError(f"cannot read budget {budget!r}; write bytes with a unit such as '6GiB', '800MB', "
                               "'512MiB', or a percentage such as '50%'")
-        if not match.group(2) and "." in match.group(1):
-            return parse_budget(float(match.group(1)))     # "0.5": a fraction
+        if not match.group(2):
+            raise BudgetError(f"budget {budget!r} has no unit, so it could be bytes or a fraction: write "
+                              f"'{match.group(1)}B' for bytes, a percentage such as '50%', or pass a number "
+                              "(an int for bytes, a float in (0, 1] for a fraction of activation memory)")
         size_bytes = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
         if size_bytes <= 0:
             raise BudgetError(f"budget {budget!r} must be positive")

@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.func import functional_call, functionalize
 
-from planner.errors import UnsupportedModelError
+from planner.errors import ModelInputError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -125,6 +125,7 @@ class CapturedStep:
     placeholder_names: list[str] = field(default_factory=list)
     modules: dict[str, str] = field(default_factory=dict)   # node name -> nn.Module path ("" = top level)
     model_name: str = ""             # the traced model's class name, for messages
+    param_requires_grad: list[bool] = field(default_factory=list)   # per parameter, when traced
 
     @property
     def num_tensor_outputs(self) -> int:
@@ -261,7 +262,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
                         roles=roles, buffer_updates=buffer_updates, training=model.training,
                         input_signature=input_signature(input_leaves),
                         placeholder_names=[p.name for p in placeholders], modules=modules,
-                        model_name=type(model).__name__)
+                        model_name=type(model).__name__, param_requires_grad=[p.requires_grad for p in params])
 
 
 def loss_outputs(leaves: list[OutputLeaf], backward_from: str) -> list[OutputLeaf]:
@@ -296,7 +297,7 @@ def _meta_preserving_runner(graph_module: fx.GraphModule):
 
 def _infer_outputs(model, fake_mode, call_model, params, buffers, tensor_inputs):
     """Run the model once on fake tensors to learn its output structure."""
-    with fake_mode, _tracing_errors(model):
+    with fake_mode, _tracing_errors(model, inputs=tensor_inputs):
         fake_params = [fake_mode.from_tensor(p) for p in params]
         fake_buffers = [fake_mode.from_tensor(b) for b in buffers]
         fake_inputs = [fake_mode.from_tensor(t) for t in tensor_inputs]
@@ -493,10 +494,14 @@ def _restore_module_state(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _tracing_errors(model: torch.nn.Module, scopes: list[tuple[int, str]] | None = None) -> Iterator[None]:
+def _tracing_errors(model: torch.nn.Module, scopes: list[tuple[int, str]] | None = None,
+                    inputs: Sequence[torch.Tensor] | None = None) -> Iterator[None]:
     """Turn a tracing failure into `UnsupportedModelError` naming the submodule that was
-    running and the way out. With ``scopes``, also record ``(graph length, module path)``
-    each time the running submodule changes, so traced nodes can be attributed."""
+    running and the way out. With ``inputs``, the block runs the model's plain forward (on
+    fake tensors): an error there other than a data-dependent one is the model's own on
+    these inputs, `ModelInputError` naming them. With ``scopes``, also record ``(graph
+    length, module path)`` each time the running submodule changes, so traced nodes can be
+    attributed. Fake-tensor kernels' own error logs are silenced (the error says it all)."""
     stack: list[str] = []
     names = {module: name for name, module in model.named_modules()}
 
@@ -518,16 +523,26 @@ def _tracing_errors(model: torch.nn.Module, scopes: list[tuple[int, str]] | None
     for module in names:
         handles.append(module.register_forward_pre_hook(enter))
         handles.append(module.register_forward_hook(leave))
+    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_tensor_log.level
+    fake_tensor_log.setLevel(logging.CRITICAL)
     try:
         yield
     except UnsupportedModelError:
         raise
     except Exception as error:  # noqa: BLE001 - re-raised with the module and the fix
         where = stack[-1] if stack else type(model).__name__
+        module_type = type(dict(model.named_modules()).get(where, model)).__name__
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         lowered = (type(error).__name__ + text).lower()
-        if "datadependent" in lowered or "data-dependent" in lowered or "data dependent" in lowered \
-                or "item()" in lowered or "guard" in lowered:
+        data_dependent = ("datadependent" in lowered or "data-dependent" in lowered or "data dependent" in lowered
+                          or "item()" in lowered or "guard" in lowered or "dynamicoutputshape" in lowered)
+        if inputs is not None and not data_dependent:
+            raise ModelInputError(
+                f"{where!r} ({module_type}) fails on the example inputs {_describe_tensors(inputs)}: "
+                f"{type(error).__name__}: {text}; the model raises this itself, so give example inputs with the "
+                "shapes and dtypes of a training batch") from error
+        if data_dependent:
             fix = ("data-dependent control flow or a tensor read on the host (.item(), .tolist(), `if x.sum() > 0`); "
                    "use torch.where / masking instead")
         else:
@@ -535,5 +550,10 @@ def _tracing_errors(model: torch.nn.Module, scopes: list[tuple[int, str]] | None
         raise UnsupportedModelError(f"cannot trace {where!r} ({type(error).__name__}: {text}); "
                                     f"cause: {fix}") from error
     finally:
+        fake_tensor_log.setLevel(level)
         for handle in handles:
             handle.remove()
+
+
+def _describe_tensors(tensors: Sequence[torch.Tensor]) -> str:
+    return "(" + ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors) + ")"

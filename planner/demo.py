@@ -23,6 +23,14 @@ from planner.benchmark import step_memory, step_times_ms, train_step
 from solvers.errors import MemschedError, format_bytes
 
 
+def _command_line_budget(text: str) -> int | float | str:
+    """``--budget``: a number is a fraction (with a point) or bytes, anything else a size string."""
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memsched-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt", choices=sorted(zoo.ZOO), help="built-in model (default gpt)")
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     plain_memory = step_memory(plain, inputs)
     started = time.perf_counter()
     try:
-        optimized = optimize(model, args.budget, inputs, solver=args.solver)
+        optimized = optimize(model, _command_line_budget(args.budget), inputs, solver=args.solver)
     except MemschedError as error:
         console.print(f"[red]{type(error).__name__}[/red]: {error}")
         return 1

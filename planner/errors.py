@@ -1,6 +1,6 @@
 """Errors of the torch-facing front end; they join the hierarchy in `solvers.errors`."""
 
-from solvers.errors import MemschedError
+from solvers.errors import MemschedError, OptionError, UnsupportedUseError  # noqa: F401 - re-exported
 
 
 class UnsupportedModelError(MemschedError):
@@ -10,3 +10,8 @@ class UnsupportedModelError(MemschedError):
 
 class BudgetError(MemschedError, ValueError):
     """A budget that cannot be read (``"6 GB"`` typo, negative, fraction outside (0, 1])."""
+
+
+class ModelInputError(MemschedError, ValueError):
+    """The model itself fails on the example inputs (a shape or dtype it does not take);
+    the message names the submodule, the op and the inputs."""

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from planner.budget import parse_budget
-from planner.errors import BudgetError
+from planner.errors import BudgetError, OptionError, UnsupportedUseError
 from planner.capture import CapturedStep, capture
 from planner.memory import MemoryReport, StepMemoryTracker
 from planner.profile import profile
@@ -73,7 +73,7 @@ def capture_fingerprint(step: CapturedStep) -> str:
 def _budgets(budget: Any, stages: int) -> list[int]:
     values = list(budget) if isinstance(budget, (list, tuple)) else [budget] * stages
     if len(values) != stages:
-        raise ValueError(f"got {len(values)} per-device budgets for {stages} stages; give one budget or one per stage")
+        raise OptionError(f"got {len(values)} per-device budgets for {stages} stages; give one budget or one per stage")
     result = []
     for value in values:
         parsed = parse_budget(value)
@@ -103,7 +103,7 @@ def _init_distributed() -> None:
     if dist.is_initialized():
         return
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError("optimize(..., stages=K) runs one process per stage: launch with "
+        raise UnsupportedUseError("optimize(..., stages=K) runs one process per stage: launch with "
                            "`torchrun --nproc-per-node K your_script.py`, or call "
                            "torch.distributed.init_process_group first")
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -181,25 +181,25 @@ def optimize_pipeline(model: torch.nn.Module, budget: Any, example_inputs: Seque
     """See `planner.api.optimize` (``stages=``) and the module docstring."""
     schedule = schedule.lower()
     if schedule not in SCHEDULES:
-        raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise OptionError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     if stages < 1 or microbatches < 1:
-        raise ValueError(f"stages and microbatches must be at least 1, got {stages} and {microbatches}")
+        raise OptionError(f"stages and microbatches must be at least 1, got {stages} and {microbatches}")
     if schedule == "1f1b" and microbatches < stages:
-        raise ValueError(f"the 1F1B schedule needs at least as many micro-batches as stages: microbatches="
+        raise OptionError(f"the 1F1B schedule needs at least as many micro-batches as stages: microbatches="
                          f"{microbatches} < stages={stages}; raise microbatches or use schedule='gpipe'")
     budgets = _budgets(budget, stages)
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise ValueError("a pipelined model takes positional tensor inputs only (split on dim 0 into micro-batches)")
+        raise OptionError("a pipelined model takes positional tensor inputs only (split on dim 0 into micro-batches)")
     batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
     if batch % microbatches or any(t.dim() == 0 or t.shape[0] != batch for t in inputs):
-        raise ValueError(f"every input must have the same batch size on dim 0, divisible by microbatches="
+        raise OptionError(f"every input must have the same batch size on dim 0, divisible by microbatches="
                          f"{microbatches}; got shapes {[tuple(t.shape) for t in inputs]}")
     microbatch = tuple(t.tensor_split(microbatches)[0] for t in inputs)
     _init_distributed()
     world = dist.get_world_size(group)
     if world != stages:
-        raise ValueError(f"stages={stages} but {world} processes run: start one process per stage "
+        raise OptionError(f"stages={stages} but {world} processes run: start one process per stage "
                          f"(torchrun --nproc-per-node {stages})")
     rank = dist.get_rank(group)
     started = time.perf_counter()

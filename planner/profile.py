@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from planner.capture import CapturedStep, Role, is_random
+from planner.errors import ModelInputError, OptionError
 from planner.scratch import OpScratch
 from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind, backward_as_late_as_possible
 
@@ -72,7 +73,7 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
     its `Graph`. ``repeats=1`` gives sizes with single-shot times (enough to re-use a plan).
     ``progress`` shows a progress bar (default: when stderr is a terminal)."""
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise OptionError(f"repeats must be >= 1, got {repeats}")
     arguments = step_arguments(step, model, example_inputs, example_kwargs, clone_buffers=True)
     device = next((t.device for t in arguments), torch.device("cpu"))
     # grad mode on, as when tracing (some kernels consult it); the arguments are detached
@@ -268,7 +269,19 @@ class _GraphBuilder:
 
     def _run_op(self, node: fx.Node, role: Role, env: dict[str, Any]) -> None:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
-        result, time_ms, workspace_bytes = self._timed(node.name, node.target, args, kwargs)
+        try:
+            result, time_ms, workspace_bytes = self._timed(node.name, node.target, args, kwargs)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            # the traced kernels' shape and dtype rules are looser than the real ones
+            # (a Long input into a Float matmul traces): the model fails on these inputs
+            where = self.step.modules.get(node.name, "") or self.step.model_name or "the model"
+            text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            inputs = [leaf for leaf in self.step.input_leaves if isinstance(leaf, torch.Tensor)]
+            described = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+            raise ModelInputError(
+                f"{where!r} fails on the example inputs ({described}) in {node.target} ({node.name}): "
+                f"{type(error).__name__}: {text}; give example inputs with the shapes and dtypes of a training "
+                "batch") from error
         phase = Phase.BACKWARD if role is Role.BACKWARD else Phase.FORWARD
         kind = ValueKind.GRADIENT_WORK if phase is Phase.BACKWARD else ValueKind.ACTIVATION
         getitems = {user.args[1]: user for user in node.users if user.target is operator.getitem}

@@ -240,6 +240,8 @@ def _backward_reads_from_forward(graph: Graph, plan: Plan) -> list[str]:
             defined.update(op.outputs)
         elif plan_step.kind is StepKind.PREFETCH:
             defined.add(plan_step.name)
+        elif plan_step.kind is StepKind.OFFLOAD and plan_step.name not in defined:
+            needed.setdefault(plan_step.name)        # a forward value copied out in the backward
     return list(needed)
 
 

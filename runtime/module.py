@@ -8,6 +8,7 @@ accumulation and ``train()/eval()`` behave as on the plain model. In eval mode o
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,12 +17,13 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from planner.capture import CapturedStep, input_signature
 from runtime.codegen import Programs, generate
-from solvers.errors import PlanMismatchError
+from solvers.errors import InvalidPlanError, PlanMismatchError, UnsupportedUseError, format_bytes
 from solvers.graph import Graph
 from solvers.plan import Plan
+from solvers.simulate import simulate
 
 
-class _StepProgram:
+class StepProgram:
     """The generated programs of one plan and how to call them."""
 
     def __init__(self, step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> None:
@@ -43,7 +45,7 @@ class _ScheduledStep(torch.autograd.Function):
     over in a list the backward program clears, so each value dies at its last use."""
 
     @staticmethod
-    def forward(ctx: Any, program: _StepProgram, *flat_args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, program: StepProgram, *flat_args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         programs = program.programs
         # Kernels that consult grad mode (oneDNN's RNN keeps a training workspace only when
         # it is on) must see what the trace saw; detached inputs keep autograd out of it.
@@ -63,9 +65,9 @@ class _ScheduledStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        program: _StepProgram = ctx.program
+        program: StepProgram = ctx.program
         if ctx.handover is None:
-            raise RuntimeError("memsched: backward ran twice through one optimized step; retain_graph=True is "
+            raise UnsupportedUseError("memsched: backward ran twice through one optimized step; retain_graph=True is "
                                "not supported because saved activations are freed as the backward uses them")
         arguments = ctx.handover
         ctx.handover = None
@@ -104,7 +106,25 @@ class _ScheduledStep(torch.autograd.Function):
         return (None, *result)
 
 
-def _watch_released(program: _StepProgram, outputs: list[torch.Tensor], handover: list[Any],
+def checked_plan(graph: Graph, plan: Plan) -> Plan:
+    """``plan`` with its predictions replaced by `simulate`'s replay on ``graph``, which
+    refuses a plan made for another graph (`PlanMismatchError`) or one that cannot run
+    (`InvalidPlanError`, naming the step and the value); `InvalidPlanError` too when the
+    replay peaks above the plan's own budget. Nothing runs a plan this did not accept:
+    a saved plan may have been edited."""
+    result = simulate(graph, plan)
+    if result.peak_bytes > plan.budget_bytes:
+        steps = plan.steps(result.peak_phase)
+        at = steps[result.peak_step_index] if 0 <= result.peak_step_index < len(steps) else "the start"
+        raise InvalidPlanError(
+            f"plan by {plan.solver!r} peaks at {format_bytes(result.peak_bytes)} ({result.peak_bytes} bytes) at "
+            f"{result.peak_phase.value} step {result.peak_step_index} {at}, above its budget of "
+            f"{format_bytes(plan.budget_bytes)}; re-plan with optimize(model, budget, example_inputs) "
+            "without plan=, or give the plan a budget it meets")
+    return replace(plan, predicted_peak_bytes=result.peak_bytes, predicted_time_ms=result.time_ms)
+
+
+def _watch_released(program: StepProgram, outputs: list[torch.Tensor], handover: list[Any],
                     flat_args: tuple[torch.Tensor, ...]) -> list[tuple[int, StorageWeakRef]]:
     """A weak reference to the storage of each released output that nothing but the caller
     keeps: not saved for the backward, not shared with a held output or an argument."""
@@ -129,13 +149,12 @@ class ScheduledModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan) -> None:
         super().__init__()
-        plan.check_graph(graph)
         self.module = model
-        self.plan = plan
+        self.plan = checked_plan(graph, plan)
         self.graph = graph
         self._step = step
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self._program = _StepProgram(step, graph, plan, device.type)
+        self._program = StepProgram(step, graph, plan, device.type)
 
     @property
     def forward_code(self) -> str:
@@ -147,15 +166,29 @@ class ScheduledModule(torch.nn.Module):
         return self._program.programs.backward.code
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled() or self.training != self._step.training:
-            return self.module(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return self.module(*args, **kwargs)        # no backward to plan for
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         step = self._step
+        name = type(self.module).__name__
         if spec != step.input_spec or input_signature(leaves) != step.input_signature:
             raise PlanMismatchError(
-                f"{type(self.module).__name__} was optimized for inputs {_describe(step.input_signature)} but got "
-                f"{_describe(input_signature(leaves)) if spec == step.input_spec else 'another input structure'}; "
+                f"{name} was optimized for inputs {describe_signature(step.input_signature)} but got "
+                f"{describe_signature(input_signature(leaves)) if spec == step.input_spec else 'another input structure'}; "
                 "call optimize() again with example inputs of this shape (or use drop_last=True in the DataLoader)")
+        if self.module.training != step.training:
+            mode = "train" if step.training else "eval"
+            raise PlanMismatchError(
+                f"{name} was optimized in {mode} mode but is called in {'eval' if step.training else 'train'} mode "
+                f"with gradients enabled; call it in {mode} mode, under torch.no_grad() to run the plain forward, or "
+                "optimize() again in this mode")
+        requires_grad = [p.requires_grad for _, p in self.module.named_parameters()]
+        if requires_grad != step.param_requires_grad:
+            changed = [n for (n, p), was in zip(self.module.named_parameters(), step.param_requires_grad)
+                       if p.requires_grad != was]
+            raise PlanMismatchError(
+                f"{name}: parameter(s) {changed[:3] or 'added or removed'} were frozen or unfrozen since optimize(), "
+                "so the plan's gradients would be wrong: optimize() again after changing requires_grad")
         params = dict(self.module.named_parameters())
         buffers = dict(self.module.named_buffers())
         flat = [params[name] for name in step.param_names] + [buffers[name] for name in step.buffer_names]
@@ -178,7 +211,7 @@ class ScheduledModule(torch.nn.Module):
             return getattr(super().__getattr__("module"), name)
 
 
-def _describe(signature: tuple) -> str:
+def describe_signature(signature: tuple) -> str:
     parts = []
     for item in signature:
         if item[0] == "autocast":

@@ -39,6 +39,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from planner.capture import CapturedStep, Role
+from solvers.errors import OptionError, PlanMismatchError
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -90,7 +91,7 @@ def node_stages(step: CapturedStep, stage_of_op: Mapping[str, int]) -> dict[str,
         elif node.name in stage_of_op:
             result[node.name] = stage_of_op[node.name]
         else:
-            raise ValueError(f"forward node {node.name!r} has no stage in the pipeline plan; the plan was made "
+            raise PlanMismatchError(f"forward node {node.name!r} has no stage in the pipeline plan; the plan was made "
                              "for another graph: re-plan with optimize(..., stages=K)")
     # A buffer update (the copy_ that functionalization puts at the end of the forward)
     # runs where its new value is computed, so buffer state never travels between stages.
@@ -280,7 +281,7 @@ class PipelineRunner:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         if schedule not in SCHEDULES:
-            raise ValueError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+            raise OptionError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
         self.stage_index = stage_index
         self.num_stages = num_stages
         self.microbatches = microbatches

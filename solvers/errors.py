@@ -51,6 +51,15 @@ class PlanFormatError(MemschedError):
     """A plan or graph file is not valid memsched JSON (corrupt, truncated, other version)."""
 
 
+class OptionError(MemschedError, ValueError):
+    """An argument that cannot be used as given; the message says which values it takes."""
+
+
+class UnsupportedUseError(MemschedError, RuntimeError):
+    """A use of an optimized module that memsched does not support (``retain_graph=True``,
+    a pipeline outside ``torchrun``); the message says what to do instead."""
+
+
 def format_bytes(size_bytes: float) -> str:
     """Human-readable binary size: ``format_bytes(3 * 2**30) == '3.00 GiB'``."""
     size = float(size_bytes)

@@ -105,8 +105,12 @@ def _refine_with_ilp(graph: Graph, budget_bytes: int, best: tuple[float, Plan], 
     except (InfeasibleBudgetError, SolverUnavailableError) as error:
         log.info("auto: ilp found no better plan: %s", str(error).splitlines()[0])
         return best
-    time_ms = simulate(graph, plan).time_ms
-    return (time_ms, plan) if time_ms < best[0] else best
+    result = simulate(graph, plan)
+    if result.peak_bytes > budget_bytes:        # generator states the MILP does not count
+        log.info("auto: ilp's plan peaks %d bytes over the budget; keeping %s's", result.peak_bytes - budget_bytes,
+                 best[1].solver)
+        return best
+    return (result.time_ms, plan) if result.time_ms < best[0] else best
 
 
 def solve(graph: Graph, budget_bytes: int, solver: str = "auto", **options: object) -> Plan:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -11,12 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from planner import UnsupportedModelError
+from planner import UnsupportedModelError, optimize
 from planner.capture import capture
 from planner.profile import profile
 from planner.scratch import OpScratch
 from planner.capture import Role
-from solvers import Phase, ValueKind
+from solvers import Graph, Phase, ValueKind
 
 
 class BatchNormDropout(nn.Module):
@@ -104,11 +105,23 @@ def test_tuple_dict_and_dataclass_outputs_round_trip() -> None:
             h = self.fc(x) * scale
             return {"out": Output(logits=h.relu(), hidden=h, steps=3), "pair": (h.sum(), x.argmax(dim=1))}
 
+    torch.manual_seed(0)
     model, x = Structured(), torch.randn(5, 6)
     step = capture(model, (x,), {"scale": 2.0})
     assert [leaf.is_tensor for leaf in step.output_leaves].count(False) == 1
     differentiable = [leaf.differentiable for leaf in step.output_leaves if leaf.is_tensor]
     assert differentiable.count(False) == 1      # argmax is an integer output
+    reference = copy.deepcopy(model)
+    optimized = optimize(model, 1.0, (x,), example_kwargs={"scale": 2.0}, repeats=1)
+    out, expected = optimized(x, scale=2.0), reference(x, scale=2.0)
+    assert isinstance(out["out"], Output) and out["out"].steps == 3 and isinstance(out["pair"], tuple)
+    torch.testing.assert_close(out["out"].logits, expected["out"].logits)
+    torch.testing.assert_close(out["out"].hidden, expected["out"].hidden)
+    assert torch.equal(out["pair"][1], expected["pair"][1])
+    out["pair"][0].backward()                    # the scalar output is the loss
+    expected["pair"][0].backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
 def test_data_dependent_control_flow_names_the_module_and_the_fix() -> None:
@@ -146,6 +159,8 @@ def test_profile_times_are_positive_and_graph_is_json_stable() -> None:
     first = profile(step, model, (x,), repeats=3)
     second = profile(step, copy.deepcopy(model), (x,), repeats=1)
     assert first.hash == second.hash                     # timings differ, structure does not
+    reloaded = Graph.from_json(json.loads(json.dumps(first.to_json())))
+    assert reloaded == first and reloaded.hash == first.hash
     assert sum(op.time_ms for op in first.ops) > 0
     assert all(op.time_ms >= 0 for op in first.ops)
 

@@ -176,7 +176,6 @@ def test_zoo_tiny_plans_fit(tiny) -> None:
 
 
 def test_gpt_tiny_end_to_end_gradients(tiny) -> None:
-    pytest.importorskip("torch")
     from planner.budget import resolve_budget
     from runtime.module import ScheduledModule
     name, model, inputs, step, graph = tiny

@@ -78,7 +78,7 @@ def hierarchical_or_greedy_fails_too(graph, budget: int):
     try:
         return solve(graph, budget, "hierarchical")
     except InfeasibleBudgetError:
-        with pytest.raises(InfeasibleBudgetError):
+        with pytest.raises(InfeasibleBudgetError, match="least feasible"):
             solve(graph, budget, "greedy")
         return None
 
@@ -155,9 +155,9 @@ def test_identical_blocks_share_options(traced) -> None:
 
 def test_invalid_arguments_and_infeasible_budget(traced) -> None:
     _, _, _, _, graph = traced
-    with pytest.raises(UnsupportedGraphError):
+    with pytest.raises(UnsupportedGraphError, match="options_per_segment must be at least 2"):
         solve_hierarchical(graph, 10**12, options_per_segment=1)
-    with pytest.raises(InfeasibleBudgetError):
+    with pytest.raises(InfeasibleBudgetError, match="least feasible"):
         solve_hierarchical(graph, 1)
 
 

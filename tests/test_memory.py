@@ -370,7 +370,7 @@ def test_agrees_with_profiler_allocator_events_on_a_conv_net() -> None:
 
 def test_exit_restores_the_dispatch_mode_stack_even_on_exception() -> None:
     stack_before = list(_get_current_dispatch_mode_stack())
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="step failed"):
         with StepMemoryTracker("cpu") as outer:
             kept = torch.ones(10)
             with StepMemoryTracker("cpu") as inner:
@@ -468,7 +468,7 @@ def test_cuda_allocator_peak_nested_and_host_copies() -> None:
             small = torch.empty(2 * mib, dtype=torch.uint8, device=device)
             host_copy = small.to("cpu")
             inner.mark_host(host_copy)                          # host memory: not on the device
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="mark_host: the tensor lives on"):
                 inner.mark_host(small)
             del small
     outer_report, inner_report = outer.report(), inner.report()

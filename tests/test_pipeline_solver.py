@@ -226,7 +226,7 @@ def test_one_stage_is_the_single_device_chain_dp(chain: PipelineChain, fraction:
     levels = choose_levels([list(s.options) for s in chain.segments], budget - static,
                            resolution=max(1, budget - static))
     if levels is None:
-        with pytest.raises(InfeasibleBudgetError):
+        with pytest.raises(InfeasibleBudgetError, match="least feasible"):
             solve(chain, [budget], 1, "1f1b")
         return
     found = solve(chain, [budget], 1, "1f1b")

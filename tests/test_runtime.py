@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -118,7 +119,9 @@ def test_saved_plan_is_reused_without_solving(tmp_path) -> None:
     path = tmp_path / "plan.json"
     first.plan.save(path)
     again = optimize(model, 0.85, (x,), plan=path)
-    assert again.plan == first.plan
+    # the same plan; its predictions are the replay on this run's profile (times move)
+    assert replace(again.plan, predicted_time_ms=0.0) == replace(first.plan, predicted_time_ms=0.0)
+    assert again.plan.predicted_peak_bytes == first.plan.predicted_peak_bytes
     assert again.plan.graph is not None and again.plan.graph.hash == first.graph.hash
 
 
@@ -128,13 +131,13 @@ def test_plan_for_another_graph_or_shape_is_refused(tmp_path) -> None:
     optimize(model, 1.0, (torch.randn(64, 16),), repeats=1).plan.save(plan_path)
     with pytest.raises(PlanMismatchError, match="re-plan|Re-plan"):
         optimize(model, 1.0, (torch.randn(32, 16),), plan=plan_path)
-    scheduled = optimize(model, 1.0, (torch.randn(64, 16),), repeats=1)
+    scheduled = optimize(model, 1.0, (torch.randn(64, 16),), repeats=1, on_new_shape="error")
     with pytest.raises(PlanMismatchError, match=r"\[32, 16\].*optimize\(\) again"):
         scheduled(torch.randn(32, 16))
     traced = capture(model, (torch.randn(64, 16),))
     graph = profile(traced, model, (torch.randn(64, 16),), repeats=1)
     other = Plan("0" * 16, "none", 1, (), ())
-    with pytest.raises(PlanMismatchError):
+    with pytest.raises(PlanMismatchError, match="plan was made for graph 0{16}"):
         ScheduledModule(model, traced, graph, other)
 
 
@@ -150,9 +153,13 @@ def test_second_backward_through_one_step_says_why_it_fails() -> None:
 def test_budgets_parse_and_bad_ones_are_explained() -> None:
     assert parse_budget("6GiB") == 6 * 2**30
     assert parse_budget("800MB") == 800 * 10**6
-    assert parse_budget("50%") == 0.5 and parse_budget("0.25") == 0.25 and parse_budget(0.5) == 0.5
-    for bad in ("6 gigs", -5, 0, 1.5, True, "0%", [1]):
-        with pytest.raises(BudgetError):
+    assert parse_budget("50%") == 0.5 and parse_budget(0.25) == 0.25 and parse_budget("1000B") == 1000
+    bad_budgets = {"6 gigs": "cannot read budget", -5: "must be positive", 0: "must be positive",
+                   1.5: r"fraction in \(0, 1\]", True: "is a bool", "0%": r"fraction in \(0, 1\]",
+                   "abc%": "write a percentage", "1": "has no unit", "1.0": "has no unit", "0.5": "'0.5B' for bytes",
+                   (1,): "got tuple"}
+    for bad, message in bad_budgets.items():
+        with pytest.raises(BudgetError, match=message):
             parse_budget(bad)
 
 
@@ -163,17 +170,33 @@ def test_budget_below_least_feasible_names_it() -> None:
     assert caught.value.least_feasible_bytes > 1000
 
 
-def test_every_plan_of_the_graph_simulates_to_its_prediction() -> None:
+def test_greedy_plans_run_at_their_predicted_peak() -> None:
+    """What the allocator's events show the runtime using is what the plan predicted, at
+    every budget greedy meets, and within the budget (the storage tracker does not see the
+    generator states saved for dropout replays, made outside the dispatcher)."""
+    from planner.budget import resolve_budget
+    from planner.memory import measure_allocator_peak
+    torch.manual_seed(0)
     model, x = DropoutNet(), torch.randn(64, 16)
-    graph = profile(capture(model, (x,)), model, (x,), repeats=1)
+    step_graph = capture(model, (x,))
+    graph = profile(step_graph, model, (x,), repeats=1)
+    measured = 0
     for fraction in (1.0, 0.8, 0.6):
-        from planner.budget import resolve_budget
         budget = resolve_budget(fraction, graph).budget_bytes
         try:
             plan = solve(graph, budget, "greedy")
         except InfeasibleBudgetError:
             continue
-        assert simulate(graph, plan).peak_bytes == plan.predicted_peak_bytes <= budget
+        scheduled = ScheduledModule(model, step_graph, graph, plan)
+        model.zero_grad(set_to_none=True)
+        step(scheduled, x)                               # warm-up: lazy initialisation
+        model.zero_grad(set_to_none=True)
+        _, peak_bytes = measure_allocator_peak(lambda: step(scheduled, x),
+                                               list(model.parameters()) + list(model.buffers()) + [x])
+        assert peak_bytes <= budget, f"{fraction}: {peak_bytes} > {budget}"
+        assert peak_bytes == pytest.approx(plan.predicted_peak_bytes, rel=0.01)
+        measured += 1
+    assert measured >= 2
 
 
 class TiedTransformer(nn.Module):
@@ -228,7 +251,17 @@ def test_models_written_elsewhere_match_and_fit(make) -> None:
 
 
 def test_autocast_state_is_part_of_what_a_plan_is_for() -> None:
+    """A step under autocast is another step: refused with on_new_shape="error", planned
+    (traced and profiled under the same autocast) by default, with autocast's gradients."""
+    torch.manual_seed(0)
     model, x = DropoutNet(), torch.randn(64, 16)
-    scheduled = optimize(model, 1.0, (x,), repeats=1)
+    strict = optimize(copy.deepcopy(model), 1.0, (x,), repeats=1, on_new_shape="error")
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(PlanMismatchError, match="autocast"):
-        scheduled(x)
+        strict(x)
+    reference = copy.deepcopy(model)
+    scheduled = optimize(model, 0.9, (x,), repeats=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        step(scheduled, x, seed=3)
+        step(reference, x, seed=3)
+    assert len(scheduled.plans) == 2 and scheduled.plan.predicted_peak_bytes <= scheduled.plan.budget_bytes
+    assert_same_training_state(model, reference)

@@ -173,7 +173,6 @@ def test_sqrt_n_group_size() -> None:
 @pytest.fixture(scope="module")
 def zoo_graphs():
     """Capture and profile each model once (about a second each on a CPU)."""
-    pytest.importorskip("torch")
     from planner import zoo
     from planner.capture import capture
     from planner.profile import profile
@@ -265,7 +264,6 @@ def test_every_block_keeps_only_the_boundaries(zoo_graphs) -> None:
 
 
 def test_every_block_plan_gives_the_plain_models_gradients(zoo_graphs) -> None:
-    pytest.importorskip("torch")
     from runtime.module import ScheduledModule
 
     model, inputs, step, graph = zoo_graphs["gpt", "tiny"]

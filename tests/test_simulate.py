@@ -249,7 +249,7 @@ def test_plan_for_another_graph_is_refused() -> None:
     other = Graph(ops=graph.ops, values=tuple(v if v.name != "a" else Value("a", 48, v.kind, "f1")
                                               for v in graph.values),
                   placeholders=graph.placeholders, forward_outputs=graph.forward_outputs, gradients=graph.gradients)
-    with pytest.raises(PlanMismatchError):
+    with pytest.raises(PlanMismatchError, match="plan was made for graph"):
         simulate(other, plan)
     assert simulate(other, plan, check_hash=False).saved_bytes == 47 + 8
 

@@ -16,7 +16,7 @@ from runtime.module import ScheduledModule
 from solvers import simulate, solve
 from helpers import assert_same_training_step, trace_zoo
 
-MODELS = ("mlp", "resnet", "gpt", "unet")
+MODELS = ("mlp", "resnet", "gpt", "unet", "encoder")
 FRACTIONS = (1.0, 0.7, 0.5)
 
 
