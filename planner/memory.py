@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import (TorchDispatchMode, is_traceable_wrappe
                                           is_traceable_wrapper_subclass_type)
 
 from planner.scratch import OpScratch, kineto_quiet
+from runtime import offload
 
 __all__ = ["MemoryReport", "StepMemoryTracker", "mark_host", "measure_step_memory",
            "STORAGE_TRACKER", "CUDA_ALLOCATOR"]
@@ -501,9 +502,13 @@ class StepMemoryTracker:
 
 def mark_host(tensor: torch.Tensor) -> None:
     """Tell every active `StepMemoryTracker` that this tensor is a host (offloaded) copy;
-    nothing when none is active. The runtime calls this on each copy it offloads."""
+    nothing when none is active. The runtime calls this on each copy it offloads
+    (`runtime.offload.HOST_COPY_OBSERVERS`)."""
     for tracker in _ACTIVE_TRACKERS:
         tracker.mark_host(tensor)
+
+
+offload.HOST_COPY_OBSERVERS.append(mark_host)
 
 
 def measure_step_memory(step: Callable[[], object], device: torch.device | str,

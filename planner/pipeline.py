@@ -30,19 +30,20 @@ micro-batch step on its device; inputs are positional tensors split on dim 0.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
 from planner.budget import parse_budget
-from planner.errors import BudgetError, OptionError, UnsupportedUseError
+from planner.errors import BudgetError, ModelInputError, OptionError, UnsupportedModelError, UnsupportedUseError
 from planner.capture import CapturedStep, capture
 from planner.memory import MemoryReport, StepMemoryTracker
 from planner.profile import profile
@@ -50,7 +51,8 @@ from runtime.module import ScheduledModule
 from runtime.pipeline import (SCHEDULES, PipelineRunner, PipelineStageModule, StageForward, StageSlice,
                               example_stage_inputs, preserved_buffers, shared_parameters,
                               slice_stages)
-from solvers.errors import InfeasibleBudgetError, PlanMismatchError
+from solvers.errors import (InfeasibleBudgetError, InvalidPlanError, MemschedError, PlanFormatError,
+                            PlanMismatchError, UnsupportedGraphError)
 from solvers.graph import Graph
 from solvers.pipeline import PipelinePlan, solve_pipeline
 from solvers.plan import Plan
@@ -93,6 +95,46 @@ def _broadcast_text(text: str | None, group: Any) -> str:
             else torch.empty(int(length.item()), dtype=torch.uint8, device=device))
     dist.broadcast(data, src=_global_rank(0, group), group=group)
     return bytes(data.cpu().tolist()).decode()
+
+
+@contextlib.contextmanager
+def _agreed(phase: str, rank: int, group: Any) -> Iterator[None]:
+    """Run a phase that may fail on some ranks only, then agree over every rank (one
+    all-gather): if any failed, every rank raises the first failing rank's error, the same
+    `MemschedError` class with the rank and phase added to its message (an error that is
+    not a `MemschedError`, such as the model's own, becomes `PipelineRankError`)."""
+    failure: tuple[str, str] | None = None
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - every rank raises it below
+        failure = (type(error).__name__, str(error))
+        local_error: Exception | None = error
+    else:
+        local_error = None
+    failures: list[tuple[str, str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(failures, failure, group=group)
+    failed = [(index, item) for index, item in enumerate(failures) if item is not None]
+    if not failed:
+        return
+    failed_rank, (name, message) = failed[0]
+    if failed_rank == rank and isinstance(local_error, MemschedError):
+        raise local_error
+    error_class = _MEMSCHED_ERRORS.get(name, PipelineRankError)
+    text = f"rank {failed_rank} failed while {phase}: {message}" if error_class is not PipelineRankError \
+        else f"rank {failed_rank} failed while {phase}: {name}: {message}"
+    raised = error_class.__new__(error_class)
+    Exception.__init__(raised, text)
+    raise raised from (local_error if failed_rank == rank else None)
+
+
+class PipelineRankError(MemschedError):
+    """A rank of a pipeline failed while planning with an error of its own (the model's,
+    say); every rank raises this, naming the rank, the phase and the error."""
+
+
+_MEMSCHED_ERRORS = {cls.__name__: cls for cls in (InfeasibleBudgetError, PlanMismatchError, InvalidPlanError,
+                                                 PlanFormatError, UnsupportedGraphError, OptionError, BudgetError,
+                                                 UnsupportedModelError, ModelInputError, UnsupportedUseError)}
 
 
 def _global_rank(group_rank: int, group: Any) -> int:
@@ -203,41 +245,48 @@ def optimize_pipeline(model: torch.nn.Module, budget: Any, example_inputs: Seque
                          f"(torchrun --nproc-per-node {stages})")
     rank = dist.get_rank(group)
     started = time.perf_counter()
-    step = capture(model, microbatch)
-    fingerprint = capture_fingerprint(step)
+    # Each phase below that can fail on some ranks only ends in `_agree`, a collective every
+    # rank reaches: a failure on one rank is raised on all of them, none waits forever.
+    with _agreed("tracing the model", rank, group):
+        step = capture(model, microbatch)
+        fingerprint = capture_fingerprint(step)
 
     text = None
-    if rank == 0:
-        graph = profile(step, model, microbatch, repeats=1 if plan is not None else repeats, progress=progress)
-        if plan is not None:
-            chosen = plan if isinstance(plan, PipelinePlan) else PipelinePlan.load(os.fspath(plan))
-            chosen.check_graph(graph)
-        else:
-            chosen = solve_pipeline(graph, budgets, num_stages=stages, microbatches=microbatches, schedule=schedule)
-        text = json.dumps({"format": PAYLOAD_FORMAT, "fingerprint": fingerprint, "plan": chosen.to_json()})
+    with _agreed("planning the pipeline", rank, group):
+        if rank == 0:
+            graph = profile(step, model, microbatch, repeats=1 if plan is not None else repeats, progress=progress)
+            if plan is not None:
+                chosen = plan if isinstance(plan, PipelinePlan) else PipelinePlan.load(os.fspath(plan))
+                chosen.check_graph(graph)
+            else:
+                chosen = solve_pipeline(graph, budgets, num_stages=stages, microbatches=microbatches,
+                                        schedule=schedule)
+            text = json.dumps({"format": PAYLOAD_FORMAT, "fingerprint": fingerprint, "plan": chosen.to_json()})
     payload = json.loads(_broadcast_text(text, group))
-    if payload.get("fingerprint") != fingerprint:
-        raise PlanMismatchError(f"rank {rank} traced the model to {fingerprint} but rank 0 planned for "
-                                f"{payload.get('fingerprint')}: every rank must build the same model with the same "
-                                "input shapes before optimize(..., stages=K)")
-    pipeline_plan = PipelinePlan.from_json(payload["plan"])
-    if plan is not None and rank != 0:
-        local = plan if isinstance(plan, PipelinePlan) else PipelinePlan.load(os.fspath(plan))
-        if local.to_json() != pipeline_plan.to_json():
-            raise PlanMismatchError(f"rank {rank} was given another pipeline plan than rank 0; pass the same file")
-    if (pipeline_plan.num_stages, pipeline_plan.microbatches) != (stages, microbatches):
-        raise PlanMismatchError(f"the pipeline plan is for {pipeline_plan.num_stages} stages and "
-                                f"{pipeline_plan.microbatches} micro-batches, not {stages} and {microbatches}")
+    with _agreed("planning its stage", rank, group):
+        if payload.get("fingerprint") != fingerprint:
+            raise PlanMismatchError(f"rank {rank} traced the model to {fingerprint} but rank 0 planned for "
+                                    f"{payload.get('fingerprint')}: every rank must build the same model with the "
+                                    "same input shapes before optimize(..., stages=K)")
+        pipeline_plan = PipelinePlan.from_json(payload["plan"])
+        if plan is not None and rank != 0:
+            local = plan if isinstance(plan, PipelinePlan) else PipelinePlan.load(os.fspath(plan))
+            if local.to_json() != pipeline_plan.to_json():
+                raise PlanMismatchError(f"rank {rank} was given another pipeline plan than rank 0; pass the same file")
+        if (pipeline_plan.num_stages, pipeline_plan.microbatches) != (stages, microbatches):
+            raise PlanMismatchError(f"the pipeline plan is for {pipeline_plan.num_stages} stages and "
+                                    f"{pipeline_plan.microbatches} micro-batches, not {stages} and {microbatches}")
 
-    slices = slice_stages(step, pipeline_plan.stage_of_op(), stages)
-    received = example_stage_inputs(model, step, slices, microbatch, rank)[rank]
-    forward = StageForward(model, step, slices[rank])
-    info, executor = _plan_stage(forward, slices[rank], received, budgets[rank], rank, stages, microbatches,
-                                 schedule, solver, repeats, solver_options)
-    module = PipelineStageModule(step, slices[rank], forward, executor, is_last=rank == stages - 1)
-    with torch.no_grad(), torch.random.fork_rng(devices=[t.device for t in received if t.device.type == "cuda"]), \
-            preserved_buffers(model):
-        outputs = module(*received)
+        slices = slice_stages(step, pipeline_plan.stage_of_op(), stages)
+        received = example_stage_inputs(model, step, slices, microbatch, rank)[rank]
+        forward = StageForward(model, step, slices[rank])
+        info, executor = _plan_stage(forward, slices[rank], received, budgets[rank], rank, stages, microbatches,
+                                     schedule, solver, repeats, solver_options)
+        module = PipelineStageModule(step, slices[rank], forward, executor, is_last=rank == stages - 1)
+        with torch.no_grad(), torch.random.fork_rng(devices=[t.device for t in received
+                                                             if t.device.type == "cuda"]), \
+                preserved_buffers(model):
+            outputs = module(*received)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     example_outputs = tuple(o.detach().requires_grad_(o.is_floating_point()) for o in outputs
                             if isinstance(o, torch.Tensor))

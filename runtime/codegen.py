@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 from torch.fx.graph import _BoxedCodeGen
 
-from planner.capture import RERUN_TARGETS, CapturedStep, Role
+from runtime.step import RERUN_TARGETS, CapturedStep, Role
 from runtime import offload, rng
 from solvers.errors import InvalidPlanError, PlanMismatchError
 from solvers.graph import Graph, Phase

@@ -15,7 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from planner.capture import CapturedStep, input_signature
+from runtime.step import CapturedStep, input_signature
 from runtime.codegen import Programs, generate
 from solvers.errors import InvalidPlanError, PlanMismatchError, UnsupportedUseError, format_bytes
 from solvers.graph import Graph

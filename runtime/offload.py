@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -92,6 +92,12 @@ class HostCopy:
             self._buffer = None
 
 
+# Called with each CPU host copy made (`planner.memory` registers its trackers' mark_host,
+# so that a copy standing for host memory is not counted as device memory). A hook keeps
+# the runtime from importing the layer above it.
+HOST_COPY_OBSERVERS: list[Callable[[torch.Tensor], None]] = []
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -103,11 +109,10 @@ def offload_to_host(tensor: torch.Tensor) -> HostCopy:
     """
     if tensor.device.type == "cuda":
         return _offload_cuda(tensor)
-    from planner.memory import mark_host   # planner imports runtime: import late
-
     host = torch.empty_like(tensor, memory_format=torch.preserve_format)
     host.copy_(tensor)
-    mark_host(host)
+    for observer in HOST_COPY_OBSERVERS:
+        observer(host)
     return HostCopy(host, tensor.device)
 
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from planner.capture import CapturedStep, Role
+from runtime.step import CapturedStep, Role
 from solvers.errors import OptionError, PlanMismatchError
 
 SCHEDULES = ("gpipe", "1f1b")

@@ -45,7 +45,7 @@ storages after F(s) and recompute them inside B(s), just in time (`backward_prog
 recomputed values carried to their last read or made again for each reader). Option o
 replaces xbar, act, bw by its own (fewer storages kept; B(s)'s peak counts the recomputed
 values by liveness) and adds its recomputation time to ub[s]; the drop sets are
-`hierarchical.segment_options`' prefixes. Option 0 keeps everything, so the DP with
+`segment_options.segment_options`' prefixes. Option 0 keeps everything, so the DP with
 options is never worse under its model. O(L^2 * U * (L + O)) time for O options per stage.
 
 Program. The optimal sequence starts with one forward sweep F(0)..F(L-1) (the forward
@@ -104,6 +104,7 @@ from solvers.graph import Graph, Phase
 from solvers.plan import Decision, Plan, Step, StepKind, offload, prefetch, run
 from solvers.registry import register
 from solvers.schedule import insert_frees, saved_roots
+from solvers.segment_options import segment_options
 from solvers.segments import Segment, root_segments, segment_chain
 from solvers.simulate import simulate
 
@@ -174,8 +175,6 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
     if options_per_segment is None:
         options_per_segment = 1 if every_op else 8
     if options_per_segment > 1:
-        from solvers.hierarchical import segment_options
-
         drop_sets = [[levels.dropped(level) for level in range(1, len(levels.prefix_lengths))]
                      for levels in segment_options(graph, segments, options_per_segment)]
     stages, constant_bytes = chain_stages(graph, segments, drop_sets)

@@ -65,14 +65,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from solvers.baselines import (droppable_roots, plan_from_decisions, recompute_frontier, recompute_time_ms,
+from solvers.baselines import (droppable_roots, plan_from_decisions, recompute_time_ms,
                                solve_greedy)
+from solvers.chain import solve_chain
 from solvers.checkpoint_baselines import checkpoint_decisions
 from solvers.errors import InfeasibleBudgetError, UnsupportedGraphError
 from solvers.graph import Graph, Phase, ValueKind
 from solvers.plan import Decision, Plan, StepKind
 from solvers.registry import least_feasible_lower_bound, register
 from solvers.schedule import saved_roots
+from solvers.segment_options import SegmentOptions, segment_options
 from solvers.segments import Segment, segment_chain, segment_of_forward_op
 from solvers.simulate import SimResult, simulate
 
@@ -82,18 +84,6 @@ SOLVER = "hierarchical"
 # fits. 600 as `registry.AUTO_MAX_OPS`: on the 4-block GPT (483 ops) at every_block's peak
 # greedy's plan, which may drop a block input that is cheap to remake, can be the fastest.
 GREEDY_CANDIDATE_MAX_OPS = 600
-
-
-@dataclass(frozen=True)
-class SegmentOptions:
-    """The droppable storages of one segment in drop order, and the prefix lengths that
-    are its options (ascending: 0 is keep-all, ``len(order)`` is checkpoint)."""
-
-    order: tuple[str, ...]
-    prefix_lengths: tuple[int, ...]
-
-    def dropped(self, level: int) -> tuple[str, ...]:
-        return self.order[:self.prefix_lengths[min(level, len(self.prefix_lengths) - 1)]]
 
 
 @dataclass(frozen=True)
@@ -203,8 +193,6 @@ def _chain_plan(graph: Graph, budget_bytes: int, options_per_segment: int) -> Pl
     """`chain`'s schedule over the same segments with the same drop options per segment,
     relabelled, or None when it finds none: forward re-runs (Revolve-like) reach budgets
     below every_block's peak, where keeping or dropping storages alone has no plan."""
-    from solvers.chain import solve_chain
-
     try:
         plan = solve_chain(graph, budget_bytes, options_per_segment=options_per_segment)
     except InfeasibleBudgetError:
@@ -213,76 +201,6 @@ def _chain_plan(graph: Graph, budget_bytes: int, options_per_segment: int) -> Pl
 
 
 # -- options -------------------------------------------------------------------------------------
-
-def segment_options(graph: Graph, segments: tuple[Segment, ...], options_per_segment: int
-                    ) -> list[SegmentOptions]:
-    """One `SegmentOptions` per segment; identical blocks share the object (the order is
-    computed on the first of them and mapped by position). O(R * graph) per distinct block."""
-    owner = {}
-    for segment in segments:
-        for name in segment.forward_ops:
-            for value_name in graph.op(name).outputs:
-                owner[value_name] = segment.index
-    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
-    boundaries = {root for segment in segments for root in segment.crossing_in}
-    droppable: list[list[str]] = [[] for _ in segments]
-    for root in saved_roots(graph):
-        producer = graph.op(graph.value(root).producer)
-        if (root in pinned_roots or root in boundaries or graph.value(root).size_bytes == 0
-                or not producer.recomputable or root not in owner):
-            continue
-        droppable[owner[root]].append(root)
-
-    shared: dict[tuple, tuple[list[str], SegmentOptions]] = {}
-    result = []
-    for segment in segments:
-        roots = droppable[segment.index]
-        key = (_signature(graph, segment), len(roots))
-        if key in shared:
-            first_roots, first = shared[key]
-            position = {root: i for i, root in enumerate(first_roots)}
-            order = tuple(roots[position[root]] for root in first.order)
-            result.append(first if order == first.order else SegmentOptions(order, first.prefix_lengths))
-            continue
-        options = _drop_order_options(graph, roots, options_per_segment)
-        shared[key] = (roots, options)
-        result.append(options)
-    return result
-
-
-def _signature(graph: Graph, segment: Segment) -> tuple:
-    """What makes two blocks identical: op targets and output sizes and shapes, in order."""
-    def describe(name: str) -> tuple:
-        op = graph.op(name)
-        return op.target, tuple((graph.value(v).size_bytes, graph.value(v).shape) for v in op.outputs)
-    return tuple(describe(name) for name in segment.forward_ops), tuple(describe(name) for name in segment.backward_ops)
-
-
-def _drop_order_options(graph: Graph, roots: list[str], options_per_segment: int) -> SegmentOptions:
-    """Greedy's order (bytes per recompute ms, independent drops first) and the prefixes
-    spread evenly over the dropped bytes."""
-    def score(root: str) -> float:
-        return graph.value(root).size_bytes / (recompute_time_ms(graph, root) + 1e-6)
-
-    by_score = sorted(roots, key=score, reverse=True)   # stable: ties keep graph order
-    frontier = {root: recompute_frontier(graph, root) for root in by_score}
-    independent: list[str] = []
-    for root in by_score:
-        if not any(other in frontier[root] or root in frontier[other] for other in independent):
-            independent.append(root)
-    chosen = set(independent)
-    order = tuple(independent + [root for root in by_score if root not in chosen])
-
-    cumulative = [0]
-    for root in order:
-        cumulative.append(cumulative[-1] + graph.value(root).size_bytes)
-    lengths = {0, len(order)}
-    steps = options_per_segment - 1
-    for i in range(1, steps):
-        target = cumulative[-1] * i / steps
-        lengths.add(min(range(len(cumulative)), key=lambda n: (abs(cumulative[n] - target), n)))
-    return SegmentOptions(order, tuple(sorted(lengths)))
-
 
 def _decisions(graph: Graph, segments: tuple[Segment, ...], options: list[SegmentOptions],
                levels: list[int]) -> dict[str, Decision]:

@@ -105,7 +105,8 @@ from typing import Any, Mapping, Sequence
 
 from solvers.errors import InfeasibleBudgetError, PlanFormatError, PlanMismatchError, UnsupportedGraphError
 from solvers.graph import Graph, ValueKind, read_json_file, write_json_file
-from solvers.hierarchical import OptionCost, SegmentOptions, probe_costs, segment_options
+from solvers.hierarchical import OptionCost, probe_costs
+from solvers.segment_options import SegmentOptions, segment_options
 from solvers.plan import Decision
 from solvers.schedule import saved_roots
 from solvers.segments import Segment, boundary_roots, root_segments, segment_chain

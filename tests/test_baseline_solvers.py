@@ -20,7 +20,7 @@ from solvers import (Decision, Graph, InfeasibleBudgetError, InvalidPlanError, O
                      least_feasible_lower_bound, simulate, solve)
 from solvers.baselines import recompute_time_ms
 from solvers.explain import explain
-from solvers.hierarchical import _drop_order_options
+from solvers.segment_options import _drop_order_options
 from solvers.plan import Step
 from solvers.schedule import build_program, decisions_for, insert_frees, saved_roots
 from strategies import KEEP_ALL_BUDGET_BYTES, budget_between, chain_graphs, keep_all_peak_bytes, small_graphs

@@ -114,3 +114,25 @@ def test_pipeline_arguments_are_checked_before_any_process_group():
     if not torch.distributed.is_initialized():
         with pytest.raises(RuntimeError, match="torchrun"):
             optimize(model, 10**7, inputs, stages=2, microbatches=2)
+
+
+@pytest.mark.parametrize("case, error", [("infeasible", "InfeasibleBudgetError"), ("mismatch", "PlanMismatchError"),
+                                         ("model_fails", "ModelInputError")])
+def test_a_rank_that_fails_while_planning_fails_every_rank(tmp_path, case, error):
+    """Rank 0's planning refuses the budget, rank 1 traces another step, or the model
+    fails on rank 1's inputs: every rank raises the same MemschedError naming the failing
+    rank, and none is left waiting in a collective (the run ends within its timeout)."""
+    worker = WORKER.with_name("pipeline_failure_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               str(worker), "--case", case, "--json", str(tmp_path / "report")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment, cwd=ROOT)
+    reports = []
+    for rank in range(2):
+        path = tmp_path / f"report.rank{rank}.json"
+        assert path.exists(), f"rank {rank} wrote no report; torchrun said:\n{finished.stderr[-4000:]}"
+        reports.append(json.loads(path.read_text()))
+    assert [r["error"] for r in reports] == [error, error], reports
+    failing_rank = 0 if case == "infeasible" else 1
+    other = reports[1 - failing_rank]
+    assert f"rank {failing_rank} failed while" in other["message"], other
