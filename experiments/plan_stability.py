@@ -9,7 +9,7 @@ Reports, per model: the spread (max - min, in points) of the chosen plans' predi
 overheads, each plan's measured overhead beside its prediction, and whether every
 measured peak held its budget.
 
-    python experiments/plan_stability.py [--models resnet50 gpt2] [--fraction 0.3]
+    python experiments/plan_stability.py [--models resnet50 gpt2] [--fraction 0.3 | --budget-mib M]
         [--runs 5] [--repeats 3] [--threads 1] [--keep-freed-memory]
 
 ``--fraction`` is the share of the step's activation memory (`planner.budget`); the same
@@ -20,6 +20,7 @@ experiments/results/plan_stability.json.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from common import device_description, git_revision, write_results
+from common import RESULTS, device_description, git_revision, write_results
 from real_models import BUILDERS, MiB, keep_freed_memory, train_step
 from planner.benchmark import step_times_ms
 from planner.budget import resolve_budget
@@ -55,7 +56,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         graph = with_released_outputs(profile(step, model, (), batch, repeats=args.profile_repeats,
                                               progress=False), step)
         if budget_bytes is None:
-            budget_bytes = resolve_budget(args.fraction, graph).budget_bytes
+            budget_bytes = (int(args.budget_mib * MiB) if args.budget_mib is not None
+                            else resolve_budget(args.fraction, graph).budget_bytes)
         plan = solve(graph, budget_bytes, "auto")
         optimize_s = time.perf_counter() - started
         predicted = plan.overhead
@@ -87,7 +89,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                  entry["measured_peak_bytes"] / MiB, budget_bytes / MiB)
     predicted = [e["predicted_overhead"] for e in plans]
     errors = [e["measured_overhead"] - e["predicted_overhead"] for e in plans]
-    return {"model": name, "description": workload.description, "fraction": args.fraction,
+    return {"model": name, "description": workload.description,
+            "fraction": None if args.budget_mib is not None else args.fraction,
             "budget_bytes": budget_bytes, "plain_time_ms": times["plain"], "plans": plans,
             "predicted_spread_points": 100 * (max(predicted) - min(predicted)),
             "largest_prediction_error_points": 100 * max(abs(e) for e in errors),
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(BUILDERS), default=["resnet50", "gpt2"])
     parser.add_argument("--fraction", type=float, default=0.3)
+    parser.add_argument("--budget-mib", type=float, help="a budget in MiB instead of --fraction")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="round-robin timing rounds")
     parser.add_argument("--profile-repeats", type=int, default=3, help="timing repeats per op while profiling")
@@ -112,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
-    results = {"models": {}}
+    path = RESULTS / "plan_stability.json"
+    results = json.loads(path.read_text()) if path.exists() else {"models": {}}
     for name in args.models:
         results["models"][name] = entry = run_model(name, args)
         write_results("plan_stability", results)
-        print(f"{name} at {args.fraction:.0%}: predicted overhead spread {entry['predicted_spread_points']:.1f} "
+        print(f"{name} at {entry['budget_bytes'] / MiB:.1f} MiB: predicted overhead spread {entry['predicted_spread_points']:.1f} "
               f"points over {args.runs} runs, largest |measured - predicted| "
               f"{entry['largest_prediction_error_points']:.1f} points, {entry['violations']} over budget", flush=True)
     return 0 if all(e["violations"] == 0 for e in results["models"].values()) else 1

@@ -349,6 +349,7 @@ class _Checker:
 
 RESTORE_REPLAYS = 48   # replays the keep-again pass may spend on storages that might not fit
 LOWER_REPLAYS = 128   # replays `_keep_while_peak_falls` may spend lowering the all-dropped peak
+LOWER_REPLAY_OPS = 100_000   # ... and ops replayed in all, so that large graphs get fewer trials
 DROP_BOUNDARY_ROUNDS = 8   # replays `_drop_all_fallback` may spend dropping boundaries alive at the peak
 
 
@@ -460,16 +461,19 @@ def _drop_all_fallback(graph: Graph, budget_bytes: int, boundaries: set[str]) ->
 
 def _keep_while_peak_falls(graph: Graph, decisions: dict[str, Decision],
                            checker: _Checker) -> tuple[dict[str, Decision], int]:
-    """Keep dropped storages again, one trial replay each (`LOWER_REPLAYS` at most), where
-    that lowers the replayed peak, until it fits: recomputing everything is not the lowest
-    point when a recomputation makes large values beside a small one, or runs a long chain
-    where much is alive (greedy keeps such storages). Most recompute time per byte first.
-    Returns the decisions and their peak. O(LOWER_REPLAYS) replays."""
+    """Keep dropped storages again, one trial replay each, where that lowers the replayed
+    peak, until it fits: recomputing everything is not the lowest point when a
+    recomputation makes large values beside a small one, or runs a long chain where much
+    is alive (greedy keeps such storages). Most recompute time per byte first; at most
+    `LOWER_REPLAYS` trials, fewer on large graphs (`LOWER_REPLAY_OPS` ops replayed in all:
+    a replay of a 2,849-op graph takes over a second). Returns the decisions and their
+    peak. O(min(LOWER_REPLAYS, LOWER_REPLAY_OPS / ops)) replays."""
     decisions = dict(decisions)
     peak_bytes = checker.measure(decisions)[0]
     dropped = [root for root, decision in decisions.items() if decision is Decision.RECOMPUTE]
     dropped.sort(key=lambda root: recompute_time_ms(graph, root) / (graph.value(root).size_bytes + 1), reverse=True)
-    for root in dropped[:LOWER_REPLAYS]:
+    trials = min(LOWER_REPLAYS, max(1, LOWER_REPLAY_OPS // max(1, len(graph.ops))))
+    for root in dropped[:trials]:
         if peak_bytes <= checker.budget_bytes:
             break
         decisions[root] = Decision.KEEP
