@@ -167,3 +167,42 @@ def test_inputs_the_model_itself_rejects_are_reported_as_such(capfd) -> None:
     with pytest.raises(ModelInputError, match=r"'0' fails on the example inputs \(\[4, 16\] int64\) in aten.addmm"):
         optimize(model, 0.5, (torch.randint(0, 3, (4, 16)),))
     assert capfd.readouterr().err == ""
+
+
+def test_ddp_over_an_optimized_module_averages_the_plain_gradients(tmp_path) -> None:
+    """DistributedDataParallel (gloo, 2 ranks, each its own batch) over the optimized
+    module gives every rank the gradients DDP over the plain model gives."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from planner.pipeline_demo import free_port
+    worker = Path(__file__).with_name("ddp_worker.py")
+    root = worker.parent.parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+               str(worker), "--json", str(tmp_path / "report")]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment, cwd=root)
+    for rank in range(2):
+        path = tmp_path / f"report.rank{rank}.json"
+        assert path.exists(), f"rank {rank} wrote no report; torchrun said:\n{finished.stderr[-4000:]}"
+        report = json.loads(path.read_text())
+        assert report["ok"], report
+        assert report["recomputed"] > 0, report                   # the plan drops something
+
+
+def test_torch_compile_over_an_optimized_module_keeps_its_plan_and_gradients() -> None:
+    torch.manual_seed(0)
+    model, inputs = zoo.make("gpt", size="tiny", seed=0)
+    reference = copy.deepcopy(model)
+    optimized = optimize(model, 0.7, inputs, repeats=1)
+    compiled = torch.compile(optimized, backend="aot_eager")
+    torch.manual_seed(3)
+    compiled(*inputs).backward()
+    torch.manual_seed(3)
+    reference(*inputs).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert len(optimized.plans) == 1                           # the same plan ran, none was added
