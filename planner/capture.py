@@ -426,7 +426,7 @@ def _tracing_errors(model: torch.nn.Module, scopes: list[tuple[int, str]] | None
                           or "item()" in lowered or "guard" in lowered or "dynamicoutputshape" in lowered)
         if inputs is not None and not data_dependent:
             raise ModelInputError(
-                f"{where!r} ({module_type}) fails on the example inputs {_describe_tensors(inputs)}: "
+                f"{where!r} ({module_type}) fails on the example inputs {describe_tensors(inputs)}: "
                 f"{type(error).__name__}: {text}; the model raises this itself, so give example inputs with the "
                 "shapes and dtypes of a training batch") from error
         if data_dependent:
@@ -442,5 +442,6 @@ def _tracing_errors(model: torch.nn.Module, scopes: list[tuple[int, str]] | None
             handle.remove()
 
 
-def _describe_tensors(tensors: Sequence[torch.Tensor]) -> str:
+def describe_tensors(tensors: Sequence[torch.Tensor]) -> str:
+    """``([4, 16] int64, [4] float32)``: the shapes and dtypes an error message names."""
     return "(" + ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in tensors) + ")"

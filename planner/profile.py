@@ -36,7 +36,7 @@ import torch.utils._pytree as pytree
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from planner.capture import CapturedStep, Role, is_random
+from planner.capture import CapturedStep, Role, describe_tensors, is_random
 from planner.errors import ModelInputError, OptionError
 from planner.scratch import OpScratch
 from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind, backward_as_late_as_possible
@@ -277,10 +277,9 @@ class _GraphBuilder:
             where = self.step.modules.get(node.name, "") or self.step.model_name or "the model"
             text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             inputs = [leaf for leaf in self.step.input_leaves if isinstance(leaf, torch.Tensor)]
-            described = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
             raise ModelInputError(
-                f"{where!r} fails on the example inputs ({described}) in {node.target} ({node.name}): "
-                f"{type(error).__name__}: {text}; give example inputs with the shapes and dtypes of a training "
+                f"{where!r} fails on the example inputs {describe_tensors(inputs)} in {node.target} "
+                f"({node.name}): {type(error).__name__}: {text}; give example inputs with the shapes and dtypes of a training "
                 "batch") from error
         phase = Phase.BACKWARD if role is Role.BACKWARD else Phase.FORWARD
         kind = ValueKind.GRADIENT_WORK if phase is Phase.BACKWARD else ValueKind.ACTIVATION
