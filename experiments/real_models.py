@@ -295,8 +295,11 @@ def measure(model: torch.nn.Module, resident: list[torch.Tensor], buffers: dict[
 
 
 def sweep_budgets(low: int, plain_peak_bytes: int, count: int) -> list[int]:
-    """``count`` budgets from ``low`` (the solvers' floor) to `TOP_FRACTION` of the plain peak."""
-    high = max(low, int(TOP_FRACTION * plain_peak_bytes))
+    """``count`` budgets from ``low`` (the solvers' floor) to `TOP_FRACTION` of the plain peak,
+    or to the plain peak where the floor is above that fraction (BERT, Llama)."""
+    high = int(TOP_FRACTION * plain_peak_bytes)
+    if high <= low:
+        high = max(low, plain_peak_bytes)
     if count == 1:
         return [low]
     return sorted({low + (high - low) * i // (count - 1) for i in range(count)})
