@@ -8,7 +8,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -23,6 +23,9 @@ from solvers.graph import TARGETS, Graph, Transfer
 from solvers.plan import Plan
 from solvers.registry import solve
 
+if TYPE_CHECKING:
+    from planner.pipeline import PipelinedModel
+
 log = logging.getLogger(__name__)
 
 
@@ -33,7 +36,7 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
              target: str | None = None, stages: int | None = None, microbatches: int = 1,
              schedule: str = "1f1b", loss_fn: Callable[..., torch.Tensor] | None = None,
              backward_from: str = "auto", release_outputs: bool = False, on_new_shape: str = "plan",
-             plan_cache_size: int = 8) -> Any:
+             plan_cache_size: int = 8) -> "OptimizedModule | PipelinedModel":
     """Return ``model`` wrapped so that one training step (forward + backward) peaks at
     most at ``budget`` with the same gradients, at the least extra time the solver finds.
 
@@ -67,7 +70,6 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             backward, so the plan counts them freed at the forward's end, as eager
             does for such a loop. The backward raises `PlanMismatchError` if one is still
             referenced then (the budget would not hold).
-
         on_new_shape: ``"plan"``: a call whose step differs from the example's (shapes,
             dtypes, train/eval mode, frozen parameters, see `OptimizedModule`) gets its own
             plan on first use, logged; ``"error"``: it is refused with `PlanMismatchError`.
@@ -198,7 +200,8 @@ class OptimizedModule(ScheduledModule):
     def _plan_new(self, key: tuple, args: tuple, kwargs: dict) -> tuple[CapturedStep, Graph, Plan, Any]:
         started = time.perf_counter()
         step, graph, plan = self._planner.plan(self.module, args, kwargs, first=False)
-        entry = (step, graph, checked_plan(graph, plan), StepProgram(step, graph, plan, self._device_type()))
+        checked = checked_plan(graph, plan)
+        entry = (step, graph, checked, StepProgram(step, graph, checked, self._device_type()))
         self._cache[key] = entry
         while len(self._cache) > self.plan_cache_size:
             self._cache.popitem(last=False)
