@@ -4,7 +4,6 @@ the averaged gradients agree to ``--json PATH`` (``PATH.rank<r>.json``)."""
 
 import argparse
 import copy
-import json
 import sys
 
 import torch
@@ -12,6 +11,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from planner import optimize, zoo
+from rank_report import save_rank_report
 
 
 def main() -> None:
@@ -38,9 +38,7 @@ def main() -> None:
                       recomputed=sum(d.value == "recompute" for d in optimized.plan.decisions.values()))
     except Exception as error:  # noqa: BLE001 - reported to the test
         report["error"] = f"{type(error).__name__}: {error}"
-    with open(f"{args.json}.rank{rank}.json", "w") as handle:
-        json.dump(report, handle)
-    dist.destroy_process_group()
+    save_rank_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ where one rank (or rank 0's planning) fails; writes the error it raised to
 ``--json PATH`` (``PATH.rank<r>.json``)."""
 
 import argparse
-import json
 import os
 import sys
 
@@ -11,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from planner import optimize, zoo
+from rank_report import save_rank_report
 
 
 def main() -> None:
@@ -31,9 +31,7 @@ def main() -> None:
         optimize(model, budget, (idx, targets), stages=2, microbatches=2, repeats=1)
     except Exception as error:  # noqa: BLE001 - reported to the test
         report.update(error=type(error).__name__, message=str(error).splitlines()[0])
-    with open(f"{args.json}.rank{rank}.json", "w") as handle:
-        json.dump(report, handle)
-    dist.destroy_process_group()
+    save_rank_report(args.json, report)
 
 
 if __name__ == "__main__":
