@@ -200,3 +200,41 @@ def test_released_outputs_are_counted_freed_before_the_backward() -> None:
     model(*inputs)["loss"].backward()
     for (name, p), q in zip(model.named_parameters(), released.module.parameters()):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_transformers_llama_traces_the_program_it_runs_eagerly() -> None:
+    """transformers materializes the causal mask and repeats grouped-query k, v under
+    fake-tensor tracing unless its packed-sequence test is known (no ``position_ids``
+    given): the none plan then saved 2.5 MiB per Llama layer more than eager."""
+    transformers = pytest.importorskip("transformers")       # optional: the experiments extra
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=4096,
+                                      tie_word_embeddings=False, use_cache=False)
+    model = transformers.LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 4096, (2, 128))
+    batch = {"input_ids": ids, "labels": ids}
+    resident = list(model.parameters()) + list(model.buffers()) + [ids]
+
+    def peak(module: nn.Module) -> int:
+        def step() -> torch.Tensor:
+            loss = module(**batch).loss
+            loss.backward()
+            return loss.detach()
+        step()
+        model.zero_grad(set_to_none=True)
+        _, measured = measure_allocator_peak(step, resident)
+        model.zero_grad(set_to_none=True)
+        return measured
+
+    eager_bytes = peak(model)
+    optimized = optimize(model, 1.0, (), example_kwargs=batch, solver="none", release_outputs=True, repeats=1)
+    assert peak(optimized) <= eager_bytes
+    assert not any(op.target == "aten.where.self" for op in optimized.graph.ops), "a materialized mask"
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)
+    optimized(**batch).loss.backward()
+    torch.manual_seed(1)
+    reference(**batch).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
