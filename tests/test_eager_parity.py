@@ -157,12 +157,13 @@ def test_batch_norm_backward_scratch_is_predicted_and_measured() -> None:
         assert scheduled.plan.predicted_peak_bytes == pytest.approx(allocator_bytes, rel=0.01)
 
 
-def _loss_only_peak(model: nn.Module, owner: nn.Module, inputs: tuple) -> int:
+def _loss_only_peak(model: nn.Module, owner: nn.Module, inputs: tuple, kwargs: dict | None = None) -> int:
     """Allocator-event peak of a step that keeps only the loss (``loss = model(x)["loss"]``)."""
-    resident = list(owner.parameters()) + list(owner.buffers()) + list(inputs)
+    kwargs = kwargs or {}
+    resident = list(owner.parameters()) + list(owner.buffers()) + list(inputs) + list(kwargs.values())
 
     def step() -> torch.Tensor:
-        loss = model(*inputs)["loss"]
+        loss = model(*inputs, **kwargs)["loss"]
         loss.backward()
         return loss.detach()
 
@@ -214,22 +215,9 @@ def test_transformers_llama_traces_the_program_it_runs_eagerly() -> None:
     model = transformers.LlamaForCausalLM(config).train()
     ids = torch.randint(0, 4096, (2, 128))
     batch = {"input_ids": ids, "labels": ids}
-    resident = list(model.parameters()) + list(model.buffers()) + [ids]
-
-    def peak(module: nn.Module) -> int:
-        def step() -> torch.Tensor:
-            loss = module(**batch).loss
-            loss.backward()
-            return loss.detach()
-        step()
-        model.zero_grad(set_to_none=True)
-        _, measured = measure_allocator_peak(step, resident)
-        model.zero_grad(set_to_none=True)
-        return measured
-
-    eager_bytes = peak(model)
+    eager_bytes = _loss_only_peak(model, model, (), batch)
     optimized = optimize(model, 1.0, (), example_kwargs=batch, solver="none", release_outputs=True, repeats=1)
-    assert peak(optimized) <= eager_bytes
+    assert _loss_only_peak(optimized, model, (), batch) <= eager_bytes
     assert not any(op.target == "aten.where.self" for op in optimized.graph.ops), "a materialized mask"
     reference = copy.deepcopy(model)
     torch.manual_seed(1)
