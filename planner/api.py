@@ -172,8 +172,7 @@ class OptimizedModule(ScheduledModule):
     def _key_of_step(step: CapturedStep) -> tuple:
         return (step.input_spec, step.input_signature, step.training, tuple(step.param_requires_grad))
 
-    def _key_of_call(self, args: tuple, kwargs: dict) -> tuple:
-        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    def _key_of_call(self, leaves: list[Any], spec: pytree.TreeSpec) -> tuple:
         return (spec, input_signature(leaves), self.module.training,
                 tuple(p.requires_grad for p in self.module.parameters()))
 
@@ -182,20 +181,22 @@ class OptimizedModule(ScheduledModule):
         planning profiles the step once un-optimized, at the plain step's peak, as
         ``optimize`` does, so a loop that must never exceed its budget plans its bucket
         shapes (`planner.batching.pad_to_bucket`) before training."""
-        key = self._key_of_call(args, kwargs)
+        key = self._key_of_call(*pytree.tree_flatten((tuple(args), dict(kwargs))))
         return (self._cache.get(key) or self._plan_new(key, args, kwargs))[2]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return self.module(*args, **kwargs)
-        key = self._key_of_call(args, kwargs)
+        leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        key = self._key_of_call(leaves, spec)
         entry = self._cache.get(key)
         if entry is None and self.on_new_shape == "plan":
             entry = self._plan_new(key, args, kwargs)
-        if entry is not None:
-            self._cache.move_to_end(key)
-            self._step, self.graph, self.plan, self._program = entry
-        return super().forward(*args, **kwargs)     # a signature without a plan is refused there
+        if entry is None:
+            self._check_call(leaves, spec)          # refuses the signature, saying what changed
+        self._cache.move_to_end(key)
+        self._step, self.graph, self.plan, self._program = entry
+        return self._run(leaves)                    # the key is the step's: nothing to check again
 
     def _plan_new(self, key: tuple, args: tuple, kwargs: dict) -> tuple[CapturedStep, Graph, Plan, Any]:
         started = time.perf_counter()

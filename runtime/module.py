@@ -169,6 +169,11 @@ class ScheduledModule(torch.nn.Module):
         if not torch.is_grad_enabled():
             return self.module(*args, **kwargs)        # no backward to plan for
         leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        self._check_call(leaves, spec)
+        return self._run(leaves)
+
+    def _check_call(self, leaves: list[Any], spec: pytree.TreeSpec) -> None:
+        """Refuse a call whose step is not the one the plan was made for."""
         step = self._step
         name = type(self.module).__name__
         if spec != step.input_spec or input_signature(leaves) != step.input_signature:
@@ -189,6 +194,10 @@ class ScheduledModule(torch.nn.Module):
             raise PlanMismatchError(
                 f"{name}: parameter(s) {changed[:3] or 'added or removed'} were frozen or unfrozen since optimize(), "
                 "so the plan's gradients would be wrong: optimize() again after changing requires_grad")
+
+    def _run(self, leaves: list[Any]) -> Any:
+        """One step of the plan on the flattened inputs of an accepted call."""
+        step = self._step
         params = dict(self.module.named_parameters())
         buffers = dict(self.module.named_buffers())
         flat = [params[name] for name in step.param_names] + [buffers[name] for name in step.buffer_names]
