@@ -37,6 +37,7 @@ from runtime import offload, rng
 from solvers.errors import InvalidPlanError, PlanMismatchError
 from solvers.graph import Graph, Phase
 from solvers.plan import Plan, Step, StepKind
+from solvers.simulate import replayed_random_ops
 
 
 @dataclass
@@ -63,9 +64,7 @@ def generate(step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> 
     joint_outputs = list(output_node.args[0])
     num_outputs = step.num_tensor_outputs
 
-    backward_runs = [s.name for s in plan.backward if s.kind is StepKind.RUN]
-    rng_ops = [name for name in dict.fromkeys(backward_runs)
-               if graph.op(name).random and graph.op(name).phase is Phase.FORWARD]
+    rng_ops = replayed_random_ops(graph, plan)
     saved_names = _backward_reads_from_forward(graph, plan)
     host_copy_names = _backward_host_copies_from_forward(plan)
 
@@ -85,10 +84,11 @@ def generate(step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> 
             forward_transfers.emit(plan_step, plan)
             continue
         forward_transfers.before_run(graph.op(plan_step.name).outputs, graph.op(plan_step.name).inputs)
-        if plan_step.name in rng_ops:
+        rerun = plan_step.name in runs_so_far
+        if plan_step.name in rng_ops and not rerun:
             rng_nodes[plan_step.name] = forward_graph.call_function(rng.save_rng_state, (device_type,))
-        _emit(forward_graph, joint_nodes[plan_step.name], env, getitem_of, graph, replay_state=None,
-              rerun=plan_step.name in runs_so_far)
+        _emit(forward_graph, joint_nodes[plan_step.name], env, getitem_of, graph,
+              replay_state=rng_nodes.get(plan_step.name) if rerun else None, device_type=device_type, rerun=rerun)
         runs_so_far.add(plan_step.name)
     forward_results = [env[n.name] for n in joint_outputs[:num_outputs]]
     forward_results += [env[name] for name in saved_names]

@@ -123,6 +123,20 @@ class _Memory:
         return sum(self.size_of[i] for i in set(instances.values()) if i not in self.refs)
 
 
+def replayed_random_ops(graph: Graph, plan: Plan) -> list[str]:
+    """Random forward ops that the plan runs more than once (again in the backward, or a
+    second time in the forward), in the order of their first run. Each later run must draw
+    the numbers of the first, so the forward saves the generator state before the first run
+    and every later run replays it (`runtime.rng`); the state is held to the end of the step."""
+    counts: dict[str, int] = {}
+    for phase in (Phase.FORWARD, Phase.BACKWARD):
+        for step in plan.steps(phase):
+            op = graph.op_by_name.get(step.name) if step.kind is StepKind.RUN else None
+            if op is not None and op.random and op.phase is Phase.FORWARD:
+                counts[step.name] = counts.get(step.name, 0) + (2 if phase is Phase.BACKWARD else 1)
+    return [name for name, count in counts.items() if count > 1]
+
+
 def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
     """Replay ``plan`` on ``graph``; raise `InvalidPlanError` if it cannot execute."""
     if check_hash:
@@ -135,10 +149,10 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
     pinned_outputs = set(graph.forward_outputs) | set(graph.gradients)
     caller_pinned: dict[str, int] = {}   # pinned output -> the instance the caller holds
     transfer = graph.transfer
-    # random ops re-run in the backward: the forward saves a generator state before each
-    # (held to the end of the step), and a replay holds the current state while it runs
-    replayed = {step.name for step in plan.backward if step.kind is StepKind.RUN and step.name in graph.op_by_name
-                and graph.op(step.name).random and graph.op(step.name).phase is Phase.FORWARD}
+    # random ops run again (in the backward, or a second time in the forward): the forward saves
+    # a generator state before the first run (held to the end of the step), and a replay holds
+    # the current state while it runs
+    replayed = set(replayed_random_ops(graph, plan))
 
     def bind_placeholders(kinds_wanted: bool) -> None:
         names = tuple(n for n in graph.placeholders if (graph.value(n).kind is ValueKind.TANGENT) == kinds_wanted)
@@ -191,7 +205,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
                 stall_ms += start_ms - clock_ms
                 rng_bytes = 0
                 if op.name in replayed:
-                    if phase is Phase.FORWARD:
+                    if phase is Phase.FORWARD and op.name not in ran_forward:
                         memory.bytes_in_use += graph.rng_state_bytes
                     else:
                         rng_bytes = graph.rng_state_bytes

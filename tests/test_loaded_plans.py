@@ -126,3 +126,17 @@ def test_the_issue_edits_are_refused_with_the_step(traced, tmp_path) -> None:
     over = replace(plan, budget_bytes=plan.predicted_peak_bytes - 1)
     with pytest.raises(InvalidPlanError, match="above its budget"):
         ScheduledModule(model, step, graph, over)
+
+
+def test_a_random_op_run_twice_in_the_forward_draws_the_same_numbers(traced) -> None:
+    """A hand-edited plan that runs a dropout mask twice in the forward (an edit CI's
+    hypothesis run found): the second run replays the first's generator state, so the loss
+    and gradients stay the plain model's and the generator advances as in the plain step."""
+    model, inputs, step, graph, plan = traced
+    index = next(i for i, s in enumerate(plan.forward) if s.kind is StepKind.RUN and graph.op(s.name).random)
+    twice = replace(plan, forward=plan.forward[:index] + (plan.forward[index],) + plan.forward[index:])
+    accepted = simulate(graph, twice)
+    assert accepted.peak_bytes >= simulate(graph, plan).peak_bytes
+    model_copy, reference = copy.deepcopy(model), copy.deepcopy(model)
+    scheduled = ScheduledModule(model_copy, step, graph, replace(twice, budget_bytes=accepted.peak_bytes))
+    assert_same_training_step(scheduled, model_copy, reference, inputs, label="random op run twice")
