@@ -117,8 +117,7 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
 
     scopes: list[tuple[int, str]] = []
     with _restore_module_state(model), shims(), fake_mode, _tracing_errors(model, scopes):
-        fake_flat = ([fake_mode.from_tensor(t) for t in params] + [fake_mode.from_tensor(t) for t in buffers]
-                     + [fake_mode.from_tensor(t) for t in tensor_inputs])
+        fake_flat = [fake_tensor(fake_mode, t) for t in params + buffers + tensor_inputs]
         fake_flat += [torch.empty(leaf.shape, dtype=leaf.dtype, device=leaf.device)
                       for leaf in output_leaves if leaf.tangent]
         autograd_graph = make_fx(joint)(*fake_flat)
@@ -174,6 +173,18 @@ def loss_outputs(leaves: list[OutputLeaf], backward_from: str) -> list[OutputLea
             for leaf, scalar in zip(leaves, scalars)]
 
 
+def fake_tensor(fake_mode: FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as a fake tensor of ``fake_mode`` (no data is read or allocated). A tensor on
+    the meta device (a model built under ``torch.device("meta")``, `planner.estimate`) becomes
+    a CPU fake tensor of its shape, strides and dtype, so the step traces to CPU's kernels,
+    as it would with real weights on the CPU."""
+    if tensor.device.type != "meta":
+        return fake_mode.from_tensor(tensor)
+    with fake_mode:
+        fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype, device="cpu")
+    return fake.requires_grad_(tensor.requires_grad)
+
+
 def _meta_preserving_runner(graph_module: fx.GraphModule):
     """Run an FX graph node by node so that the re-trace keeps each node's module path."""
 
@@ -187,9 +198,9 @@ def _meta_preserving_runner(graph_module: fx.GraphModule):
 def _infer_outputs(model, fake_mode, call_model, params, buffers, tensor_inputs):
     """Run the model once on fake tensors to learn its output structure."""
     with fake_mode, _tracing_errors(model, inputs=tensor_inputs):
-        fake_params = [fake_mode.from_tensor(p) for p in params]
-        fake_buffers = [fake_mode.from_tensor(b) for b in buffers]
-        fake_inputs = [fake_mode.from_tensor(t) for t in tensor_inputs]
+        fake_params = [fake_tensor(fake_mode, p) for p in params]
+        fake_buffers = [fake_tensor(fake_mode, b) for b in buffers]
+        fake_inputs = [fake_tensor(fake_mode, t) for t in tensor_inputs]
         with torch.enable_grad():
             fake_params = [p.detach().requires_grad_(p.requires_grad) for p in fake_params]
             fake_inputs = [t.detach().requires_grad_(t.requires_grad) for t in fake_inputs]
@@ -378,7 +389,7 @@ def _restore_module_state(model: torch.nn.Module) -> Iterator[None]:
         torch.set_rng_state(rng_state)
         with torch.no_grad():
             for name, buffer in model.named_buffers():
-                if name in buffers and not torch.equal(buffer, buffers[name]):
+                if name in buffers and buffer.device.type != "meta" and not torch.equal(buffer, buffers[name]):
                     buffer.copy_(buffers[name])
 
 

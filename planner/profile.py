@@ -78,19 +78,26 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
     device = next((t.device for t in arguments), torch.device("cpu"))
     # grad mode on, as when tracing (some kernels consult it); the arguments are detached
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
-        graph = _GraphBuilder(step, device, repeats).run(arguments, progress)
+        walk = GraphBuilder(step, device, repeats).run(arguments, progress)
     if transfer is None:
         transfer = measure_transfer(device) if device.type == "cuda" else Transfer(source="nominal (not measured)")
-    tangents = [name for name in graph.placeholders if step.roles[name] is Role.TANGENT]
+    return assemble_graph(walk, step, transfer=transfer, device=str(device), name=name or type(model).__name__,
+                          rng_state_bytes=_rng_state_bytes(device))
+
+
+def assemble_graph(walk: "GraphBuilder", step: CapturedStep, *, transfer: Transfer, device: str, name: str,
+                   rng_state_bytes: int) -> Graph:
+    """The `Graph` of a finished walk over ``step``'s joint graph (measured or estimated)."""
+    tangents = [value for value in walk.placeholders if step.roles[value] is Role.TANGENT]
     seeded = [leaf for leaf in step.output_leaves if leaf.tangent]
     returns_its_loss = len(seeded) == 1 and seeded[0].shape == ()
     # A model that returns its loss needs nothing more; otherwise the caller reduces the
     # outputs to a loss (a few scalars) and autograd seeds the backward with a scalar.
     caller_bytes = 0 if returns_its_loss else _CALLER_REDUCTION_BYTES
-    return Graph(ops=backward_as_late_as_possible(graph.ops, tangents), values=tuple(graph.values), placeholders=tuple(graph.placeholders),
-                 forward_outputs=tuple(graph.forward_outputs), gradients=tuple(graph.gradients),
-                 transfer=transfer, device=str(device), name=name or type(model).__name__, caller_bytes=caller_bytes,
-                 rng_state_bytes=_rng_state_bytes(device))
+    return Graph(ops=backward_as_late_as_possible(walk.ops, tangents), values=tuple(walk.values),
+                 placeholders=tuple(walk.placeholders), forward_outputs=tuple(walk.forward_outputs),
+                 gradients=tuple(walk.gradients), transfer=transfer, device=device, name=name,
+                 caller_bytes=caller_bytes, rng_state_bytes=rng_state_bytes)
 
 
 def with_released_outputs(graph: Graph, step: CapturedStep) -> Graph:
@@ -131,8 +138,10 @@ def measure_transfer(device: torch.device, size_bytes: int = 64 * 2**20, repeats
                     latency_ms=latency_ms, source=f"measured on {torch.cuda.get_device_name(device)}")
 
 
-class _GraphBuilder:
+class GraphBuilder:
     """Executes the joint graph node by node, recording sizes, aliases and times."""
+
+    activity = "profiling"
 
     def __init__(self, step: CapturedStep, device: torch.device, repeats: int) -> None:
         self.step = step
@@ -146,17 +155,22 @@ class _GraphBuilder:
         self.storage_owner: dict[int, tuple[weakref.ref, str]] = {}   # data_ptr -> (storage, root value)
         self.root_of: dict[str, str] = {}
         self.scratch = OpScratch()   # CPU kernels' scratch, measured on each op's first run
+        self.measures_scratch = device.type == "cpu"
         # placeholders the step updates in place: an op reading them must not be re-run
         # after the update, or it would see the new value
         self.updated_in_place = {node.args[0].name for node in step.joint.graph.nodes
                                  if step.roles.get(node.name) is Role.BUFFER_UPDATE}
 
     # -- storage identity ----------------------------------------------------------------
+    @staticmethod
+    def _storage_key(storage: torch.UntypedStorage) -> int:
+        return storage.data_ptr()
+
     def _owner(self, tensor: torch.Tensor) -> str | None:
         storage = tensor.untyped_storage()
         if storage.nbytes() == 0:
             return None
-        entry = self.storage_owner.get(storage.data_ptr())
+        entry = self.storage_owner.get(self._storage_key(storage))
         if entry is not None and entry[0]() is storage:
             return entry[1]
         return None
@@ -175,7 +189,7 @@ class _GraphBuilder:
         if owner is not None:
             return Value(name, 0, kind, producer=producer, alias_of=owner, shape=shape, dtype=dtype)
         if storage.nbytes() > 0:
-            self.storage_owner[storage.data_ptr()] = (weakref.ref(storage), name)
+            self.storage_owner[self._storage_key(storage)] = (weakref.ref(storage), name)
         return Value(name, int(storage.nbytes()), kind, producer=producer, shape=shape, dtype=dtype)
 
     # -- timing --------------------------------------------------------------------------
@@ -220,11 +234,11 @@ class _GraphBuilder:
         return result, (statistics.median(times_ms) if cuda else min(times_ms)), workspace_bytes
 
     # -- the walk ------------------------------------------------------------------------
-    def run(self, arguments: list[torch.Tensor], progress: bool | None = None) -> "_GraphBuilder":
+    def run(self, arguments: list[torch.Tensor], progress: bool | None = None) -> "GraphBuilder":
         nodes = list(self.step.joint.graph.nodes)
         if progress is None:
             progress = sys.stderr.isatty()
-        bar = Progress(TextColumn("memsched: profiling {task.total} nodes"), BarColumn(), MofNCompleteColumn(),
+        bar = Progress(TextColumn(f"memsched: {self.activity} {{task.total}} nodes"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), console=Console(stderr=True), transient=True, disable=not progress)
         remaining_users = {node: len(node.users) for node in nodes}
         env: dict[str, Any] = {}
@@ -236,7 +250,7 @@ class _GraphBuilder:
                 if remaining_users[source] == 0 and source.op != "placeholder":
                     env.pop(source.name, None)
 
-        with bar, (self.scratch if self.device.type == "cpu" else contextlib.nullcontext()):
+        with bar, (self.scratch if self.measures_scratch else contextlib.nullcontext()):
             task = bar.add_task("profile", total=len(nodes))
             for node in nodes:
                 self._visit(node, env, argument_iter, release)

@@ -188,7 +188,7 @@ def test_cpu_op_time_is_the_fastest_repeat_after_the_first(monkeypatch: pytest.M
     import planner.profile as profiling
     clock = iter([0.0, 1.0, 10.0, 10.05, 20.0, 20.002])
     monkeypatch.setattr(profiling, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    builder = profiling._GraphBuilder.__new__(profiling._GraphBuilder)
+    builder = profiling.GraphBuilder.__new__(profiling.GraphBuilder)
     builder.device, builder.repeats, builder.scratch = torch.device("cpu"), repeats, OpScratch()
     result, time_ms, workspace_bytes = builder._timed("add", torch.add, (torch.ones(2), 1), {})
     assert torch.equal(result, torch.full((2,), 2.0)) and workspace_bytes == 0
