@@ -71,6 +71,7 @@ from solvers.chain import solve_chain
 from solvers.checkpoint_baselines import checkpoint_decisions
 from solvers.errors import InfeasibleBudgetError, UnsupportedGraphError
 from solvers.graph import Graph, Phase, ValueKind
+from solvers.offload_refine import offload_with_recompute, plan_with_offload, refine_with_offload
 from solvers.plan import Decision, Plan, StepKind
 from solvers.registry import least_feasible_lower_bound, register
 from solvers.schedule import saved_roots
@@ -95,9 +96,12 @@ class OptionCost:
 
 @register(SOLVER)
 def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: int = 8,
-                       resolution: int = 2000, max_bisections: int = 12, with_reruns: bool = True) -> Plan:
+                       resolution: int = 2000, max_bisections: int = 12, with_reruns: bool = True,
+                       offload: bool | None = None) -> Plan:
     """Least-time plan found by the segment-option chain DP (module docstring); not optimal.
     With ``with_reruns``, `chain`'s Rotor schedule over the same segments is a candidate too.
+    With ``offload`` (default: the graph's host link is real, `Transfer.real`), the DP's plan
+    with recomputations turned into offloads (`offload_refine`) is a candidate too.
 
     Raises:
         InfeasibleBudgetError: neither the DP's plans nor ``greedy`` fit the budget.
@@ -143,7 +147,7 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     if checker.fits(every_block):
         candidates.append((checker.time_ms(every_block), every_block))
     solvers_run = ["every_block"]     # registered solvers whose plans were candidates here
-    reruns = [plan for plan in (_chain_plan(graph, budget_bytes, options) for options in
+    reruns = [plan for plan in (_chain_plan(graph, budget_bytes, options, offload) for options in
                                 (options_per_segment, 1)) if plan is not None] if with_reruns else []
     if with_reruns:
         solvers_run.append("chain")
@@ -154,6 +158,11 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
         found.append((checker.time_ms(decisions), _finish(
             graph, budget_bytes, decisions,
             {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})))
+    if candidates and (graph.transfer.real if offload is None else offload):
+        def recompute_decisions(dp_budget_bytes: int) -> dict[str, Decision] | None:
+            levels = choose_levels(costs, dp_budget_bytes, resolution)
+            return None if levels is None else _decisions(graph, segments, options, levels)
+        found += _offload_candidates(graph, budget_bytes, found[0][1], segments, recompute_decisions)
     found += [(simulate(graph, rerun, check_hash=False).time_ms, rerun) for rerun in reruns]
     if not found or len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS:
         found += _search_candidates(graph, budget_bytes, checker, segments, as_fallback=not found)
@@ -189,12 +198,36 @@ def _search_candidates(graph: Graph, budget_bytes: int, checker: _Checker, segme
     return found
 
 
-def _chain_plan(graph: Graph, budget_bytes: int, options_per_segment: int) -> Plan | None:
+def _offload_candidates(graph: Graph, budget_bytes: int, plan: Plan, segments: tuple[Segment, ...],
+                        recompute_decisions) -> list[tuple[float, Plan]]:
+    """Plans that offload (`offload_refine`): the DP's with the earliest storages offloaded
+    and the DP re-run on the memory that frees, and the DP's plan with recomputations turned
+    into offloads where the link hides them, each segment's storages tried as one change."""
+    producer_segment = {name: segment.index for segment in segments for name in segment.forward_ops}
+    groups: dict[int, list[str]] = {}
+    for root, decision in plan.decisions.items():
+        if decision is Decision.RECOMPUTE:
+            groups.setdefault(producer_segment.get(graph.value(root).producer, -1), []).append(root)
+    found = []
+    for source, result in (("offload+dp", offload_with_recompute(graph, budget_bytes, recompute_decisions)),
+                           ("dp, recompute->offload",
+                            refine_with_offload(graph, dict(plan.decisions), budget_bytes, list(groups.values())))):
+        if result is None:
+            continue
+        decisions, time_ms = result
+        offloaded = sum(decision is Decision.OFFLOAD for decision in decisions.values())
+        made = plan_with_offload(graph, decisions, SOLVER, budget_bytes)
+        found.append((time_ms, replace(made, options={**plan.options, **made.options, "offloaded": offloaded,
+                                                      "source": source})))
+    return found
+
+
+def _chain_plan(graph: Graph, budget_bytes: int, options_per_segment: int, offload: bool | None = None) -> Plan | None:
     """`chain`'s schedule over the same segments with the same drop options per segment,
     relabelled, or None when it finds none: forward re-runs (Revolve-like) reach budgets
     below every_block's peak, where keeping or dropping storages alone has no plan."""
     try:
-        plan = solve_chain(graph, budget_bytes, options_per_segment=options_per_segment)
+        plan = solve_chain(graph, budget_bytes, options_per_segment=options_per_segment, offload=offload)
     except InfeasibleBudgetError:
         return None
     return replace(plan, solver=SOLVER, options={**plan.options, "source": f"chain/{plan.options.get('source')}"})

@@ -16,6 +16,7 @@ that emits only run/offload/prefetch steps.
 
 from __future__ import annotations
 
+import bisect
 from typing import Iterable
 
 from solvers.errors import InvalidPlanError
@@ -37,13 +38,21 @@ def decisions_for(graph: Graph, recompute: Iterable[str] = (), offloaded: Iterab
 
 
 def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahead_ops: int = 1,
-                  free_intermediates: bool = False) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+                  free_intermediates: bool = False,
+                  prefetch_by_transfer_time: bool = False) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
     """Forward and backward steps for the given root decisions (missing roots are kept).
 
     A value recomputed for a backward op stays until its last backward use. With
     ``free_intermediates``, the values recomputed only on the way to it (its dropped
     ancestors) are released right after that op and recomputed again when needed: less
     memory, more time (Revolve-like multiple recomputation).
+
+    An offloaded storage is prefetched ``prefetch_ahead_ops`` backward ops before its first
+    backward use. With ``prefetch_by_transfer_time``, instead, the copies are timed by the
+    ops' profiled times on the link (`Graph.transfer`): each prefetch as late as lets it
+    end before its use, the host->device copies queued on one channel; and each offloaded
+    storage is freed in the forward once its device->host copy has ended rather than at
+    its last use, so that compute never waits for a copy it could run beside.
     """
     dropped = {root for root, decision in decisions.items() if decision is not Decision.KEEP}
     offloaded = {root for root, decision in decisions.items() if decision is Decision.OFFLOAD}
@@ -65,6 +74,8 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
     kept_for_backward |= _unrecomputable_sources(graph, kept_for_backward | offloaded | set(graph.placeholders),
                                                  dropped)
     forward_steps = insert_frees(graph, forward_runs, live_out=kept_for_backward)
+    if prefetch_by_transfer_time and offloaded:
+        forward_steps = _free_offloaded_when_copied(graph, forward_steps, offloaded)
 
     live = {name for name in graph.placeholders} | kept_for_backward
     on_host = set(offloaded)
@@ -101,13 +112,18 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
             stack.append((name, True))
             stack.extend((inp, False) for inp in reversed(op.inputs) if inp not in live)
 
+    issue_before = _prefetch_positions(graph, backward_ops, on_host) if prefetch_by_transfer_time and on_host else {}
     for position, op in enumerate(backward_ops):
-        for ahead in backward_ops[position + 1: position + 1 + prefetch_ahead_ops]:
-            for name in ahead.inputs:
-                if name in on_host and name not in live and name not in prefetched:
-                    backward_core.append(prefetch(name))
-                    prefetched.add(name)
-                    live.add(name)
+        if prefetch_by_transfer_time:
+            ahead_names = issue_before.get(position, ())
+        else:
+            ahead_names = [name for ahead in backward_ops[position + 1: position + 1 + prefetch_ahead_ops]
+                           for name in ahead.inputs]
+        for name in ahead_names:
+            if name in on_host and name not in live and name not in prefetched:
+                backward_core.append(prefetch(name))
+                prefetched.add(name)
+                live.add(name)
         intermediates: set[str] = set()
         for name in op.inputs:
             make_available(name, intermediates)
@@ -118,6 +134,64 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
     backward_steps = insert_frees(graph, backward_core, live_out=set(graph.gradients),
                                   live_in=kept_for_backward | set(graph.placeholders))
     return forward_steps, backward_steps
+
+
+def _prefetch_positions(graph: Graph, backward_ops: tuple, on_host: set[str]) -> dict[int, list[str]]:
+    """``{backward op position: offloaded storages to prefetch before it}``: for each storage
+    the latest op such that the ops from there to its first backward reader (through any of
+    its views) take at least its copy time. O(B log B + offloaded) for B backward ops."""
+    first_use: dict[str, int] = {}
+    for position, op in enumerate(backward_ops):
+        for name in op.inputs:
+            root = graph.value(name).root
+            if root in on_host:
+                first_use.setdefault(root, position)
+    starts_ms = [0.0]
+    for op in backward_ops:
+        starts_ms.append(starts_ms[-1] + op.time_ms)
+    transfer = graph.transfer
+    issue_before: dict[int, list[str]] = {}
+    channel_free_from_ms = float("inf")     # the one host->device channel, scheduled from the end
+    for root, use in sorted(first_use.items(), key=lambda item: item[1], reverse=True):
+        copy_ms = transfer.latency_ms + graph.value(root).size_bytes / transfer.host_to_device_bytes_per_ms
+        start_ms = min(starts_ms[use], channel_free_from_ms) - copy_ms
+        channel_free_from_ms = start_ms
+        position = max(0, bisect.bisect_right(starts_ms, start_ms) - 1)
+        issue_before.setdefault(min(position, use), []).append(root)
+    return {position: list(reversed(names)) for position, names in sorted(issue_before.items())}
+
+
+def _free_offloaded_when_copied(graph: Graph, steps: tuple[Step, ...], offloaded: set[str]) -> tuple[Step, ...]:
+    """Move each ``free`` of an offloaded storage to where its device->host copy has ended,
+    by the ops' profiled times on the one copy channel: freeing waits for the copy
+    (`runtime.offload.release_after_offload`), so an early free stalls compute while a
+    late one only holds the memory as long. O(steps)."""
+    transfer = graph.transfer
+    clock_ms = channel_free_at_ms = 0.0
+    copied_at: dict[str, float] = {}
+    for step in steps:
+        if step.kind is StepKind.RUN:
+            clock_ms += graph.op(step.name).time_ms
+        elif step.kind is StepKind.OFFLOAD:
+            start_ms = max(clock_ms, channel_free_at_ms)
+            channel_free_at_ms = start_ms + transfer.latency_ms + \
+                graph.value(step.name).size_bytes / transfer.device_to_host_bytes_per_ms
+            copied_at[step.name] = channel_free_at_ms
+    result: list[Step] = []
+    waiting: list[tuple[float, str]] = []            # (copy end, value), frees held back
+    clock_ms = 0.0
+    for step in steps:
+        if step.kind is StepKind.FREE and step.name in offloaded and copied_at.get(step.name, 0.0) > clock_ms:
+            waiting.append((copied_at[step.name], step.name))
+            continue
+        result.append(step)
+        if step.kind is StepKind.RUN:
+            clock_ms += graph.op(step.name).time_ms
+            for done_ms, name in sorted(w for w in waiting if w[0] <= clock_ms):
+                result.append(free(name))
+            waiting = [w for w in waiting if w[0] > clock_ms]
+    result.extend(free(name) for _, name in sorted(waiting))
+    return tuple(result)
 
 
 def _unrecomputable_sources(graph: Graph, available: set[str], dropped: set[str]) -> set[str]:
