@@ -3,8 +3,9 @@
 Nothing here imports torch, so plans can be made and checked anywhere.
 """
 
-from solvers.errors import (InfeasibleBudgetError, InvalidPlanError, MemschedError, PlanFormatError,
-                            PlanMismatchError, SolverUnavailableError, UnsupportedGraphError, format_bytes)
+from solvers.errors import (InfeasibleBudgetError, InvalidPlanError, MemschedError, OptionError, PlanFormatError,
+                            PlanMismatchError, SolverUnavailableError, UnsupportedGraphError, UnsupportedUseError,
+                            format_bytes)
 from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind
 from solvers.plan import Decision, Plan, Step, StepKind
 from solvers.registry import available_solvers, least_feasible_lower_bound, register, solve
@@ -17,8 +18,8 @@ from solvers import chain as _chain  # noqa: F401  (registers chain)
 from solvers.pipeline import PipelinePlan, solve_pipeline
 
 __all__ = [
-    "Decision", "Graph", "InfeasibleBudgetError", "InvalidPlanError", "MemschedError", "Op", "Phase", "Plan",
-    "PlanFormatError", "PlanMismatchError", "SimResult", "SolverUnavailableError", "Step", "StepKind", "Transfer",
-    "UnsupportedGraphError", "Value", "ValueKind", "available_solvers", "format_bytes",
-    "least_feasible_lower_bound", "register", "simulate", "solve", "PipelinePlan", "solve_pipeline",
+    "Decision", "Graph", "InfeasibleBudgetError", "InvalidPlanError", "MemschedError", "Op", "OptionError", "Phase",
+    "Plan", "PlanFormatError", "PlanMismatchError", "SimResult", "SolverUnavailableError", "Step", "StepKind",
+    "Transfer", "UnsupportedGraphError", "UnsupportedUseError", "Value", "ValueKind", "available_solvers",
+    "format_bytes", "least_feasible_lower_bound", "register", "simulate", "solve", "PipelinePlan", "solve_pipeline",
 ]

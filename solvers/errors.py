@@ -32,7 +32,7 @@ class InfeasibleBudgetError(MemschedError):
 
 
 class UnsupportedGraphError(MemschedError):
-    """The graph has a structure a solver cannot handle."""
+    """The graph has a structure a solver cannot handle (a bad argument is an `OptionError`)."""
 
 
 class SolverUnavailableError(MemschedError):
@@ -56,8 +56,9 @@ class OptionError(MemschedError, ValueError):
 
 
 class UnsupportedUseError(MemschedError, RuntimeError):
-    """A use of an optimized module that memsched does not support (``retain_graph=True``,
-    a pipeline outside ``torchrun``); the message says what to do instead."""
+    """A use of memsched that it does not support (``retain_graph=True`` on an optimized
+    module, a pipeline outside ``torchrun``, a memory tracker entered twice); the message
+    says what to do instead."""
 
 
 def format_bytes(size_bytes: float) -> str:

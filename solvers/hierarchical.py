@@ -69,7 +69,7 @@ from solvers.baselines import (droppable_roots, plan_from_decisions, recompute_t
                                solve_greedy)
 from solvers.chain import solve_chain
 from solvers.checkpoint_baselines import checkpoint_decisions
-from solvers.errors import InfeasibleBudgetError, UnsupportedGraphError
+from solvers.errors import InfeasibleBudgetError, OptionError
 from solvers.graph import Graph, Phase, ValueKind
 from solvers.plan import Decision, Plan, StepKind
 from solvers.registry import least_feasible_lower_bound, register
@@ -101,13 +101,14 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
 
     Raises:
         InfeasibleBudgetError: neither the DP's plans nor ``greedy`` fit the budget.
-        UnsupportedGraphError: ``options_per_segment < 2`` or ``resolution < 1``.
+        OptionError: ``options_per_segment < 2`` or ``resolution < 1``.
     """
     if options_per_segment < 2:
-        raise UnsupportedGraphError(f"options_per_segment must be at least 2 (keep all, checkpoint), "
-                                    f"got {options_per_segment}")
+        raise OptionError(f"hierarchical: options_per_segment must be at least 2 (keep all, checkpoint), "
+                          f"got {options_per_segment}; pass options_per_segment >= 2 (default 8)")
     if resolution < 1:
-        raise UnsupportedGraphError(f"resolution must be at least 1, got {resolution}")
+        raise OptionError(f"hierarchical: resolution must be at least 1 (memory slots per budget), got {resolution}; "
+                          "pass resolution >= 1 (default 2000)")
     keep_all = {root: Decision.KEEP for root in saved_roots(graph)}
     checker = _Checker(graph, budget_bytes)
     if checker.fits(keep_all):
