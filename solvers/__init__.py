@@ -1,6 +1,12 @@
 """memsched's torch-free core: the step `Graph`, the `Plan` program, `simulate`, solvers.
 
-Nothing here imports torch, so plans can be made and checked anywhere.
+Nothing here imports torch, so plans can be made and checked anywhere. The solvers, behind
+one `solve(graph, budget_bytes, solver)`: ``none`` and ``greedy`` (Checkmate's greedy
+baseline, Jain et al. 2020), ``every_block`` and ``sqrt_n`` (Chen et al. 2016), ``chain``
+(Rotor, Beaumont et al. 2019, with offload after Beaumont et al. 2021), ``hierarchical``
+(after Rockmate, Zhao et al. 2023), ``ilp`` (Checkmate's MILP), ``brute_force`` (exact, tiny
+graphs) and `solve_pipeline` (stages over devices). The contract between `Graph`, `Plan`
+and `simulate` is in docs/design.md.
 """
 
 from solvers.errors import (InfeasibleBudgetError, InvalidPlanError, MemschedError, OptionError, PlanFormatError,

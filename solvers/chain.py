@@ -2,7 +2,9 @@
 
 Beaumont, Eyraud-Dubois, Herrmann, Joly, Shilova, "Optimal checkpointing for heterogeneous
 chains: how to train deep neural networks with limited memory" (2019): a Revolve-like
-schedule where a stage's forward may run several times during the backward.
+schedule where a stage's forward may run several times during the backward. Revolve
+(Griewank & Walther, "Algorithm 799: revolve", ACM TOMS 2000) is the optimum for chains of
+identical stages; Rotor's DP is the optimum for stages of different costs and sizes.
 
 Stages are the segments of `segments.segment_chain`. Stage k has forward time ``uf[k]``,
 backward time ``ub[k]``, input bytes ``x[k]`` (the storages produced by stage k - 1 that stage

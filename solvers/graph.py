@@ -6,7 +6,8 @@ tests build it by hand or at random.
 
 Memory is modelled at the level of *storages*, not values: a view or alias has
 ``size_bytes == 0`` and ``alias_of`` names the root value that owns the storage. A storage
-is alive while any value that aliases it is alive (DESIGN.md, "Measurement").
+is alive while any value that aliases it is alive (docs/design.md, "Memory is counted by
+storage").
 """
 
 from __future__ import annotations

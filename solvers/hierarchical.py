@@ -1,10 +1,11 @@
 """``hierarchical``: per-segment recompute options joined by a dynamic program over the chain.
 
-After Rockmate / HiRemate (Zhao, Le Hellard, Eyraud-Dubois, Gusak, Beaumont, ICML 2023;
-Beaumont et al., 2024): the step is cut into a chain of segments (`segments.segment_chain`:
+After Rockmate (Zhao, Le Hellard, Eyraud-Dubois, Gusak, Beaumont, ICML 2023) and HiRemate
+(Gusak et al., ICML 2025): the step is cut into a chain of segments (`segments.segment_chain`:
 transformer blocks, residual stages, U-Net levels), each segment gets a few *options*, and a
-chain DP in the spirit of Rotor (Beaumont, Eyraud-Dubois, Herrmann, Joly, Shilova, NeurIPS
-2021 for the offload extension) picks one option per segment.
+chain DP in the spirit of Rotor (Beaumont, Eyraud-Dubois, Herrmann, Joly, Shilova, 2019;
+`solvers.chain`) picks one option per segment. MONeT (Shah et al., ICLR 2021) also pairs
+local choices with a global checkpointing schedule, in one ILP where here a DP joins them.
 
 Options. The decisions an option makes are about the segment's own storages: the saved
 roots its forward ops allocate, except the ones a later segment's forward reads (the

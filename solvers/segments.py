@@ -1,6 +1,7 @@
 """Cut the forward of a step into a chain of segments: transformer blocks, ResNet blocks,
-U-Net levels. The unit of `every_block` and `sqrt_n` checkpointing and of the
-hierarchical solver.
+U-Net levels. The unit of `every_block` and `sqrt_n` checkpointing (Chen et al., "Training
+Deep Nets with Sublinear Memory Cost", 2016, checkpoint segment boundaries) and the stages
+of the chain DPs (`chain`, after Rotor, Beaumont et al. 2019; `hierarchical`; `pipeline`).
 
 A *cut* at position ``p`` lies between forward ops ``p - 1`` and ``p`` (graph order). The
 storages *crossing* it are the activation storages (alias roots) produced before it and
