@@ -48,7 +48,8 @@ class InvalidPlanError(MemschedError):
 
 
 class PlanFormatError(MemschedError):
-    """A plan or graph file is not valid memsched JSON (corrupt, truncated, other version)."""
+    """A plan or graph file that cannot be read as memsched JSON (missing, corrupt, truncated,
+    another version)."""
 
 
 class OptionError(MemschedError, ValueError):

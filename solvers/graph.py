@@ -148,12 +148,15 @@ def write_json_file(path: str, data: Any, *, sort_keys: bool = False) -> None:
 
 
 def read_json_file(path: str) -> Any:
-    """The JSON in ``path``; `PlanFormatError` naming the file when it is not JSON."""
+    """The JSON in ``path``; `PlanFormatError` naming the file when it cannot be read or is not JSON."""
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PlanFormatError(f"{path}: not valid JSON ({error}); was the file truncated?") from error
+    except OSError as error:
+        raise PlanFormatError(f"{path}: cannot read it ({error.strerror}); pass the path of a file written by "
+                              "Plan.save() or Graph.save()") from error
 
 
 # Named transfer profiles for planning away from the device (``optimize(..., target=...)``):

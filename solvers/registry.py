@@ -146,7 +146,11 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", **options: obje
         raise SolverUnavailableError(f"no solver named {solver!r}; choose auto or one of "
                                      f"{', '.join(available_solvers())}")
     _check_options(solver, options)
-    budget_bytes = int(budget_bytes)
+    try:
+        budget_bytes = int(budget_bytes)
+    except (TypeError, ValueError):
+        raise OptionError(f"solve: budget_bytes={budget_bytes!r} is not a number of bytes; pass an int, or read "
+                          "a size such as '6GiB' with planner.parse_budget") from None
     floor = least_feasible_lower_bound(graph)
     if budget_bytes < floor.total:
         raise InfeasibleBudgetError(budget_bytes, floor.total, floor.breakdown, solver="lower bound, any solver")

@@ -18,8 +18,8 @@ from typing import Callable
 
 import pytest
 
-from solvers import (Graph, InfeasibleBudgetError, MemschedError, Op, OptionError, Phase, SolverUnavailableError,
-                     UnsupportedGraphError, UnsupportedUseError, Value, ValueKind, solve)
+from solvers import (Graph, InfeasibleBudgetError, MemschedError, Op, OptionError, Phase, Plan, PlanFormatError,
+                     SolverUnavailableError, UnsupportedGraphError, UnsupportedUseError, Value, ValueKind, solve)
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ("solvers", "runtime", "planner")
@@ -66,6 +66,9 @@ def mistakes() -> dict[str, tuple[Callable[[], object], type[MemschedError], str
         "budget typo": (lambda: parse_budget("6 GB!"), BudgetError, r"write bytes with a unit such as '6GiB'"),
         "budget below the floor": (lambda: solve(graph, 1), InfeasibleBudgetError, r"raise the budget to at least"),
         "unknown solver": (lambda: solve(graph, 10**9, "rotor"), SolverUnavailableError, r"choose auto or one of"),
+        "budget as text to solve": (lambda: solve(graph, "6GiB"), OptionError, r"with planner.parse_budget"),
+        "missing plan to load": (lambda: Plan.load(str(ROOT / "no-such-plan.json")), PlanFormatError,
+                                 r"no-such-plan.json: cannot read it .*; pass the path of a file written by Plan.save"),
         "option the solver lacks": (lambda: solve(graph, 10**9, "chain", time_limit_s=3.0), OptionError,
                                     r"solver 'chain' takes no option 'time_limit_s' \(it takes resolution,"),
         "solver argument out of range": (lambda: solve_hierarchical(graph, 10**9, options_per_segment=1),
