@@ -1,6 +1,7 @@
 """memsched with nothing dropped (``solver="none"``) against the plain eager step, on the
-five real-size models of `real_models.py`: DESIGN.md's invariant that memsched never uses
-more memory than eager when it drops nothing, measured from the allocator's events.
+five real-size models of `real_models.py`: the invariant that memsched never uses more
+memory than eager when it drops nothing (docs/design.md, invariant 6), measured from the
+allocator's events.
 
 Each model trains one step as in `real_models.py` (the loss only; memsched with
 ``release_outputs=True``); peaks from `planner.memory.measure_allocator_peak` (parameters,

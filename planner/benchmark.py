@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.utils._pytree as pytree
 
+from planner.errors import UnsupportedModelError
 from planner.memory import MemoryReport, measure_allocator_peak, measure_step_memory
 
 
@@ -24,7 +25,9 @@ def training_loss(output: Any) -> torch.Tensor:
     leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()
               and t.requires_grad]
     if not leaves:
-        raise ValueError("the model's output has no floating-point tensor that requires grad")
+        raise UnsupportedModelError("training_loss: the model's output has no floating-point tensor that requires "
+                                    "grad, so there is nothing to backpropagate; return a loss or logits computed "
+                                    "from parameters with requires_grad=True, or pass optimize(..., loss_fn=...)")
     losses = [t for t in leaves if t.dim() == 0]
     if losses:
         return sum(losses[1:], losses[0])

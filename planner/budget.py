@@ -1,8 +1,8 @@
 """Read a user's budget: bytes, a size string, or a fraction of activation memory.
 
-DESIGN.md, "Budget semantics": a float in (0, 1] is that fraction of the un-optimized
-step's activation memory, i.e. of (keep-all peak - parameters - buffers - inputs - gradients),
-on top of those fixed bytes.
+A float in (0, 1] is that fraction of the un-optimized step's activation memory, i.e. of
+(keep-all peak - parameters - buffers - inputs - gradients), on top of those fixed bytes;
+what the budget covers is in docs/design.md, "The budget".
 """
 
 from __future__ import annotations

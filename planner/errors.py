@@ -15,3 +15,13 @@ class BudgetError(MemschedError, ValueError):
 class ModelInputError(MemschedError, ValueError):
     """The model itself fails on the example inputs (a shape or dtype it does not take);
     the message names the submodule, the op and the inputs."""
+
+
+class MeasurementError(MemschedError, ValueError):
+    """A memory measurement that cannot be taken as asked (a host copy that lives on the
+    device, a step that frees memory allocated before it); the message says how to measure."""
+
+
+class PlanFileError(MemschedError):
+    """A plan file that ``plan-inspect`` cannot inspect (missing, unreadable, not a plan);
+    the message is one line naming the file and the fix."""

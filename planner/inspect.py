@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from planner.errors import PlanFileError
 from solvers.errors import MemschedError, format_bytes
 from solvers.explain import Explanation, SavedRow, Summary, explain, format_ms, short_target
 from solvers.graph import GRAPH_FORMAT
@@ -39,10 +40,6 @@ DEFAULT_TOP = 30
 DECISION_ORDER = {"recompute": 0, "offload": 1, "keep": 2}
 DECISION_STYLE = {"recompute": "yellow", "offload": "cyan", "keep": ""}
 SAVE_HINT = "save the plan again with Plan.save(path) (memsched-demo --save-plan writes one)"
-
-
-class PlanFileError(Exception):
-    """A plan file that cannot be inspected; the message is one line naming the file and the fix."""
 
 
 def load_plan(path: str) -> Plan | PipelinePlan:

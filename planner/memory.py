@@ -41,6 +41,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import (TorchDispatchMode, is_traceable_wrapper_subclass,
                                           is_traceable_wrapper_subclass_type)
 
+from planner.errors import MeasurementError, UnsupportedUseError
 from planner.scratch import OpScratch, kineto_quiet
 from runtime import offload
 
@@ -123,6 +124,12 @@ def _tensors_in(value: Any) -> list[torch.Tensor]:
         elif isinstance(item, dict):
             pending.extend(item.values())
     return found
+
+
+def _device_copy_error(device: torch.device) -> MeasurementError:
+    """What `mark_host` raises for a tensor that is not in CPU memory."""
+    return MeasurementError(f"mark_host: the tensor lives on {device}; a host copy lives in CPU memory "
+                            "(copy it with .to('cpu') first)")
 
 
 def _is_host(storage: torch.UntypedStorage) -> bool:
@@ -264,8 +271,7 @@ class _StorageCounter:
         with self._lock:
             for storage in _storages_of(tensor):
                 if not _is_host(storage):
-                    raise ValueError(f"mark_host: the tensor lives on {storage.device}; a host copy lives in "
-                                     "CPU memory (copy it with .to('cpu') first)")
+                    raise _device_copy_error(storage.device)
                 key = storage._cdata
                 ref = self._refs.get(key)
                 if ref is None:                      # made before tracking: count it from now on
@@ -399,7 +405,7 @@ class StepMemoryTracker:
 
     def __enter__(self) -> StepMemoryTracker:
         if self._state != "new":
-            raise RuntimeError("a StepMemoryTracker is used once; make a new one for each step")
+            raise UnsupportedUseError("a StepMemoryTracker is used once; make a new one for each step")
         if self.method == CUDA_ALLOCATOR:
             self._cuda = _CudaPeak(self.device)
             self._start_bytes = self._cuda.start()
@@ -437,7 +443,8 @@ class StepMemoryTracker:
 
     def _require_started(self) -> None:
         if self._state == "new":
-            raise RuntimeError("the tracker has not started; use it as `with StepMemoryTracker(...) as tracker:`")
+            raise UnsupportedUseError("the tracker has not started; use it as "
+                                      "`with StepMemoryTracker(...) as tracker:`")
 
     @property
     def current_bytes(self) -> int:
@@ -473,15 +480,16 @@ class StepMemoryTracker:
         allocator never sees, so this only checks that the tensor is not on a CUDA device.
 
         Raises:
-            ValueError: the tensor is not in CPU memory.
-            RuntimeError: the tracker is not active.
+            MeasurementError (a ValueError): the tensor is not in CPU memory.
+            UnsupportedUseError (a RuntimeError): the tracker is not active.
         """
         if self._state != "active":
-            raise RuntimeError("mark_host is called inside the tracked block, not before or after it")
+            raise UnsupportedUseError("mark_host is called inside the tracked block, not before or after it; "
+                                      "call it within `with StepMemoryTracker(...) as tracker:`")
         if self._counter is not None:
             self._counter.mark_host(tensor)
         elif tensor.device.type == "cuda":
-            raise ValueError(f"mark_host: the tensor lives on {tensor.device}; a host copy lives in CPU memory")
+            raise _device_copy_error(tensor.device)
 
     def report(self) -> MemoryReport:
         """The measurement: final after the block, a snapshot inside it."""
@@ -539,7 +547,8 @@ def measure_allocator_peak(step: Callable[[], object], resident: Iterable[torch.
     running sum would start below zero.
 
     Raises:
-        ValueError: the step freed memory that an earlier profiled region allocated.
+        MeasurementError (a ValueError): the step freed memory that an earlier profiled region
+            allocated.
     """
     resident_storages = {s._cdata: s.nbytes() for t in resident for s in _storages_of(t)}
     with kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
@@ -552,6 +561,6 @@ def measure_allocator_peak(step: Callable[[], object], resident: Iterable[torch.
         live_bytes += nbytes
         high_water_bytes = max(high_water_bytes, live_bytes)
         if live_bytes < 0:
-            raise ValueError("measure_allocator_peak: the step freed memory allocated before it (old .grad "
-                             "tensors?); free it before measuring, e.g. model.zero_grad(set_to_none=True)")
+            raise MeasurementError("measure_allocator_peak: the step freed memory allocated before it (old .grad "
+                                   "tensors?); free it before measuring, e.g. model.zero_grad(set_to_none=True)")
     return result, sum(resident_storages.values()) + high_water_bytes

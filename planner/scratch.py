@@ -19,11 +19,11 @@ import bisect
 import contextlib
 import itertools
 import logging
-import os
-import sys
 from typing import Hashable, Iterator
 
 import torch
+
+from solvers.quiet import native_output_silenced
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +102,7 @@ class OpScratch:
         return scratch
 
 
-@contextlib.contextmanager
-def kineto_quiet() -> Iterator[None]:
+def kineto_quiet() -> contextlib.AbstractContextManager[None]:
     """The profiler's C++ backend prints a line to stderr at every start and stop,
     whatever its log level; silence file descriptor 2 for that short window only."""
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
+    return native_output_silenced(2)

@@ -31,14 +31,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from planner.errors import ModelInputError, OptionError
+
 SIZES = ("tiny", "small")
 
 
 def _preset(presets: Mapping[str, Mapping[str, Any]], size: str, model_name: str) -> dict[str, Any]:
     """A copy of ``presets[size]``; an unknown size fails with the known ones."""
     if size not in presets:
-        raise ValueError(f"unknown size {size!r} for zoo model {model_name!r}; choose one of {sorted(presets)}")
+        raise OptionError(f"unknown size {size!r} for zoo model {model_name!r}; choose one of {sorted(presets)}")
     return dict(presets[size])
+
+
+def _check_sequence_length(model: nn.Module, seq: int) -> None:
+    """A token model's input fits its position embedding; `ModelInputError` otherwise."""
+    if seq > model.seq_len:
+        raise ModelInputError(f"{type(model).__name__}: a sequence of {seq} tokens is longer than the model's "
+                              f"seq_len={model.seq_len}; pass at most {model.seq_len} tokens or build the model "
+                              f"with seq_len >= {seq}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,7 +64,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, out_features: int, n_layer: int = 6) -> None:
         super().__init__()
         if n_layer < 1:
-            raise ValueError(f"MLP needs at least one block, got n_layer={n_layer}")
+            raise OptionError(f"MLP needs at least one block, got n_layer={n_layer}; pass n_layer >= 1")
         widths = [in_features] + [hidden_features] * n_layer
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Linear(width_in, width_out), nn.GELU())
@@ -126,8 +136,8 @@ class ResNet(nn.Module):
                  num_classes: int = 10) -> None:
         super().__init__()
         if not widths or blocks_per_stage < 1:
-            raise ValueError(f"ResNet needs at least one stage and one block per stage, got widths={widths}, "
-                             f"blocks_per_stage={blocks_per_stage}")
+            raise OptionError(f"ResNet needs at least one stage and one block per stage, got widths={widths}, "
+                              f"blocks_per_stage={blocks_per_stage}; pass a non-empty widths and blocks_per_stage >= 1")
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
         stages = []
@@ -185,7 +195,7 @@ class SelfAttention(nn.Module):
     def __init__(self, d_model: int, n_head: int, dropout: float, causal: bool) -> None:
         super().__init__()
         if d_model % n_head:
-            raise ValueError(f"d_model={d_model} is not a multiple of n_head={n_head}")
+            raise OptionError(f"d_model={d_model} is not a multiple of n_head={n_head}; choose n_head dividing d_model")
         self.n_head = n_head
         self.causal = causal
         self.qkv = nn.Linear(d_model, 3 * d_model)
@@ -259,8 +269,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         batch, seq = idx.shape
-        if seq > self.seq_len:
-            raise ValueError(f"sequence of {seq} tokens is longer than the model's seq_len={self.seq_len}")
+        _check_sequence_length(self, seq)
         positions = torch.arange(seq, device=idx.device)
         x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))
         for block in self.blocks:
@@ -332,7 +341,7 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int = 2, base_channels: int = 16, depth: int = 2) -> None:
         super().__init__()
         if depth < 1:
-            raise ValueError(f"UNet needs depth >= 1, got {depth}")
+            raise OptionError(f"UNet needs depth >= 1, got depth={depth}; pass depth >= 1")
         widths = [base_channels * 2 ** level for level in range(depth + 1)]
         self.encoders = nn.ModuleList()
         width_in = in_channels
@@ -424,8 +433,7 @@ class Encoder(nn.Module):
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch, seq = idx.shape
-        if seq > self.seq_len:
-            raise ValueError(f"sequence of {seq} tokens is longer than the model's seq_len={self.seq_len}")
+        _check_sequence_length(self, seq)
         positions = torch.arange(seq, device=idx.device)
         x = self.token_embedding(idx) + self.position_embedding(positions)
         x = self.dropout(self.ln_embedding(x))
@@ -481,9 +489,9 @@ def make(name: str, size: str = "tiny", seed: int = 0, *,
     Models and inputs are built on the CPU and then moved, so they do not depend on ``device``.
     """
     if name not in ZOO:
-        raise ValueError(f"unknown zoo model {name!r}; choose one of {sorted(ZOO)}")
+        raise OptionError(f"unknown zoo model {name!r}; choose one of {sorted(ZOO)}")
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of {list(SIZES)}")
+        raise OptionError(f"unknown size {size!r}; choose one of {list(SIZES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model, inputs = ZOO[name](size)

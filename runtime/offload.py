@@ -1,5 +1,10 @@
 """Offload and prefetch: the host copies behind a plan's ``offload`` / ``prefetch`` steps.
 
+The plans come from the solvers that weigh offloading against recomputation (``greedy``,
+``ilp``, ``brute_force``, and ``chain`` after Beaumont, Eyraud-Dubois, Shilova, "Efficient
+Combination of Rematerialization and Offloading for Training DNNs", NeurIPS 2021); this
+module only moves the bytes.
+
 The generated programs (`runtime.codegen`) call four functions, in this pattern:
 
     host_v = offload_to_host(v)          # offload(v): start the device->host copy

@@ -1,5 +1,8 @@
 """Exact search over every plan of a tiny graph: the reference the `ilp` solver is tested against.
 
+Its plan space is the restriction of Checkmate's (Jain et al., MLSys 2020) that `solvers.ilp`
+formulates as a MILP; here it is searched exhaustively, so the two must agree.
+
 The plan space (shared with `solvers.ilp`, so the two are comparable exactly)::
 
     forward   run every forward op once, in graph order; each storage the backward reads

@@ -2,7 +2,9 @@
 
 Beaumont, Eyraud-Dubois, Herrmann, Joly, Shilova, "Optimal checkpointing for heterogeneous
 chains: how to train deep neural networks with limited memory" (2019): a Revolve-like
-schedule where a stage's forward may run several times during the backward.
+schedule where a stage's forward may run several times during the backward. Revolve
+(Griewank & Walther, "Algorithm 799: revolve", ACM TOMS 2000) is the optimum for chains of
+identical stages; Rotor's DP is the optimum for stages of different costs and sizes.
 
 Stages are the segments of `segments.segment_chain`. Stage k has forward time ``uf[k]``,
 backward time ``ub[k]``, input bytes ``x[k]`` (the storages produced by stage k - 1 that stage
@@ -99,7 +101,7 @@ from typing import Iterable, Sequence
 from solvers.baselines import plan_from_decisions
 from solvers.brute_force import delay_frees
 from solvers.checkpoint_baselines import checkpoint_decisions
-from solvers.errors import InfeasibleBudgetError, UnsupportedGraphError
+from solvers.errors import InfeasibleBudgetError, OptionError
 from solvers.graph import Graph, Phase
 from solvers.plan import Decision, Plan, Step, StepKind, offload, prefetch, run
 from solvers.registry import register
@@ -160,10 +162,11 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
 
     Raises:
         InfeasibleBudgetError: neither the DP's plans nor ``every_block`` fit.
-        UnsupportedGraphError: ``resolution < 1``.
+        OptionError: ``resolution < 1``.
     """
     if resolution < 1:
-        raise UnsupportedGraphError(f"resolution must be at least 1, got {resolution}")
+        raise OptionError(f"chain: resolution must be at least 1 (memory slots per budget), got {resolution}; "
+                          "pass resolution >= 1 (default 200)")
     keep_all = plan_from_decisions(graph, {root: Decision.KEEP for root in saved_roots(graph)}, SOLVER,
                                    budget_bytes, optimal=True)
     lowest_peak = simulate(graph, keep_all, check_hash=False).peak_bytes

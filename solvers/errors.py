@@ -32,7 +32,7 @@ class InfeasibleBudgetError(MemschedError):
 
 
 class UnsupportedGraphError(MemschedError):
-    """The graph has a structure a solver cannot handle."""
+    """The graph has a structure a solver cannot handle (a bad argument is an `OptionError`)."""
 
 
 class SolverUnavailableError(MemschedError):
@@ -48,7 +48,8 @@ class InvalidPlanError(MemschedError):
 
 
 class PlanFormatError(MemschedError):
-    """A plan or graph file is not valid memsched JSON (corrupt, truncated, other version)."""
+    """A plan or graph file that cannot be read as memsched JSON (missing, corrupt, truncated,
+    another version)."""
 
 
 class OptionError(MemschedError, ValueError):
@@ -56,8 +57,9 @@ class OptionError(MemschedError, ValueError):
 
 
 class UnsupportedUseError(MemschedError, RuntimeError):
-    """A use of an optimized module that memsched does not support (``retain_graph=True``,
-    a pipeline outside ``torchrun``); the message says what to do instead."""
+    """A use of memsched that it does not support (``retain_graph=True`` on an optimized
+    module, a pipeline outside ``torchrun``, a memory tracker entered twice); the message
+    says what to do instead."""
 
 
 def format_bytes(size_bytes: float) -> str:

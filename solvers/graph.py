@@ -6,7 +6,8 @@ tests build it by hand or at random.
 
 Memory is modelled at the level of *storages*, not values: a view or alias has
 ``size_bytes == 0`` and ``alias_of`` names the root value that owns the storage. A storage
-is alive while any value that aliases it is alive (DESIGN.md, "Measurement").
+is alive while any value that aliases it is alive (docs/design.md, "Memory is counted by
+storage").
 """
 
 from __future__ import annotations
@@ -147,12 +148,15 @@ def write_json_file(path: str, data: Any, *, sort_keys: bool = False) -> None:
 
 
 def read_json_file(path: str) -> Any:
-    """The JSON in ``path``; `PlanFormatError` naming the file when it is not JSON."""
+    """The JSON in ``path``; `PlanFormatError` naming the file when it cannot be read or is not JSON."""
     try:
         with open(path, encoding="utf-8") as file:
             return json.load(file)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PlanFormatError(f"{path}: not valid JSON ({error}); was the file truncated?") from error
+    except OSError as error:
+        raise PlanFormatError(f"{path}: cannot read it ({error.strerror}); pass the path of a file written by "
+                              "Plan.save() or Graph.save()") from error
 
 
 # Named transfer profiles for planning away from the device (``optimize(..., target=...)``):

@@ -1,10 +1,11 @@
 """``hierarchical``: per-segment recompute options joined by a dynamic program over the chain.
 
-After Rockmate / HiRemate (Zhao, Le Hellard, Eyraud-Dubois, Gusak, Beaumont, ICML 2023;
-Beaumont et al., 2024): the step is cut into a chain of segments (`segments.segment_chain`:
+After Rockmate (Zhao, Le Hellard, Eyraud-Dubois, Gusak, Beaumont, ICML 2023) and HiRemate
+(Gusak et al., ICML 2025): the step is cut into a chain of segments (`segments.segment_chain`:
 transformer blocks, residual stages, U-Net levels), each segment gets a few *options*, and a
-chain DP in the spirit of Rotor (Beaumont, Eyraud-Dubois, Herrmann, Joly, Shilova, NeurIPS
-2021 for the offload extension) picks one option per segment.
+chain DP in the spirit of Rotor (Beaumont, Eyraud-Dubois, Herrmann, Joly, Shilova, 2019;
+`solvers.chain`) picks one option per segment. MONeT (Shah et al., ICLR 2021) also pairs
+local choices with a global checkpointing schedule, in one ILP where here a DP joins them.
 
 Options. The decisions an option makes are about the segment's own storages: the saved
 roots its forward ops allocate, except the ones a later segment's forward reads (the
@@ -69,7 +70,7 @@ from solvers.baselines import (droppable_roots, plan_from_decisions, recompute_t
                                solve_greedy)
 from solvers.chain import solve_chain
 from solvers.checkpoint_baselines import checkpoint_decisions
-from solvers.errors import InfeasibleBudgetError, UnsupportedGraphError
+from solvers.errors import InfeasibleBudgetError, OptionError
 from solvers.graph import Graph, Phase, ValueKind
 from solvers.offload_refine import offload_with_recompute, plan_with_offload, refine_with_offload
 from solvers.plan import Decision, Plan, StepKind
@@ -105,13 +106,14 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
 
     Raises:
         InfeasibleBudgetError: neither the DP's plans nor ``greedy`` fit the budget.
-        UnsupportedGraphError: ``options_per_segment < 2`` or ``resolution < 1``.
+        OptionError: ``options_per_segment < 2`` or ``resolution < 1``.
     """
     if options_per_segment < 2:
-        raise UnsupportedGraphError(f"options_per_segment must be at least 2 (keep all, checkpoint), "
-                                    f"got {options_per_segment}")
+        raise OptionError(f"hierarchical: options_per_segment must be at least 2 (keep all, checkpoint), "
+                          f"got {options_per_segment}; pass options_per_segment >= 2 (default 8)")
     if resolution < 1:
-        raise UnsupportedGraphError(f"resolution must be at least 1, got {resolution}")
+        raise OptionError(f"hierarchical: resolution must be at least 1 (memory slots per budget), got {resolution}; "
+                          "pass resolution >= 1 (default 2000)")
     keep_all = {root: Decision.KEEP for root in saved_roots(graph)}
     checker = _Checker(graph, budget_bytes)
     if checker.fits(keep_all):

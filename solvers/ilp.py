@@ -72,6 +72,7 @@ MILP ends without an incumbent or with a slower one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -83,6 +84,7 @@ from solvers.brute_force import (OffloadSpace, PlanSpace, assemble_plan, forward
 from solvers.errors import InfeasibleBudgetError, SolverUnavailableError, UnsupportedGraphError
 from solvers.graph import Graph, Phase
 from solvers.plan import Decision, Plan, StepKind
+from solvers.quiet import native_output_silenced
 from solvers.registry import least_feasible_lower_bound, register
 from solvers.simulate import simulate
 
@@ -533,10 +535,22 @@ def _stale_solution(highs: Any) -> bool:
     return abs(value - reported) > 1e-6 * max(1.0, abs(reported))
 
 
+@functools.cache
+def _silence_highs_banner() -> None:
+    """HiGHS writes its banner ("Running HiGHS ... Copyright ... licence terms") from C++ straight
+    to stdout when the process makes its first ``Highs``, before pulp can turn ``output_flag``
+    off, and never again: make that first one here with stdout silenced, once per process."""
+    import highspy
+
+    with native_output_silenced(1):
+        highspy.Highs()
+
+
 def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, float] | None = None) -> Any:
     import pulp
 
     if name in ("auto", "highs") and pulp.HiGHS().available():
+        _silence_highs_banner()
         solver = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=rel_gap, threads=1)
         if start:
             run_highs = solver.callSolver

@@ -7,12 +7,13 @@ solver's own model), and whose peak fits the budget; otherwise it raises
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import replace
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 
-from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
+from solvers.errors import InfeasibleBudgetError, OptionError, SolverUnavailableError
 from solvers.graph import Graph, Phase, ValueKind
 from solvers.plan import Plan
 from solvers.simulate import simulate
@@ -30,7 +31,8 @@ _SOLVERS: dict[str, Solver] = {}
 def register(name: str) -> Callable[[Solver], Solver]:
     def add(solver: Solver) -> Solver:
         if name in _SOLVERS:
-            raise ValueError(f"solver {name!r} is registered twice")
+            raise OptionError(f"register: a solver named {name!r} is registered already; register yours under "
+                              f"another name (taken: {', '.join(available_solvers())})")
         _SOLVERS[name] = solver
         return solver
     return add
@@ -119,14 +121,36 @@ def _refine_with_ilp(graph: Graph, budget_bytes: int, best: tuple[float, Plan], 
     return (result.time_ms, plan) if result.time_ms < best[0] else best
 
 
+def _check_options(solver: str, options: Mapping[str, object]) -> None:
+    """`OptionError` unless the named solver takes every option (``auto``: every candidate)."""
+    candidates = [name for name in AUTO_CANDIDATES if name in _SOLVERS] if solver == "auto" else [solver]
+    for name in candidates:
+        parameters = list(inspect.signature(_SOLVERS[name]).parameters.values())[2:]
+        if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters):
+            continue
+        unknown = sorted(set(options) - {parameter.name for parameter in parameters})
+        if not unknown:
+            continue
+        takes = ", ".join(parameter.name for parameter in parameters) or "no options"
+        where = (f"solver='auto' hands its options to every candidate ({', '.join(candidates)}), and {name!r}"
+                 if solver == "auto" else f"solver {name!r}")
+        raise OptionError(f"{where} takes no option {', '.join(map(repr, unknown))} (it takes {takes}); "
+                          "name a solver that takes it, or drop it from the options (solver_options= in optimize)")
+
+
 def solve(graph: Graph, budget_bytes: int, solver: str = "auto", **options: object) -> Plan:
     """Plan ``graph`` under ``budget_bytes`` with the named solver; predictions filled in
-    by `simulate`. Raises `InfeasibleBudgetError` (budget too small) or
-    `SolverUnavailableError` (unknown name)."""
+    by `simulate`. Raises `InfeasibleBudgetError` (budget too small),
+    `SolverUnavailableError` (unknown name) or `OptionError` (an option the solver does not take)."""
     if solver != "auto" and solver not in _SOLVERS:
         raise SolverUnavailableError(f"no solver named {solver!r}; choose auto or one of "
                                      f"{', '.join(available_solvers())}")
-    budget_bytes = int(budget_bytes)
+    _check_options(solver, options)
+    try:
+        budget_bytes = int(budget_bytes)
+    except (TypeError, ValueError):
+        raise OptionError(f"solve: budget_bytes={budget_bytes!r} is not a number of bytes; pass an int, or read "
+                          "a size such as '6GiB' with planner.parse_budget") from None
     floor = least_feasible_lower_bound(graph)
     if budget_bytes < floor.total:
         raise InfeasibleBudgetError(budget_bytes, floor.total, floor.breakdown, solver="lower bound, any solver")

@@ -1,6 +1,7 @@
 """Cut the forward of a step into a chain of segments: transformer blocks, ResNet blocks,
-U-Net levels. The unit of `every_block` and `sqrt_n` checkpointing and of the
-hierarchical solver.
+U-Net levels. The unit of `every_block` and `sqrt_n` checkpointing (Chen et al., "Training
+Deep Nets with Sublinear Memory Cost", 2016, checkpoint segment boundaries) and the stages
+of the chain DPs (`chain`, after Rotor, Beaumont et al. 2019; `hierarchical`; `pipeline`).
 
 A *cut* at position ``p`` lies between forward ops ``p - 1`` and ``p`` (graph order). The
 storages *crossing* it are the activation storages (alias roots) produced before it and
@@ -43,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from solvers.errors import UnsupportedGraphError
+from solvers.errors import OptionError, UnsupportedGraphError
 from solvers.graph import Graph, Op, ValueKind
 
 DEFAULT_MIN_SEGMENT_OPS = 2
@@ -91,13 +92,14 @@ def segment_chain(graph: Graph, *, min_segment_bytes: int | None = None,
     ``min_segment_bytes`` defaults to 1/8 of the largest candidate segment's activation
     bytes; ``max_segments`` (None: no cap) bounds the count. Deterministic.
     O(ops + edges + S * ops) for S candidate cuts. Raises `UnsupportedGraphError` for a graph
-    without forward ops or for ``max_segments < 1``.
+    without forward ops, `OptionError` for ``max_segments < 1``.
     """
     forward = graph.forward_ops
     if not forward:
         raise UnsupportedGraphError(f"graph {graph.name!r} has no forward ops to segment")
     if max_segments is not None and max_segments < 1:
-        raise UnsupportedGraphError(f"max_segments must be at least 1, got {max_segments}")
+        raise OptionError(f"segment_chain: max_segments must be at least 1, got {max_segments}; "
+                          "pass max_segments >= 1, or None for no cap")
     if every_op:
         return _build_segments(graph, list(range(len(forward))))
     cut_bytes = crossing_bytes(graph)

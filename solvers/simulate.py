@@ -5,7 +5,7 @@ role): it raises `InvalidPlanError` on a use before definition, a free of a dead
 prefetch with no host copy, or a missing output, and otherwise reports what the runtime
 will see.
 
-Memory model (storages, DESIGN.md "Budget semantics"):
+Memory model (storages; docs/design.md, "Memory is counted by storage"):
   * a storage is counted while any value aliasing it is alive on the device; each run of
     an op allocates new storages (a recomputed value is a second copy while a view of the
     first is still alive), a view shares the storage of the input it views;

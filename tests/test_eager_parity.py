@@ -1,4 +1,4 @@
-"""memsched adds no memory of its own (DESIGN.md invariant 6), measured with the allocator's
+"""memsched adds no memory of its own (docs/design.md, invariant 6), measured with the allocator's
 own events (`planner.memory.measure_allocator_peak`), on small shapes that reproduce each
 excess found on real-size models:
 

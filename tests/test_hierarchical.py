@@ -14,8 +14,8 @@ from hypothesis import given, strategies as st
 
 from planner.budget import resolve_budget
 from runtime.module import ScheduledModule
-from solvers import (Decision, Graph, InfeasibleBudgetError, Op, Phase, UnsupportedGraphError, Value, ValueKind,
-                     simulate, solve)
+from solvers import (Decision, Graph, InfeasibleBudgetError, Op, OptionError, Phase, Value, ValueKind, simulate,
+                     solve)
 from solvers import hierarchical
 from solvers.hierarchical import (OptionCost, _Checker, _restore, choose_levels, segment_options,
                                   solve_hierarchical)
@@ -155,7 +155,7 @@ def test_identical_blocks_share_options(traced) -> None:
 
 def test_invalid_arguments_and_infeasible_budget(traced) -> None:
     _, _, _, _, graph = traced
-    with pytest.raises(UnsupportedGraphError, match="options_per_segment must be at least 2"):
+    with pytest.raises(OptionError, match="options_per_segment must be at least 2"):
         solve_hierarchical(graph, 10**12, options_per_segment=1)
     with pytest.raises(InfeasibleBudgetError, match="least feasible"):
         solve_hierarchical(graph, 1)
