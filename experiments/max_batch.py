@@ -1,0 +1,171 @@
+"""How many tokens per step fit on one GPU? Planned without the GPU (`planner.estimate`).
+
+For each architecture (`planner.presets`) on ``--target`` (default H100 SXM 80 GB), with
+AdamW's state and bf16 autocast, the largest batch (at the preset's sequence length) whose
+step fits the target's memory less `planner.estimate.DEVICE_RESERVE_BYTES`, under:
+
+* ``plain``: keep every activation (eager autograd);
+* ``every_block``: checkpoint every block (what HF's ``gradient_checkpointing_enable()`` does);
+* ``memsched <= every_block``: recompute only, predicted overhead at most every_block's;
+* ``memsched <= 10 %``: recompute only, predicted overhead at most +10 %;
+* ``memsched any``: recompute only, any overhead;
+* ``memsched + offload``: recompute and offload over the target's host link, any overhead.
+
+Each batch size is traced and walked once (fake tensors, roofline times) and every method
+solves on that graph; the search doubles the batch, then bisects. Overheads are predicted
+by the roofline time model, relative to keeping everything at the same batch.
+
+    python experiments/max_batch.py [--presets gpt2-xl llama-3.2-3b] [--target h100-sxm]
+        [--seq-len N] [--limit 1024]
+
+Writes experiments/results/max_batch.json and max_batch.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+from common import RESULTS, git_revision, write_results
+from planner.estimate import (OPTIMIZER_STATE_VALUE, estimated_graph, optimizer_state_bytes, usable_bytes,
+                              with_resident_bytes)
+from planner.presets import preset
+from solvers.errors import InfeasibleBudgetError
+from solvers.graph import Graph
+from solvers.plan import StepKind
+from solvers.registry import solve
+from solvers.simulate import simulate
+from solvers.targets import device_target
+
+log = logging.getLogger("max_batch")
+
+METHODS = ("plain", "every_block", "memsched <= every_block", "memsched <= 10 %", "memsched any",
+           "memsched + offload")
+
+
+def _nominal(graph: Graph) -> Graph:
+    """``graph`` with a nominal link: no solver offloads (recompute only)."""
+    return dataclasses.replace(graph, transfer=dataclasses.replace(graph.transfer, source="nominal"))
+
+
+class Probe:
+    """One batch size: its graph, then each method's verdict (fits, overhead, peak)."""
+
+    def __init__(self, name: str, batch_size: int, seq_len: int, target_name: str) -> None:
+        started = time.perf_counter()
+        model, inputs, kwargs = preset(name).build(batch_size, seq_len)
+        _, graph = estimated_graph(model, inputs, target=target_name, example_kwargs=kwargs, autocast="bf16",
+                                   release_outputs=True, progress=False)
+        self.graph = with_resident_bytes(graph, OPTIMIZER_STATE_VALUE, optimizer_state_bytes(model, "adamw"))
+        self.usable_bytes = usable_bytes(device_target(target_name))
+        self.trace_s = time.perf_counter() - started
+        self.verdicts: dict[str, dict[str, Any]] = {}
+
+    def verdict(self, method: str, every_block_overhead: float | None) -> dict[str, Any]:
+        key = f"{method}@{every_block_overhead}"
+        if key not in self.verdicts:
+            self.verdicts[key] = self._solve(method, every_block_overhead)
+        return self.verdicts[key]
+
+    def _solve(self, method: str, every_block_overhead: float | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        graph = self.graph if method == "memsched + offload" else _nominal(self.graph)
+        solver = {"plain": "none", "every_block": "every_block"}.get(method, "auto")
+        try:
+            plan = solve(graph, self.usable_bytes, solver)
+        except InfeasibleBudgetError as error:
+            return {"fits": False, "why": str(error).splitlines()[0], "solve_s": time.perf_counter() - started}
+        limit = {"memsched <= 10 %": 0.10, "memsched <= every_block": every_block_overhead}.get(method)
+        fits = simulate(graph, plan).peak_bytes <= self.usable_bytes and (limit is None or plan.overhead <= limit + 1e-9)
+        return {"fits": fits, "overhead": plan.overhead, "peak_bytes": plan.predicted_peak_bytes,
+                "solver": plan.solver, "offloads": sum(step.kind is StepKind.OFFLOAD for step in plan.forward),
+                "solve_s": time.perf_counter() - started}
+
+
+def largest(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest batch in [0, limit] that fits: doubling from 1, then bisection."""
+    low, high = 0, 1
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    seq_len = args.seq_len or preset(name).default_seq_len
+    probes: dict[int, Probe] = {}
+
+    def probe(batch_size: int) -> Probe:
+        if batch_size not in probes:
+            probes[batch_size] = Probe(name, batch_size, seq_len, args.target)
+            log.info("%s batch %d: %d ops, traced in %.0f s", name, batch_size, len(probes[batch_size].graph.ops),
+                     probes[batch_size].trace_s)
+        return probes[batch_size]
+
+    results: dict[str, Any] = {}
+    every_block_overhead = None
+    for method in METHODS:
+        started = time.perf_counter()
+        batch = largest(lambda b: probe(b).verdict(method, every_block_overhead)["fits"], args.limit)
+        verdict = probe(batch).verdict(method, every_block_overhead) if batch else None
+        if method == "every_block" and verdict:
+            every_block_overhead = verdict["overhead"]
+        results[method] = {"batch_size": batch, "tokens_per_step": batch * seq_len,
+                           "overhead": verdict["overhead"] if verdict else None,
+                           "peak_bytes": verdict["peak_bytes"] if verdict else None,
+                           "offloads": verdict["offloads"] if verdict else None,
+                           "search_s": time.perf_counter() - started}
+        log.info("%s %s: batch %d (%d tokens), overhead %s", name, method, batch, batch * seq_len,
+                 f"{verdict['overhead']:+.1%}" if verdict else "-")
+    reference = results["every_block"]["tokens_per_step"] or 1
+    for method in METHODS:
+        results[method]["vs_every_block"] = results[method]["tokens_per_step"] / reference
+    return {"preset": name, "seq_len": seq_len, "methods": results,
+            "probes": {b: {"ops": len(p.graph.ops), "trace_s": p.trace_s, **{k: v for k, v in p.verdicts.items()}}
+                       for b, p in sorted(probes.items())}}
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, len(results["presets"]), figsize=(6 * len(results["presets"]), 4), squeeze=False)
+    for axis, entry in zip(axes[0], results["presets"]):
+        tokens = [entry["methods"][m]["tokens_per_step"] for m in METHODS]
+        axis.barh(list(METHODS), tokens)
+        axis.set_title(f"{entry['preset']} (seq {entry['seq_len']}) on {results['target']}")
+        axis.set_xlabel("tokens per step that fit")
+        axis.invert_yaxis()
+    figure.tight_layout()
+    figure.savefig(RESULTS / "max_batch.png", dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["gpt2-xl", "llama-3.2-3b"])
+    parser.add_argument("--target", default="h100-sxm")
+    parser.add_argument("--seq-len", type=int, default=None, help="default: each preset's")
+    parser.add_argument("--limit", type=int, default=1024, help="largest batch tried")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    results = {"experiment": "max_batch", "git": git_revision(), "target": args.target,
+               "target_figures": device_target(args.target).to_json(), "optimizer": "adamw", "autocast": "bf16",
+               "command": " ".join(["python", "experiments/max_batch.py",
+                                    *(argv if argv is not None else sys.argv[1:])]),
+               "presets": [run_preset(name, args) for name in args.presets]}
+    write_results("max_batch", results, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
