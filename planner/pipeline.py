@@ -12,13 +12,14 @@ with the same model and the whole batch:
    saved plan (``plan=``) is checked the same way on every rank.
 3. Each rank cuts its slice out of the captured forward (`runtime.pipeline`), traces and
    profiles that slice as a model of its own and plans it with the single-device solvers
-   at the largest per-micro-batch budget for which the whole stage fits its device:
+   at the largest per-micro-batch budget for which the whole stage fits its device. The
+   whole stage is priced by the solver's one stage cost model
+   (`solvers.pipeline_cost.StageSpec.cost`), with the stage plan's peak as its working
+   term::
 
-       plan peak + M * (received + sent bytes)  (the receive buffers torch preallocates)
-                 + (in flight - 1) * (saved bytes of the plan + the stage's outputs)
-                 + gradient bytes of the stage's parameters if M > 1  (the accumulated .grad)
-                 + (M - 1) * received bytes  (input gradients waiting in pending sends)
-                 <= the device's budget
+       plan peak + receive buffers and pending gradient sends + (in flight - 1) * (saved
+       bytes of the plan + the stage's outputs) + the accumulated .grad if M > 1
+       <= the device's budget
 
    (in flight: M for GPipe, min(M, K - s) for 1F1B). The budget is bisected because the
    saved bytes depend on the plan.
@@ -48,13 +49,12 @@ from planner.capture import CapturedStep, capture
 from planner.memory import MemoryReport, StepMemoryTracker
 from planner.profile import profile
 from runtime.module import ScheduledModule
-from runtime.pipeline import (SCHEDULES, PipelineRunner, PipelineStageModule, StageForward, StageSlice,
-                              example_stage_inputs, preserved_buffers, shared_parameters,
-                              slice_stages)
+from runtime.pipeline import (PipelineRunner, PipelineStageModule, StageForward, StageSlice, example_stage_inputs,
+                              preserved_buffers, shared_parameters, slice_stages)
 from solvers.errors import (InfeasibleBudgetError, InvalidPlanError, MemschedError, PlanFormatError,
                             PlanMismatchError, UnsupportedGraphError)
 from solvers.graph import Graph
-from solvers.pipeline import PipelinePlan, solve_pipeline
+from solvers.pipeline import PipelinePlan, StagePlace, StageSpec, check_schedule, solve_pipeline
 from solvers.plan import Plan
 from solvers.registry import least_feasible_lower_bound, solve
 from solvers.simulate import simulate
@@ -222,8 +222,7 @@ def optimize_pipeline(model: torch.nn.Module, budget: Any, example_inputs: Seque
                       solver_options: dict[str, Any] | None = None) -> PipelinedModel:
     """See `planner.api.optimize` (``stages=``) and the module docstring."""
     schedule = schedule.lower()
-    if schedule not in SCHEDULES:
-        raise OptionError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    check_schedule(schedule)
     if stages < 1 or microbatches < 1:
         raise OptionError(f"stages and microbatches must be at least 1, got {stages} and {microbatches}")
     if schedule == "1f1b" and microbatches < stages:
@@ -314,13 +313,13 @@ def _plan_stage(forward: StageForward, stage: StageSlice, received: tuple[torch.
                 rank: int, stages: int, microbatches: int, schedule: str, solver: str, repeats: int,
                 solver_options: dict[str, Any] | None) -> tuple[StageInfo, torch.nn.Module]:
     """Trace, profile and plan the stage's forward at the largest per-micro-batch budget
-    for which the whole stage fits (module docstring, step 3). O(log(budget)) solves."""
-    from solvers.pipeline import in_flight_microbatches
-
+    for which the whole stage fits (module docstring, step 3), the whole stage priced by
+    the solver's stage cost model (`solvers.pipeline_cost.StageSpec.cost`). O(log(budget))
+    solves."""
     used = tuple(received[stage.received.index(name)] for name in forward.used_inputs)
     step = capture(forward, used)
     graph = profile(step, forward, used, repeats=repeats, progress=False)
-    in_flight = in_flight_microbatches(rank, stages, microbatches, schedule)
+    place = StagePlace.of(rank, stages, microbatches, schedule)
     received_bytes = _nbytes(received) if rank > 0 else 0
     output_bytes = sum(graph.value(graph.value(v).root).size_bytes for v in set(graph.forward_outputs))
     # values passed through (a U-Net skip) are sent too, and their gradients come back into
@@ -328,17 +327,19 @@ def _plan_stage(forward: StageForward, stage: StageSlice, received: tuple[torch.
     passed_bytes = _nbytes([received[stage.received.index(name)] for name in stage.sent
                             if name not in stage.computed])
     sent_bytes = output_bytes + passed_bytes if rank < stages - 1 else 0
-    buffers = microbatches * (received_bytes + sent_bytes)
-    # With several micro-batches, the gradients accumulated in .grad stay while the next
-    # micro-batch's backward makes its own (the stage plan counts only those).
-    accumulated = sum(p.numel() * p.element_size() for p in forward.parameters() if p.requires_grad)
-    buffers += accumulated if microbatches > 1 else 0
-    # The gradients of earlier micro-batches' received values wait in pending sends.
-    buffers += (microbatches - 1) * received_bytes
+    # The stage plan's peak is the working term: it counts the parameters, their gradients,
+    # the buffers and the running micro-batch's input, so none of them is added again; with
+    # several micro-batches the gradients accumulated in .grad stay beside those it makes.
+    spec = StageSpec(microbatches=microbatches, place=place, resident_bytes=0,
+                     gradient_bytes=sum(p.numel() * p.element_size() for p in forward.parameters() if p.requires_grad),
+                     model_input_bytes=0, input_bytes=received_bytes, output_bytes=sent_bytes,
+                     kept_output_bytes=output_bytes, input_in_working=True)
+    fixed = spec.cost(saved_bytes=0, working_bytes=0)
+    buffers = fixed.static_bytes + fixed.receive_bytes
 
     def whole(plan: Plan) -> tuple[int, int]:
         saved = simulate(graph, plan).saved_bytes
-        return plan.predicted_peak_bytes + buffers + (in_flight - 1) * (saved + output_bytes), saved
+        return spec.cost(saved, plan.predicted_peak_bytes).peak_bytes, saved
 
     floor = least_feasible_lower_bound(graph).total
     high = budget_bytes - buffers
@@ -373,6 +374,6 @@ def _plan_stage(forward: StageForward, stage: StageSlice, received: tuple[torch.
     plan, microbatch_budget, total, saved = best
     executor = ScheduledModule(forward, step, graph, plan)
     info = StageInfo(index=rank, budget_bytes=budget_bytes, microbatch_budget_bytes=microbatch_budget,
-                     in_flight=in_flight, received_bytes=received_bytes, sent_bytes=sent_bytes, saved_bytes=saved,
+                     in_flight=place.in_flight, received_bytes=received_bytes, sent_bytes=sent_bytes, saved_bytes=saved,
                      predicted_peak_bytes=total, plan=plan, graph=graph)
     return info, executor

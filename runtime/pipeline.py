@@ -39,9 +39,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from runtime.step import CapturedStep, Role
-from solvers.errors import OptionError, PlanMismatchError
-
-SCHEDULES = ("gpipe", "1f1b")
+from solvers.errors import PlanMismatchError
+from solvers.pipeline_cost import check_schedule
 
 
 @dataclass(frozen=True)
@@ -280,8 +279,7 @@ class PipelineRunner:
                  shared_params: Sequence[torch.nn.Parameter] = (), group: Any = None) -> None:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-        if schedule not in SCHEDULES:
-            raise OptionError(f"unknown pipeline schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        check_schedule(schedule)
         self.stage_index = stage_index
         self.num_stages = num_stages
         self.microbatches = microbatches

@@ -70,6 +70,31 @@ def prefetch(value: str) -> Step:
     return Step(StepKind.PREFETCH, value)
 
 
+def embedded_graph(data: Any, plan_format: str, kind: str) -> Graph | None:
+    """The graph a plan file's JSON embeds (None when it embeds none), after checking that
+    the JSON is a ``plan_format`` plan (``kind``: "plan", "pipeline plan", for messages).
+
+    Raises:
+        PlanFormatError: another format, or an embedded graph that is not the one the plan names.
+    """
+    if not isinstance(data, Mapping) or data.get("format") != plan_format:
+        found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
+        raise PlanFormatError(f"not a memsched {kind}: format {found!r}, expected {plan_format!r}")
+    graph = Graph.from_json(data["graph"]) if "graph" in data else None
+    if graph is not None and graph.hash != data.get("graph_hash"):
+        raise PlanFormatError(f"{kind} file embeds graph {graph.hash} but names graph {data.get('graph_hash')}")
+    return graph
+
+
+def check_plan_graph(kind: str, plan_graph_hash: str, graph: Graph, replan: str) -> None:
+    """Raise `PlanMismatchError` unless a plan (``kind``: "plan", "pipeline plan") made for
+    graph ``plan_graph_hash`` meets that graph; the message says to re-plan with ``replan``."""
+    if graph.hash != plan_graph_hash:
+        raise PlanMismatchError(
+            f"{kind} was made for graph {plan_graph_hash} but this model traces to graph {graph.hash}; "
+            f"the model, its input shapes or dtypes changed since the plan was saved. Re-plan with {replan}")
+
+
 @dataclass(frozen=True)
 class Plan:
     """An executable schedule for one `Graph`, with what was decided and predicted."""
@@ -102,11 +127,7 @@ class Plan:
 
     def check_graph(self, graph: Graph) -> None:
         """Raise `PlanMismatchError` unless this plan was made for ``graph``."""
-        if graph.hash != self.graph_hash:
-            raise PlanMismatchError(
-                f"plan was made for graph {self.graph_hash} but this model traces to graph {graph.hash}; "
-                "the model, its input shapes or dtypes changed since the plan was saved. "
-                "Re-plan with optimize(model, budget, example_inputs) without plan=")
+        check_plan_graph("plan", self.graph_hash, graph, "optimize(model, budget, example_inputs) without plan=")
 
     # -- JSON ----------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -123,12 +144,7 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Plan":
-        if not isinstance(data, Mapping) or data.get("format") != PLAN_FORMAT:
-            found = data.get("format") if isinstance(data, Mapping) else type(data).__name__
-            raise PlanFormatError(f"not a memsched plan: format {found!r}, expected {PLAN_FORMAT!r}")
-        graph = Graph.from_json(data["graph"]) if "graph" in data else None
-        if graph is not None and graph.hash != data.get("graph_hash"):
-            raise PlanFormatError(f"plan file embeds graph {graph.hash} but names graph {data.get('graph_hash')}")
+        graph = embedded_graph(data, PLAN_FORMAT, "plan")
         try:
             return cls(graph=graph, graph_hash=str(data["graph_hash"]), solver=str(data["solver"]),
                        budget_bytes=int(data["budget_bytes"]),
