@@ -244,7 +244,7 @@ def optimize_pipeline(model: torch.nn.Module, budget: Any, example_inputs: Seque
                          f"(torchrun --nproc-per-node {stages})")
     rank = dist.get_rank(group)
     started = time.perf_counter()
-    # Each phase below that can fail on some ranks only ends in `_agree`, a collective every
+    # Each phase below that can fail on some ranks only ends in `_agreed`, a collective every
     # rank reaches: a failure on one rank is raised on all of them, none waits forever.
     with _agreed("tracing the model", rank, group):
         step = capture(model, microbatch)
