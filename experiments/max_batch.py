@@ -28,11 +28,11 @@ import dataclasses
 import logging
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 from common import RESULTS, git_revision, write_results
-from planner.estimate import (OPTIMIZER_STATE_VALUE, estimated_graph, optimizer_state_bytes, usable_bytes,
-                              with_resident_bytes)
+from planner.estimate import (OPTIMIZER_STATE_VALUE, estimated_graph, largest_fitting, optimizer_state_bytes,
+                              usable_bytes, with_resident_bytes)
 from planner.presets import preset
 from solvers.errors import InfeasibleBudgetError
 from solvers.graph import Graph
@@ -86,21 +86,6 @@ class Probe:
                 "solve_s": time.perf_counter() - started}
 
 
-def largest(fits: Callable[[int], bool], limit: int) -> int:
-    """The largest batch in [0, limit] that fits: doubling from 1, then bisection."""
-    low, high = 0, 1
-    while high <= limit and fits(high):
-        low, high = high, high * 2
-    high = min(high, limit + 1)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle
-    return low
-
-
 def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     seq_len = args.seq_len or preset(name).default_seq_len
     probes: dict[int, Probe] = {}
@@ -116,7 +101,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     every_block_overhead = None
     for method in METHODS:
         started = time.perf_counter()
-        batch = largest(lambda b: probe(b).verdict(method, every_block_overhead)["fits"], args.limit)
+        batch = largest_fitting(lambda b: probe(b).verdict(method, every_block_overhead)["fits"], args.limit)
         verdict = probe(batch).verdict(method, every_block_overhead) if batch else None
         if method == "every_block" and verdict:
             every_block_overhead = verdict["overhead"]

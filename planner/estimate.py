@@ -319,6 +319,13 @@ def largest_batch(build: Callable[[int], tuple[torch.nn.Module, tuple, dict]], *
             found[batch_size] = result
         return ok
 
+    batch_size = largest_fitting(fits, limit)
+    return BatchSearch(batch_size=batch_size, estimate=found.get(batch_size), probes=tuple(probes))
+
+
+def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+    """The largest size in [0, ``limit``] for which ``fits`` holds, assuming it holds up to
+    some size and not above: doubling from 1, then bisection, O(log limit) calls."""
     low, high = 0, 1                               # low fits (0 trivially), high is the next to try
     while high <= limit and fits(high):
         low, high = high, high * 2
@@ -329,4 +336,4 @@ def largest_batch(build: Callable[[int], tuple[torch.nn.Module, tuple, dict]], *
             low = middle
         else:
             high = middle
-    return BatchSearch(batch_size=low, estimate=found.get(low), probes=tuple(probes))
+    return low

@@ -58,11 +58,9 @@ def bytes_moved(args: tuple, kwargs: dict, result: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def is_view(target: Any, args: tuple, result: Any) -> bool:
+def is_view(target: Any) -> bool:
     """The op returns views of its inputs and launches no kernel."""
-    if isinstance(target, torch._ops.OpOverload):
-        return target.is_view
-    return False
+    return isinstance(target, torch._ops.OpOverload) and target.is_view
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -71,7 +69,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def op_time_ms(target: Any, args: tuple, kwargs: dict, result: Any, device: DeviceTarget) -> float:
     """The roofline time of one call on ``device`` (module docstring)."""
-    if is_view(target, args, result):
+    if is_view(target):
         return 0.0
     flops = op_flops(target, args, kwargs, result)
     compute_ms = 0.0
