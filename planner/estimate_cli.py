@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", action="store_true", help="also find the largest batch that fits")
     parser.add_argument("--max-overhead", type=float, default=None,
                         help="with --max-batch: the largest predicted overhead allowed (0.1 = +10 %%)")
+    parser.add_argument("--batch-limit", type=int, default=4096, help="with --max-batch: the largest batch tried")
     parser.add_argument("--save-plan", default=None, help="write the plan (with its graph) for plan-inspect")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress display on stderr")
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             output.update({"fits": False, "why": str(error)})
         if args.max_batch:
             search = largest_batch(functools.partial(build, seq_len=seq_len), budget=budget,
-                                   max_overhead=args.max_overhead, **options)
+                                   max_overhead=args.max_overhead, limit=args.batch_limit, **options)
             output["largest_batch"] = {"batch_size": search.batch_size, "tokens_per_step": search.batch_size * seq_len,
                                        "max_overhead": args.max_overhead,
                                        "overhead": search.estimate.plan.overhead if search.estimate else None,

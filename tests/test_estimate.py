@@ -165,7 +165,7 @@ def test_presets_have_their_published_parameter_counts() -> None:
 def test_the_cli_reports_saves_a_plan_and_finds_the_largest_batch(tmp_path, capsys) -> None:
     plan_path = tmp_path / "plan.json"
     code = estimate_main(["estimate_builders:tiny_gpt", "--seq", "32", "--batch", "2", "--target", "h100-sxm",
-                          "--budget", "3MiB", "--max-batch", "--save-plan", str(plan_path), "--json", "--no-progress"])
+                          "--budget", "3MiB", "--max-batch", "--batch-limit", "12", "--save-plan", str(plan_path), "--json", "--no-progress"])
     report = json.loads(capsys.readouterr().out)
     assert code == 0 and report["fits"] and report["peak_bytes"] <= 3 * 2**20
     assert report["parameter_bytes"] + report["gradient_bytes"] + report["optimizer_state_bytes"] \
