@@ -38,8 +38,10 @@ budget is split:
    backward peak where it runs (from `simulate`), with all blocks' parameters replaced by
    FSDP's: every unit's local shard, the root's parameters unsharded the whole step, and
    while a block runs its unsharded parameters plus FSDP's buffers beside them (forward:
-   the all-gather output; backward: the next block's prefetched all-gather and the last
-   reduce-scatter input), each bounded by the largest block's padded size.
+   its all-gather output, which FSDP keeps until the next unit's all-gather; backward: the
+   previous block's prefetched all-gather output and the last reduce-scatter input, or,
+   while a unit reduce-scatters, its input, gloo's clone of it and the sharded output),
+   each bounded by the largest unit's size padded to the world size.
 3. ``f`` goes down from 1 in steps of 0.1, then halves the last step twice; the first ``f``
    (largest, fastest) whose predicted peak fits the budget wins; none fitting raises
    `InfeasibleBudgetError` with what the least plans still need.
@@ -49,6 +51,13 @@ Assumed FSDP2 settings: ``fully_shard`` on each block and on the root, default
 implicit prefetching, no mixed precision or CPU offload, every rank's batch of the example's
 shapes. Each rank plans for its own budget (plans may differ between ranks; FSDP's
 collectives do not depend on them). Parameters shared between two units are refused.
+
+Limits: planning runs one step of the unsharded model on the device (a model that fits
+only sharded needs a plan captured through the all-gathers, which this is not). The FSDP
+terms bound FSDP2's buffers as this torch version allocates them; the activation terms are
+`simulate`'s changes from the keep-all plan, checked against the allocator on 2 gloo ranks
+(tests/test_fsdp.py), not proved. A block's backward is marked finished when its inputs'
+and parameters' gradients are in: an input the root also reads later marks it late.
 """
 
 from __future__ import annotations
@@ -215,15 +224,19 @@ class _Marks:
             handle.remove()
 
 
-def _stretches(step: Callable[[], Any], resident: Sequence[torch.Tensor]) -> list[_Stretch]:
-    """Run ``step`` under the profiler and cut its allocator timeline at the marks."""
-    resident_bytes = sum({s._cdata: s.nbytes() for t in resident for s in _storages_of(t)}.values())
+def _stretches(step: Callable[[], Any], resident: Sequence[torch.Tensor], device: torch.device) -> list[_Stretch]:
+    """Run ``step`` under the profiler and cut the timeline of ``device``'s allocator at the marks."""
+    resident_bytes = sum({s._cdata: s.nbytes() for t in resident for s in _storages_of(t)
+                          if s.device.type == device.type}.values())
     from torch.profiler import ProfilerActivity
-    with kineto_quiet(), torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    kind = torch.autograd.DeviceType.CUDA if device.type == "cuda" else torch.autograd.DeviceType.CPU
+    with kineto_quiet(), torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
         step()
     with kineto_quiet():
         events = profiler.profiler.kineto_results.events()
-    timeline = sorted([(event.start_ns(), 1, event.nbytes(), "") for event in events if event.name() == "[memory]"]
+    timeline = sorted([(event.start_ns(), 1, event.nbytes(), "") for event in events
+                       if event.name() == "[memory]" and event.device_type() == kind]
                       + [(event.start_ns(), 0, 0, event.name()[len(_MARK):]) for event in events
                          if event.name().startswith(_MARK)])
     stretches: list[_Stretch] = []
@@ -608,8 +621,9 @@ def _calibrate(model: torch.nn.Module, names: Sequence[str], plain: Sequence[tor
         del output, loss
 
     try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with _calibrating(model):
-            return _stretches(step, resident)
+            return _stretches(step, resident, device)
     finally:
         _replaced(model, names, plain)
         marks.remove()
