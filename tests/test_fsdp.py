@@ -112,3 +112,25 @@ def test_optimize_blocks_refuses_what_it_cannot_plan_with_the_fix() -> None:
     optimized.blocks[0] = optimize(optimized.blocks[0], 0.9, torch.randn(2, 32, 64, requires_grad=True), repeats=1)
     with pytest.raises(OptionError, match="block 'blocks.0' is optimized already"):
         optimize_blocks(optimized, "8MiB", inputs, blocks=optimized.blocks, world_size=2)
+
+
+def test_the_address_paired_allocator_peak_agrees_with_the_running_sum_on_one_thread() -> None:
+    """Where every free is recorded (one thread, no collective), pairing the allocator's
+    events by address gives `measure_allocator_peak`'s peak."""
+    from planner.memory import measure_allocator_peak, measure_allocator_peak_by_address
+    model, inputs = _tiny()
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = model(*inputs)
+        loss.backward()
+        return loss.detach()
+
+    step()
+    resident = list(model.parameters()) + list(inputs)
+    peaks = []
+    for measure in (measure_allocator_peak, measure_allocator_peak_by_address):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        peaks.append(measure(step, resident)[1])
+    assert peaks[0] == peaks[1] > sum(p.numel() * 4 for p in model.parameters())
