@@ -74,6 +74,13 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
     tensor_positions = [i for i, leaf in enumerate(input_leaves) if isinstance(leaf, torch.Tensor)]
     named_params = list(model.named_parameters())
     named_buffers = list(model.named_buffers())
+    sharded = next((name for name, tensor in named_params + named_buffers if is_dtensor(tensor)), None)
+    if sharded is not None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: {sharded!r} is a DTensor (sharded by FSDP2's fully_shard or tensor "
+            "parallelism), and memsched plans modules with plain tensors: for FSDP2, plan each block before "
+            "sharding with planner.fsdp.optimize_blocks(model, budget, example_inputs, blocks=model.blocks), then "
+            "fully_shard each optimized block and the root")
     param_names = [name for name, _ in named_params]
     buffer_names = [name for name, _ in named_buffers]
     params = [p for _, p in named_params]
@@ -151,6 +158,14 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
                         input_signature=input_signature(input_leaves),
                         placeholder_names=[p.name for p in placeholders], modules=modules,
                         model_name=type(model).__name__, param_requires_grad=[p.requires_grad for p in params])
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Is this a ``torch.distributed.tensor.DTensor`` (an FSDP2 or tensor-parallel shard)?"""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(tensor, DTensor)
 
 
 def loss_outputs(leaves: list[OutputLeaf], backward_from: str) -> list[OutputLeaf]:

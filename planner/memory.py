@@ -45,7 +45,8 @@ from planner.errors import MeasurementError, UnsupportedUseError
 from planner.scratch import OpScratch, kineto_quiet
 from runtime import offload
 
-__all__ = ["MemoryReport", "StepMemoryTracker", "mark_host", "measure_step_memory",
+__all__ = ["MemoryReport", "StepMemoryTracker", "mark_host", "measure_step_memory", "measure_allocator_peak",
+           "measure_allocator_peak_by_address",
            "STORAGE_TRACKER", "CUDA_ALLOCATOR"]
 
 _LOG = logging.getLogger(__name__)
@@ -563,4 +564,75 @@ def measure_allocator_peak(step: Callable[[], object], resident: Iterable[torch.
         if live_bytes < 0:
             raise MeasurementError("measure_allocator_peak: the step freed memory allocated before it (old .grad "
                                    "tensors?); free it before measuring, e.g. model.zero_grad(set_to_none=True)")
+    return result, sum(resident_storages.values()) + high_water_bytes
+
+
+def measure_allocator_peak_by_address(step: Callable[[], object], resident: Iterable[torch.Tensor] = ()
+                                      ) -> tuple[object, int]:
+    """`measure_allocator_peak` for a step with collectives on a CPU process group (gloo),
+    whose communication threads free memory the calling thread allocated: gloo's
+    reduce-scatter clones its input on the calling thread and the clone dies with the
+    collective's work on a communication thread, where the profiler records no event, so
+    the plain running sum would hold it to the end of the step (a ghost the size of the
+    input per reduce-scatter). Here allocations and frees are paired by address (from the
+    profiler's trace): an allocation whose free was not recorded counts until the
+    collective it was made in (a ``c10d::`` op) returns; made outside one, until its
+    address is allocated again, else to the end of the step. Slower than
+    `measure_allocator_peak` (the trace is written and read back as JSON).
+
+    Raises:
+        MeasurementError (a ValueError): as `measure_allocator_peak`.
+    """
+    import json
+    import os
+    import tempfile
+
+    resident_storages = {s._cdata: s.nbytes() for t in resident for s in _storages_of(t)}
+    with kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        result = step()
+    handle, path = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    try:
+        with kineto_quiet():
+            profiler.export_chrome_trace(path)
+        with open(path) as file:
+            trace = json.load(file)["traceEvents"]
+    finally:
+        os.remove(path)
+    collectives = sorted((event["ts"], event["ts"] + event.get("dur", 0.0)) for event in trace
+                         if event.get("ph") == "X" and str(event.get("name", "")).startswith("c10d::"))
+    memory = sorted((event["ts"], index, event["args"]["Bytes"], event["args"]["Addr"])
+                    for index, event in enumerate(trace) if event.get("name") == "[memory]")
+    open_at: dict[int, tuple[float, int]] = {}       # address -> (allocated at, bytes)
+    changes: list[tuple[float, int]] = []
+    end = memory[-1][0] if memory else 0.0
+
+    def close_unrecorded(address: int, until: float) -> None:
+        allocated_at, size = open_at.pop(address)
+        inside = [stop for start, stop in collectives if start <= allocated_at <= stop]
+        changes.append((min(inside[-1], until) if inside else until, -size))
+
+    for time_us, _, nbytes, address in memory:
+        if nbytes > 0:
+            if address in open_at:             # freed where the profiler could not see it
+                close_unrecorded(address, time_us)
+            open_at[address] = (time_us, nbytes)
+            changes.append((time_us, nbytes))
+        elif address in open_at:
+            open_at.pop(address)
+            changes.append((time_us, nbytes))
+        else:                                  # allocated before the step
+            changes.append((time_us, nbytes))
+    for address in list(open_at):
+        allocated_at, _ = open_at[address]
+        if any(start <= allocated_at <= stop for start, stop in collectives):
+            close_unrecorded(address, end)
+    live_bytes = high_water_bytes = 0
+    for _, nbytes in sorted(changes, key=lambda change: (change[0], change[1] > 0)):
+        live_bytes += nbytes
+        high_water_bytes = max(high_water_bytes, live_bytes)
+        if live_bytes < 0:
+            raise MeasurementError("measure_allocator_peak_by_address: the step freed memory allocated before it "
+                                   "(old .grad tensors?); free it before measuring, e.g. "
+                                   "model.zero_grad(set_to_none=True)")
     return result, sum(resident_storages.values()) + high_water_bytes

@@ -155,6 +155,7 @@ class ScheduledModule(torch.nn.Module):
         self._step = step
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self._program = StepProgram(step, graph, plan, device.type)
+        self._register_load_state_dict_pre_hook(_wrapped_model_keys)
 
     @property
     def forward_code(self) -> str:
@@ -218,6 +219,14 @@ class ScheduledModule(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("module"), name)
+
+
+def _wrapped_model_keys(state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """A model holding a `ScheduledModule` (a block optimized on its own) saves the wrapped
+    model's keys (`ScheduledModule.state_dict`), but loading walks into ``module``: give
+    this subtree's keys that prefix, so that the model loads what it saved."""
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        state_dict[f"{prefix}module.{key[len(prefix):]}"] = state_dict.pop(key)
 
 
 def describe_signature(signature: tuple) -> str:
