@@ -1,7 +1,7 @@
 """``hierarchical``: per-segment recompute options joined by a dynamic program over the chain.
 
 After Rockmate (Zhao, Le Hellard, Eyraud-Dubois, Gusak, Beaumont, ICML 2023) and HiRemate
-(Gusak et al., ICML 2025): the step is cut into a chain of segments (`segments.segment_chain`:
+(Gusak et al., ICML 2025): the step is cut into a chain of segments (`kernel.segments.segment_chain`:
 transformer blocks, residual stages, U-Net levels), each segment gets a few *options*, and a
 chain DP in the spirit of Rotor (Beaumont, Eyraud-Dubois, Herrmann, Joly, Shilova, 2019;
 `solvers.chain`) picks one option per segment. MONeT (Shah et al., ICLR 2021) also pairs
@@ -12,9 +12,9 @@ roots its forward ops allocate, except the ones a later segment's forward reads 
 segment's outputs, ``crossing_in`` of the later segments), pinned ones and ones whose op
 cannot run twice; those are always kept, so recomputing a segment never reaches into
 another one and the options of different segments compose. The droppable storages are
-ordered as `baselines._greedy_pass` orders them (bytes per millisecond of the whole
-recomputation, `baselines.recompute_time_ms`), the independent ones first (a storage whose
-recomputation reads no other dropped storage, `baselines.recompute_frontier`), then the
+ordered as `baselines.solve_greedy` orders them (bytes per millisecond of the whole
+recomputation, `kernel.recompute.recompute_time_ms`), the independent ones first (a storage whose
+recomputation reads no other dropped storage, `kernel.recompute.recompute_frontier`), then the
 rest; every option drops a prefix of that order:
 nothing (keep all), everything (checkpoint the block: what ``every_block`` does), and up to
 ``options_per_segment - 2`` prefixes in between, spread evenly over the dropped bytes.
@@ -31,7 +31,7 @@ DP. State = bytes saved by the segments so far, in units of ``budget / resolutio
 (saved and need rounded up, the budget down: safe side); minimize the sum of ``time`` subject
 to ``saved so far + need[k] <= budget`` for every k; Pareto states (bytes, time) only.
 
-Check. The chosen plan is built with `baselines.plan_from_decisions` and replayed; if the
+Check. The chosen plan is built with `kernel.program.plan_from_decisions` and replayed; if the
 additive model was wrong and the peak exceeds the budget, the DP's budget is bisected
 downwards. The ``every_block`` plan is a candidate too, so the result is never slower than
 it when it fits. A last pass restores dropped storages (most recompute time per byte
@@ -64,21 +64,22 @@ memory model is checked, not proved.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-from solvers.baselines import (droppable_roots, plan_from_decisions, recompute_time_ms,
-                               solve_greedy)
+from solvers.baselines import solve_greedy
 from solvers.chain import solve_chain
-from solvers.checkpoint_baselines import checkpoint_decisions
 from solvers.errors import InfeasibleBudgetError, OptionError
-from solvers.graph import Graph, Phase, ValueKind
-from solvers.offload_refine import offload_with_recompute, plan_with_offload, refine_with_offload
-from solvers.plan import Decision, Plan, StepKind
-from solvers.registry import least_feasible_lower_bound, register
-from solvers.schedule import saved_roots
-from solvers.segment_options import SegmentOptions, segment_options
-from solvers.segments import Segment, segment_chain, segment_of_forward_op
-from solvers.simulate import SimResult, simulate
+from solvers.graph import Graph
+from solvers.kernel.bounds import least_feasible_lower_bound
+from solvers.kernel.options import OptionCost, option_decisions, probe_costs, segment_options
+from solvers.kernel.program import plan_from_decisions, plan_with_offload, saved_roots
+from solvers.kernel.recompute import droppable_roots, every_block_decisions, recompute_time_ms
+from solvers.kernel.replay import Replays
+from solvers.kernel.segments import Segment, segment_chain
+from solvers.offload_refine import offload_with_recompute, refine_with_offload
+from solvers.plan import Decision, Plan
+from solvers.registry import register
+from solvers.simulate import live_roots_at, simulate
 
 SOLVER = "hierarchical"
 # Up to this many ops ``greedy`` (O(R) full replays: about a second at 260 ops, 2-3 s at
@@ -86,13 +87,6 @@ SOLVER = "hierarchical"
 # fits. 600 as `registry.AUTO_MAX_OPS`: on the 4-block GPT (483 ops) at every_block's peak
 # greedy's plan, which may drop a block input that is cheap to remake, can be the fastest.
 GREEDY_CANDIDATE_MAX_OPS = 600
-
-
-@dataclass(frozen=True)
-class OptionCost:
-    saved_bytes: int     # the segment's storages alive at the end of the forward
-    need_bytes: int      # peak while the segment runs, minus what earlier segments saved
-    time_ms: float       # the segment's forward ops run again in the backward
 
 
 @register(SOLVER)
@@ -115,7 +109,7 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
         raise OptionError(f"hierarchical: resolution must be at least 1 (memory slots per budget), got {resolution}; "
                           "pass resolution >= 1 (default 2000)")
     keep_all = {root: Decision.KEEP for root in saved_roots(graph)}
-    checker = _Checker(graph, budget_bytes)
+    checker = Replays(graph, budget_bytes)
     if checker.fits(keep_all):
         return _finish(graph, budget_bytes, keep_all, {"segments": 0}, optimal=True)
 
@@ -132,7 +126,7 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
         if levels is None:
             low = dp_budget
         else:
-            decisions = _decisions(graph, segments, options, levels)
+            decisions = option_decisions(graph, segments, options, levels)
             if checker.fits(decisions):
                 candidates.append((checker.time_ms(decisions), decisions))
                 dp_budget_found = dp_budget if dp_budget_found is None else max(dp_budget_found, dp_budget)
@@ -145,7 +139,7 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
             break
         dp_budget = (low + high) // 2
 
-    every_block = checkpoint_decisions(graph, {root for segment in segments for root in segment.crossing_in})
+    every_block = every_block_decisions(graph, segments)
     if checker.fits(every_block):
         candidates.append((checker.time_ms(every_block), every_block))
     solvers_run = ["every_block"]     # registered solvers whose plans were candidates here
@@ -163,7 +157,7 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     if candidates and (graph.transfer.real if offload is None else offload):
         def recompute_decisions(dp_budget_bytes: int) -> dict[str, Decision] | None:
             levels = choose_levels(costs, dp_budget_bytes, resolution)
-            return None if levels is None else _decisions(graph, segments, options, levels)
+            return None if levels is None else option_decisions(graph, segments, options, levels)
         found += _offload_candidates(graph, budget_bytes, found[0][1], segments, recompute_decisions)
     found += [(simulate(graph, rerun, check_hash=False).time_ms, rerun) for rerun in reruns]
     if not found or len(graph.ops) <= GREEDY_CANDIDATE_MAX_OPS:
@@ -174,7 +168,7 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     return replace(plan, options={**plan.options, "solvers_run": solvers_run})
 
 
-def _search_candidates(graph: Graph, budget_bytes: int, checker: _Checker, segments: tuple[Segment, ...],
+def _search_candidates(graph: Graph, budget_bytes: int, checker: Replays, segments: tuple[Segment, ...],
                        as_fallback: bool) -> list[tuple[float, Plan]]:
     """(simulated time, plan) of ``greedy`` (up to `GREEDY_CANDIDATE_MAX_OPS` ops) and
     `_drop_all_fallback`, labelled as the fallback or as candidates beside the DPs' plans.
@@ -235,89 +229,6 @@ def _chain_plan(graph: Graph, budget_bytes: int, options_per_segment: int, offlo
     return replace(plan, solver=SOLVER, options={**plan.options, "source": f"chain/{plan.options.get('source')}"})
 
 
-# -- options -------------------------------------------------------------------------------------
-
-def _decisions(graph: Graph, segments: tuple[Segment, ...], options: list[SegmentOptions],
-               levels: list[int]) -> dict[str, Decision]:
-    dropped = {root for segment, level in zip(segments, levels) for root in options[segment.index].dropped(level)}
-    return {root: Decision.RECOMPUTE if root in dropped else Decision.KEEP for root in saved_roots(graph)}
-
-
-# -- costs -----------------------------------------------------------------------------------------
-
-def probe_costs(graph: Graph, segments: tuple[Segment, ...], options: list[SegmentOptions]
-                ) -> list[list[OptionCost]]:
-    """``costs[k][i]``: the cost of the i-th option of segment k, read from the replay of
-    the plan with option level i in every segment (the last option where a segment has
-    fewer). One build and one replay per level."""
-    levels = max(len(o.prefix_lengths) for o in options)
-    costs: list[list[OptionCost]] = [[] for _ in segments]
-    for level in range(levels):
-        decisions = _decisions(graph, segments, options, [level] * len(segments))
-        plan = plan_from_decisions(graph, decisions, SOLVER, 0)
-        measured = _segment_costs(graph, segments, plan, simulate(graph, plan, check_hash=False))
-        for segment in segments:
-            if level < len(options[segment.index].prefix_lengths):
-                costs[segment.index].append(measured[segment.index])
-    return costs
-
-
-def _segment_costs(graph: Graph, segments: tuple[Segment, ...], plan: Plan, result: SimResult) -> list[OptionCost]:
-    """Split one replay into per-segment saved bytes, need and recompute time."""
-    forward_segment = segment_of_forward_op(segments)
-    backward_segment = {name: segment.index for segment in segments for name in segment.backward_ops}
-    count = len(segments)
-
-    # storages alive at the end of the forward, by owning segment
-    live: set[str] = set()
-    for step in plan.forward:
-        if step.kind is StepKind.RUN:
-            live.update(graph.op(step.name).outputs)
-        elif step.kind is StepKind.FREE:
-            live.discard(step.name)
-    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
-    saved = [0] * count
-    for root in {graph.value(name).root for name in live}:
-        value = graph.value(root)
-        if value.kind is ValueKind.ACTIVATION and root not in pinned_roots and value.producer in forward_segment:
-            saved[forward_segment[value.producer]] += value.size_bytes
-
-    # which segment each step works for: a forward step for the op it follows, a backward
-    # step for the next backward op (recomputations run just before the op they serve)
-    forward_owner, current = [], 0
-    for step in plan.forward:
-        if step.kind is StepKind.RUN:
-            current = forward_segment[step.name]
-        forward_owner.append(current)
-    backward_owner: list[int | None] = [None] * len(plan.backward)
-    upcoming = None
-    for index in range(len(plan.backward) - 1, -1, -1):
-        step = plan.backward[index]
-        if step.kind is StepKind.RUN and step.name in backward_segment:
-            upcoming = backward_segment[step.name]
-        backward_owner[index] = upcoming
-    # the steps after the last backward op (frees) stay with that op's segment
-    tail = next((owner for owner in reversed(backward_owner) if owner is not None), count - 1)
-    backward_owner = [tail if owner is None else owner for owner in backward_owner]
-
-    high = [0] * count
-    for point in result.timeline:
-        owners = forward_owner if point.phase is Phase.FORWARD else backward_owner
-        k = owners[point.step_index]
-        high[k] = max(high[k], point.high_water_bytes)
-
-    recompute = [0.0] * count
-    for step in plan.backward:
-        if step.kind is StepKind.RUN and step.name in forward_segment:
-            recompute[forward_segment[step.name]] += graph.op(step.name).time_ms
-
-    costs, before = [], 0
-    for k in range(count):
-        costs.append(OptionCost(saved_bytes=saved[k], need_bytes=max(0, high[k] - before), time_ms=recompute[k]))
-        before += saved[k]
-    return costs
-
-
 # -- chain DP ------------------------------------------------------------------------------------
 
 def choose_levels(costs: list[list[OptionCost]], budget_bytes: int, resolution: int) -> list[int] | None:
@@ -357,38 +268,13 @@ def choose_levels(costs: list[list[OptionCost]], budget_bytes: int, resolution: 
 
 # -- check, restore, fallback ------------------------------------------------------------------
 
-class _Checker:
-    """Replays decision sets, memoized: (peak, time) per set of dropped storages."""
-
-    def __init__(self, graph: Graph, budget_bytes: int, free_intermediates: bool = False) -> None:
-        self.graph, self.budget_bytes, self.free_intermediates = graph, budget_bytes, free_intermediates
-        self._seen: dict[frozenset[str], tuple[int, float]] = {}
-        self.lowest_peak: int | None = None
-
-    def measure(self, decisions: dict[str, Decision]) -> tuple[int, float]:
-        key = frozenset(root for root, decision in decisions.items() if decision is not Decision.KEEP)
-        if key not in self._seen:
-            plan = plan_from_decisions(self.graph, decisions, SOLVER, self.budget_bytes,
-                                       free_intermediates=self.free_intermediates)
-            result = simulate(self.graph, plan, check_hash=False)
-            self._seen[key] = (result.peak_bytes, result.time_ms)
-            self.lowest_peak = min(result.peak_bytes, self.lowest_peak or result.peak_bytes)
-        return self._seen[key]
-
-    def fits(self, decisions: dict[str, Decision]) -> bool:
-        return self.measure(decisions)[0] <= self.budget_bytes
-
-    def time_ms(self, decisions: dict[str, Decision]) -> float:
-        return self.measure(decisions)[1]
-
-
 RESTORE_REPLAYS = 48   # replays the keep-again pass may spend on storages that might not fit
 LOWER_REPLAYS = 128   # replays `_keep_while_peak_falls` may spend lowering the all-dropped peak
 LOWER_REPLAY_OPS = 100_000   # ... and ops replayed in all, so that large graphs get fewer trials
 DROP_BOUNDARY_ROUNDS = 8   # replays `_drop_all_fallback` may spend dropping boundaries alive at the peak
 
 
-def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) -> tuple[dict[str, Decision], int]:
+def _restore(graph: Graph, decisions: dict[str, Decision], checker: Replays) -> tuple[dict[str, Decision], int]:
     """Keep dropped storages again, most recompute time per byte first, while the replayed
     peak fits and the time falls; returns the decisions (which fit if ``decisions`` did)
     and how many storages were kept again.
@@ -411,7 +297,7 @@ def _restore(graph: Graph, decisions: dict[str, Decision], checker: _Checker) ->
     return dict(decisions), 0
 
 
-def _restore_pass(graph: Graph, decisions: dict[str, Decision], checker: _Checker, order: list[str],
+def _restore_pass(graph: Graph, decisions: dict[str, Decision], checker: Replays, order: list[str],
                   trust_size_bound: bool) -> tuple[dict[str, Decision], int]:
     """One pass of `_restore` over the dropped storages in ``order``."""
     decisions = dict(decisions)
@@ -437,7 +323,7 @@ def _restore_pass(graph: Graph, decisions: dict[str, Decision], checker: _Checke
     return decisions, restored
 
 
-def _fallback(graph: Graph, budget_bytes: int, checker: _Checker, segments: tuple[Segment, ...],
+def _fallback(graph: Graph, budget_bytes: int, checker: Replays, segments: tuple[Segment, ...],
               name: str) -> Plan:
     """``greedy``'s plan (``name="greedy"``) or `_drop_all_fallback`'s (``"drop-all"``),
     relabelled; `InfeasibleBudgetError` with the lowest peak any search reached."""
@@ -448,9 +334,9 @@ def _fallback(graph: Graph, budget_bytes: int, checker: _Checker, segments: tupl
                 else _drop_all_fallback(graph, budget_bytes, boundaries))
     except InfeasibleBudgetError as error:
         floor = least_feasible_lower_bound(graph)
-        lowest = min(checker.lowest_peak or error.least_feasible_bytes, error.least_feasible_bytes)
+        lowest = min(checker.lowest_peak_bytes or error.least_feasible_bytes, error.least_feasible_bytes)
         raise InfeasibleBudgetError(budget_bytes, lowest,
-                                    {f"lowest peak over {num_segments} segments": checker.lowest_peak or 0,
+                                    {f"lowest peak over {num_segments} segments": checker.lowest_peak_bytes or 0,
                                      f"{name}'s lowest peak": error.least_feasible_bytes,
                                      "lower bound for any plan": floor.total}, solver=SOLVER) from error
     return replace(plan, solver=SOLVER, options={**plan.options, "segments": num_segments, "fallback": name})
@@ -472,7 +358,7 @@ def _drop_all_fallback(graph: Graph, budget_bytes: int, boundaries: set[str]) ->
         InfeasibleBudgetError: the all-dropped plan does not fit, with its peak.
     """
     droppable = set(droppable_roots(graph))
-    checker = _Checker(graph, budget_bytes, free_intermediates=True)
+    checker = Replays(graph, budget_bytes, free_intermediates=True)
     kept = set(boundaries) & set(droppable)
     for _ in range(DROP_BOUNDARY_ROUNDS + 1):
         decisions = {root: Decision.RECOMPUTE if root in droppable and root not in kept else Decision.KEEP
@@ -481,7 +367,7 @@ def _drop_all_fallback(graph: Graph, budget_bytes: int, boundaries: set[str]) ->
         result = simulate(graph, plan, check_hash=False)
         if result.peak_bytes <= budget_bytes or not kept:
             break
-        at_peak = _roots_alive_at_peak(graph, plan, result) & kept
+        at_peak = live_roots_at(graph, plan, result.peak_phase, result.peak_step_index) & kept
         kept -= at_peak or kept                  # none of them at the peak: drop them all
     if result.peak_bytes > budget_bytes:
         decisions, peak_bytes = _keep_while_peak_falls(graph, decisions, checker)
@@ -495,7 +381,7 @@ def _drop_all_fallback(graph: Graph, budget_bytes: int, boundaries: set[str]) ->
 
 
 def _keep_while_peak_falls(graph: Graph, decisions: dict[str, Decision],
-                           checker: _Checker) -> tuple[dict[str, Decision], int]:
+                           checker: Replays) -> tuple[dict[str, Decision], int]:
     """Keep dropped storages again, one trial replay each, where that lowers the replayed
     peak, until it fits: recomputing everything is not the lowest point when a
     recomputation makes large values beside a small one, or runs a long chain where much
@@ -524,23 +410,3 @@ def _finish(graph: Graph, budget_bytes: int, decisions: dict[str, Decision], opt
             optimal: bool = False) -> Plan:
     plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, optimal=optimal)
     return replace(plan, options={**plan.options, **options})
-
-
-def _roots_alive_at_peak(graph: Graph, plan: Plan, result: SimResult) -> set[str]:
-    """The storages alive at the replay's peak step (what the step reads and makes
-    included). O(steps)."""
-    live: set[str] = set(graph.placeholders)
-    phases = (plan.forward,) if result.peak_phase is Phase.FORWARD else (plan.forward, plan.backward)
-    for phase_index, steps in enumerate(phases):
-        last = result.peak_step_index if phase_index == len(phases) - 1 else len(steps) - 1
-        for index, step in enumerate(steps[:last + 1]):
-            if step.kind is StepKind.RUN:
-                op = graph.op(step.name)
-                live.update(op.outputs)
-                if index == last:
-                    live.update(op.inputs)
-            elif step.kind is StepKind.FREE and index != last:
-                live.discard(step.name)
-            elif step.kind is StepKind.PREFETCH:
-                live.add(step.name)
-    return {graph.value(name).root for name in live}

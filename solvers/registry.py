@@ -14,7 +14,8 @@ from dataclasses import replace
 from typing import Callable, Mapping, Protocol
 
 from solvers.errors import InfeasibleBudgetError, OptionError, SolverUnavailableError
-from solvers.graph import Graph, Phase, ValueKind
+from solvers.graph import Graph
+from solvers.kernel.bounds import least_feasible_lower_bound
 from solvers.plan import Plan
 from solvers.simulate import simulate
 
@@ -176,39 +177,3 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", **options: obje
     return replace(plan, predicted_peak_bytes=result.peak_bytes, predicted_time_ms=result.time_ms,
                    baseline_time_ms=graph.total_time_ms, solve_time_s=elapsed_s, budget_bytes=budget_bytes,
                    graph=graph)
-
-
-class LowerBound:
-    """A budget no plan can beat, and what it is made of."""
-
-    def __init__(self, breakdown: dict[str, int]) -> None:
-        self.breakdown = breakdown
-        self.total = breakdown["parameters+buffers+inputs"] + max(
-            breakdown["largest op working set"], breakdown["outputs+gradients+tangents at the end"])
-
-
-def least_feasible_lower_bound(graph: Graph) -> LowerBound:
-    """Resident bytes plus the larger of the biggest single-op working set (its inputs,
-    outputs and workspace, with the tangents during the backward) and what must be alive
-    when the step ends. Valid for every solver; O(ops + values)."""
-    resident_kinds = (ValueKind.PARAMETER, ValueKind.BUFFER, ValueKind.INPUT)
-    resident_roots = {graph.value(n).root for n in graph.placeholders if graph.value(n).kind in resident_kinds}
-    tangent_roots = {graph.value(n).root for n in graph.placeholders
-                     if graph.value(n).kind is ValueKind.TANGENT} - resident_roots
-
-    def size(roots: set[str]) -> int:
-        return sum(graph.value(root).size_bytes for root in roots)
-
-    working = 0
-    for op in graph.ops:
-        roots = {graph.value(n).root for n in op.inputs + op.outputs} - resident_roots
-        caller = 0
-        if op.phase is Phase.BACKWARD:
-            roots |= tangent_roots
-            caller = graph.caller_bytes
-        working = max(working, size(roots) + op.tmp_bytes + caller)
-    held_outputs = tuple(n for n in graph.forward_outputs if n not in graph.released_outputs)
-    end_roots = {graph.value(n).root for n in held_outputs + graph.gradients} | tangent_roots
-    return LowerBound({"parameters+buffers+inputs": size(resident_roots),
-                       "largest op working set": working,
-                       "outputs+gradients+tangents at the end": size(end_roots - resident_roots) + graph.caller_bytes})

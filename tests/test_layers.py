@@ -14,8 +14,8 @@ LAYERS = {"solvers": 0, "runtime": 1, "planner": 2}       # higher imports lower
 
 
 def module_name(path: Path) -> str:
-    package = path.parent.name
-    return package if path.stem == "__init__" else f"{package}.{path.stem}"
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -42,7 +42,7 @@ def imported_modules(path: Path) -> set[str]:
 def import_graph() -> nx.DiGraph:
     graph = nx.DiGraph()
     for package in LAYERS:
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             source = module_name(path)
             graph.add_node(source)
             for target in imported_modules(path) - {source}:
