@@ -15,11 +15,9 @@ from solvers.kernel.program import plan_from_decisions, saved_roots
 from solvers.kernel.recompute import droppable_roots, recompute_frontier, recompute_time_ms
 from solvers.kernel.replay import Replays
 from solvers.plan import Decision, Plan
-from solvers.registry import register
 from solvers.simulate import simulate
 
 
-@register("none")
 def solve_none(graph: Graph, budget_bytes: int) -> Plan:
     """Keep every value the backward reads, as autograd does. O(ops)."""
     plan = plan_from_decisions(graph, {root: Decision.KEEP for root in saved_roots(graph)}, "none", budget_bytes,
@@ -30,7 +28,6 @@ def solve_none(graph: Graph, budget_bytes: int) -> Plan:
     return plan
 
 
-@register("greedy")
 def solve_greedy(graph: Graph, budget_bytes: int) -> Plan:
     """Drop saved storages (recompute them, or offload them when the graph's transfer
     profile is real and that is better) in order of bytes per recompute millisecond (of the

@@ -27,7 +27,6 @@ from solvers.graph import Graph, Op
 from solvers.kernel.space import (OffloadSpace, PlanSpace, assemble_plan, forward_high_water, offload_space,
                                   plan_space)
 from solvers.plan import Plan
-from solvers.registry import register
 
 MAX_FORWARD_OPS = 10
 MAX_BACKWARD_OPS = 16
@@ -237,7 +236,6 @@ def least_feasible_plan(graph: Graph, *, offload: bool | None = None) -> tuple[i
                                     offloaded=offloaded, offloads=offloads)
 
 
-@register("brute_force")
 def solve_brute_force(graph: Graph, budget_bytes: int, *, offload: bool | None = None) -> Plan:
     """Least-time plan of the exact solvers' space under ``budget_bytes``, by exhaustive
     search (module docstring); optimal by construction. ``offload`` (default:

@@ -87,10 +87,11 @@ extra table costs O(L^2 * U) beside the O(L^3 * U) of the recompute-only one.
 
 Check. The DP's memory model is approximate (gradients of parameters, workspaces, aliases),
 so the plan is replayed by `simulate`; the DP's top-level memory is bisected to the
-largest value whose plan fits. ``every_block`` is a candidate too, so the result is never
-slower than it when it fits; with offload the recompute-only search runs as well and its
-plans are candidates, so offloading never makes the result slower. Optimal only under the
-DP's model (not proved for the graph).
+largest value whose plan fits. Decision sets the caller seeds (the portfolio seeds
+``every_block``'s) are candidates too, so the result is never slower than they are when
+they fit; with offload the recompute-only search runs as well and its plans are
+candidates, so offloading never makes the result slower. Optimal only under the DP's
+model (not proved for the graph).
 """
 
 from __future__ import annotations
@@ -102,10 +103,9 @@ from solvers.errors import InfeasibleBudgetError, OptionError
 from solvers.graph import Graph, Phase
 from solvers.kernel.options import segment_options
 from solvers.kernel.program import delay_frees, insert_frees, plan_from_decisions, saved_roots
-from solvers.kernel.recompute import every_block_decisions
+from solvers.kernel.recompute import Seed
 from solvers.kernel.segments import Segment, root_segments, segment_chain
 from solvers.plan import Decision, Plan, Step, StepKind, offload, prefetch, run
-from solvers.registry import register
 from solvers.simulate import simulate
 
 SOLVER = "chain"
@@ -146,20 +146,21 @@ class StageOption:
     backward_program: tuple[str, ...]   # B(k)'s ops, recomputations included, in order
 
 
-@register(SOLVER)
-def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_bisections: int = 10,
-                offload: bool | None = None, every_op: bool = False, options_per_segment: int | None = None) -> Plan:
+def solve_chain_dp(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_bisections: int = 10,
+                   offload: bool | None = None, every_op: bool = False, options_per_segment: int | None = None,
+                   seeds: Sequence[Seed] = ()) -> Plan:
     """Least-time Rotor schedule over the segment chain that `simulate` fits in the budget;
     with ``offload`` (default: ``graph.transfer.real``) the forward phase's checkpoints may
     be offloaded (module docstring). ``every_op``: one stage per forward op
     (`kernel.segments.segment_chain`'s ``every_op``) instead of the block chain.
     ``options_per_segment``: drop options per stage (module docstring, "Stage options";
-    default 8 on the block chain, 1 (keep all only) with ``every_op``).
+    default 8 on the block chain, 1 (keep all only) with ``every_op``). ``seeds``: named
+    decision sets over the segments, each one more candidate (``options["source"]`` its name).
     O(L^3 * U + B * (S + R)) for B bisection steps of one plan and one simulation each
     (S steps, R saved storages).
 
     Raises:
-        InfeasibleBudgetError: neither the DP's plans nor ``every_block`` fit.
+        InfeasibleBudgetError: neither the DP's plans nor the seeds fit.
         OptionError: ``resolution < 1``.
     """
     if resolution < 1:
@@ -205,12 +206,13 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
                 break
             memory = (low + high) // 2
 
-    every_block = plan_from_decisions(graph, every_block_decisions(graph, segments), SOLVER, budget_bytes)
-    result = simulate(graph, every_block, check_hash=False)
-    lowest_peak = min(lowest_peak, result.peak_bytes)
-    if result.peak_bytes <= budget_bytes:
-        every_block = replace(every_block, options={"source": "every_block", "segments": len(segments)})
-        candidates.append((result.time_ms, len(candidates), every_block))
+    for source, seed in seeds:
+        seeded = plan_from_decisions(graph, seed(graph, segments), SOLVER, budget_bytes)
+        result = simulate(graph, seeded, check_hash=False)
+        lowest_peak = min(lowest_peak, result.peak_bytes)
+        if result.peak_bytes <= budget_bytes:
+            seeded = replace(seeded, options={"source": source, "segments": len(segments)})
+            candidates.append((result.time_ms, len(candidates), seeded))
     if not candidates:
         raise InfeasibleBudgetError(budget_bytes, lowest_peak,
                                     {f"lowest simulated peak of the chain DP over {len(segments)} segments":

@@ -28,7 +28,6 @@ from solvers.kernel.program import plan_from_decisions
 from solvers.kernel.recompute import checkpoint_decisions, every_block_decisions
 from solvers.kernel.segments import Segment, boundary_roots, segment_chain
 from solvers.plan import Decision, Plan
-from solvers.registry import register
 from solvers.simulate import simulate
 
 
@@ -37,7 +36,6 @@ def sqrt_n_group_size(num_segments: int) -> int:
     return max(1, round(math.sqrt(num_segments)))
 
 
-@register("every_block")
 def solve_every_block(graph: Graph, budget_bytes: int) -> Plan:
     """Checkpoint every segment (``torch.utils.checkpoint`` on every block): keep only
     the storages crossing into each segment, recompute the rest in the backward.
@@ -46,7 +44,6 @@ def solve_every_block(graph: Graph, budget_bytes: int) -> Plan:
     return _fixed_policy_plan(graph, budget_bytes, every_block_decisions(graph, segments), "every_block", segments)
 
 
-@register("sqrt_n")
 def solve_sqrt_n(graph: Graph, budget_bytes: int) -> Plan:
     """Chen et al. 2016: keep the storages alive across every round(sqrt(L))-th segment
     cut, recompute the rest. O(L * (ops + edges)) plus one simulation."""

@@ -1,8 +1,8 @@
 """Checkmate-style MILP (Jain et al., MLSys 2020) over the exact solvers' plan space.
 
-The space is the one `solvers.brute_force` enumerates (see its docstring): the forward
-runs once and keeps or drops each saved storage; backward stage t runs forward
-recomputations in graph order, each at most once per stage, then backward op t.
+The space is `kernel.space`'s (see its docstring), the one `solvers.brute_force`
+enumerates: the forward runs once and keeps or drops each saved storage; backward stage t
+runs forward recomputations in graph order, each at most once per stage, then backward op t.
 Checkmate's stages are all ops and its forward is part of the MILP; here the stages are
 the backward ops and the forward is fixed but for its keep set, so the model is the
 "frontier-advancing" Checkmate restricted to the backward.
@@ -76,15 +76,14 @@ import functools
 import logging
 import math
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable
 
-from solvers.errors import InfeasibleBudgetError, SolverUnavailableError, UnsupportedGraphError
-from solvers.graph import Graph, Phase
+from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
+from solvers.graph import Graph
 from solvers.kernel.bounds import least_feasible_lower_bound
 from solvers.kernel.space import (OffloadSpace, PlanSpace, SpaceStart, assemble_plan, forward_high_water,
-                                  offload_space, plan_space, start_runs)
-from solvers.plan import Decision, Plan, StepKind
-from solvers.registry import register
+                                  offload_space, plan_space)
+from solvers.plan import Plan, StepKind
 from solvers.quiet import native_output_silenced
 from solvers.simulate import simulate
 
@@ -541,7 +540,7 @@ def solve_milp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, b
                              options={**options, "incumbent": "milp"}, offloaded=offloaded, offloads=offloads)
         result = simulate(graph, plan)
         # the MILP does not count the generator states saved for replayed random ops
-        # (`Graph.rng_state_bytes`): `registry.solve` re-aims below the budget by that excess
+        # (`Graph.rng_state_bytes`): `portfolio.solve` re-aims below the budget by that excess
         rng_allowance_bytes = 64 * graph.rng_state_bytes
         if result.peak_bytes > budget_bytes + rng_allowance_bytes:
             raise AssertionError(f"ilp: simulated peak {result.peak_bytes} > budget {budget_bytes}: "
@@ -565,64 +564,3 @@ def solve_milp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, b
             raise AssertionError(f"ilp: simulated peak {result.peak_bytes} of {start.solver}'s start > budget "
                                  f"{budget_bytes} (a solver bug)")
     return plan
-
-
-# Heuristics whose plans are converted into MILP starts, in the order they are tried (the
-# first wins ties); `solvers.registry.AUTO_MAX_OPS` skips the slow ones on large graphs.
-_START_SOLVERS = ("hierarchical", "greedy", "every_block", "chain")
-
-
-def _best_start(graph: Graph, budget_bytes: int, space: PlanSpace,
-                starts: Sequence[Plan] | None = None) -> SpaceStart | None:
-    """The fastest start (least simulated time; ties: the earlier solver) that `start_runs`
-    converts, with and without ``carry``, from the plans of `_START_SOLVERS` that fit
-    ``budget_bytes`` (or from ``starts``, plans the caller already has); None if none does.
-    Each distinct drop set is converted once, and the search stops at a start that
-    recomputes nothing. Well under a second per heuristic at a few hundred ops."""
-    from solvers.registry import AUTO_MAX_OPS, solve
-
-    def plans() -> Iterator[tuple[str, Plan]]:
-        if starts is not None:
-            yield from ((plan.solver, plan) for plan in starts)
-            return
-        for name in _START_SOLVERS:
-            if len(graph.ops) > AUTO_MAX_OPS.get(name, len(graph.ops)):
-                continue
-            try:
-                yield name, solve(graph, budget_bytes, name)
-            except (InfeasibleBudgetError, UnsupportedGraphError) as error:
-                log.debug("ilp: no start from %s: %s", name, error)
-
-    best: SpaceStart | None = None
-    converted: set[frozenset[str]] = set()
-    droppable = set(space.droppable_roots)
-    for name, plan in plans():
-        if best is not None and best.recompute_ms == 0:
-            break                                # recomputes nothing: no start is faster
-        dropped = frozenset(root for root, decision in plan.decisions.items()
-                            if decision is not Decision.KEEP and root in droppable)
-        if dropped in converted:
-            continue
-        converted.add(dropped)
-        for carry in (True, False):
-            found = start_runs(graph, budget_bytes, space, plan.decisions, carry)
-            if found is None:
-                log.debug("ilp: %s's plan (carry=%s) does not fit once converted into the MILP's space",
-                          name, carry)
-                continue
-            keep, runs, time_ms = found
-            if best is None or time_ms < best.time_ms:
-                recompute_ms = sum(graph.op(op_name).time_ms for op_name in runs
-                                   if graph.op(op_name).phase is Phase.FORWARD)
-                best = SpaceStart(name, keep, tuple(runs), time_ms, recompute_ms)
-    return best
-
-
-@register("ilp")
-def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, backend: str = "auto",
-              rel_gap: float = 0.0, warm_start: bool = True, offload: bool | None = None,
-              starts: Sequence[Plan] | None = None) -> Plan:
-    def start_from(space: PlanSpace) -> SpaceStart | None:
-        return _best_start(graph, int(budget_bytes), space, starts)
-    return solve_milp(graph, budget_bytes, time_limit_s=time_limit_s, backend=backend, rel_gap=rel_gap,
-                      offload=offload, start_from=start_from if warm_start else None)

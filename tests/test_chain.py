@@ -221,7 +221,7 @@ def test_stage_options_fit_reach_lower_and_keep_gradients(tiny) -> None:
     gradients."""
     from planner.budget import resolve_budget
     from runtime.module import ScheduledModule
-    from solvers.chain import solve_chain
+    from solvers.portfolio import solve_chain
     name, model, inputs, step, graph = tiny
 
     def lowest(options_per_segment: int) -> int:

@@ -326,17 +326,17 @@ def test_start_drops_the_kept_sibling_of_a_recomputed_output() -> None:
 
 
 def test_auto_refines_small_graphs_with_the_milp(monkeypatch) -> None:
-    """Up to AUTO_EXACT_MAX_OPS ops `auto` runs `ilp` briefly from the heuristics' plans:
+    """Up to `portfolio.AUTO_EXACT_MAX_OPS` ops `auto` runs `ilp` briefly from the heuristics' plans:
     on this chain every heuristic recomputes 1.5 ms more than the MILP's optimum. Above the
     threshold `auto` does not try it."""
-    from solvers import registry
+    from solvers import portfolio
     from test_chain import checkpoint_freed_early_chain
     graph = checkpoint_freed_early_chain()
     plan = solve(graph, 344, "auto")
     assert plan.solver == "ilp" and plan.predicted_time_ms == 4.0
     assert plan.options["auto_tried"][-1] == "ilp"
     assert solve(graph, 344, "hierarchical").predicted_time_ms > 4.0
-    monkeypatch.setattr(registry, "AUTO_EXACT_MAX_OPS", 0)
+    monkeypatch.setattr(portfolio, "AUTO_EXACT_MAX_OPS", 0)
     plan = solve(graph, 344, "auto")
     assert plan.solver != "ilp" and "ilp" not in plan.options["auto_tried"]
 

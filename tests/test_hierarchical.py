@@ -17,7 +17,9 @@ from runtime.module import ScheduledModule
 from solvers import (Decision, Graph, InfeasibleBudgetError, Op, OptionError, Phase, Value, ValueKind, simulate,
                      solve)
 from solvers import hierarchical
-from solvers.hierarchical import _restore, choose_levels, solve_hierarchical
+from solvers import portfolio
+from solvers.hierarchical import choose_levels, restore
+from solvers.portfolio import solve_hierarchical
 from solvers.kernel.options import OptionCost, segment_options
 from solvers.kernel.replay import Replays
 from solvers.kernel.segments import segment_chain
@@ -191,11 +193,11 @@ def test_forward_reruns_reach_below_every_block() -> None:
 
 
 def test_drop_all_fallback_below_every_dp(monkeypatch) -> None:
-    """Above GREEDY_CANDIDATE_MAX_OPS ops the fallback is one replay of every droppable
+    """Above GREEDY_MAX_OPS ops the fallback is one replay of every droppable
     storage recomputed (boundaries alive at the peak dropped in rounds), not greedy's O(R)
     replays: below what the DPs reach it fits, no lower than greedy's own floor by much,
     and trains with the plain model's gradients."""
-    monkeypatch.setattr(hierarchical, "GREEDY_CANDIDATE_MAX_OPS", 0)
+    monkeypatch.setattr(portfolio, "GREEDY_MAX_OPS", 0)
     model, inputs, step, graph = trace_zoo("gpt")
 
     def least_fitting(solver: str) -> int:
@@ -256,5 +258,5 @@ def test_the_restore_pass_replays_what_it_trusted(monkeypatch: pytest.MonkeyPatc
     kept = {**decisions, "a4_0": Decision.KEEP}
     assert checker.measure(kept)[0] - peak_bytes > graph.value("a4_0").size_bytes   # the bound fails here
     checker = Replays(graph, peak_bytes + graph.value("a4_0").size_bytes)
-    restored, _ = _restore(graph, decisions, checker)
+    restored, _ = restore(graph, decisions, checker)
     assert checker.measure(restored)[0] <= checker.budget_bytes

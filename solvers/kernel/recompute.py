@@ -8,10 +8,13 @@ baseline (Jain et al., MLSys 2020, Sec. 6) that `greedy`, the segment options an
 offload refinement order by. `checkpoint_decisions` is the decision set of a fixed
 checkpointing policy (keep a set, recompute the rest: Chen et al., 2016), and
 `every_block_decisions` the one of ``torch.utils.checkpoint`` on every segment, which
-`every_block` returns and the segment DPs (`chain`, `hierarchical`) take as a candidate.
+`every_block` returns and the portfolio seeds the segment DPs (`chain`, `hierarchical`)
+with (a `Seed`: a named decision set of the segment chain, one more candidate).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 from solvers.graph import Graph
 from solvers.kernel.program import saved_roots
@@ -83,3 +86,7 @@ def every_block_decisions(graph: Graph, segments: tuple[Segment, ...]) -> dict[s
     """Checkpoint every segment: keep only the storages crossing into each one
     (``Segment.crossing_in``, skip tensors included), recompute the rest. O(values)."""
     return checkpoint_decisions(graph, {root for segment in segments for root in segment.crossing_in})
+
+
+# A named decision set over the segment chain that a segment DP takes as one more candidate.
+Seed = tuple[str, Callable[[Graph, tuple[Segment, ...]], dict[str, Decision]]]
