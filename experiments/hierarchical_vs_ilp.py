@@ -36,7 +36,7 @@ from planner.profile import profile
 from planner.zoo import GPT, MLP, ResNet, UNet
 from solvers import Graph, simulate, solve
 from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
-from solvers.registry import least_feasible_lower_bound
+from solvers.kernel.bounds import least_feasible_lower_bound
 
 TARGET_RATIO = 1.03
 

@@ -37,7 +37,7 @@ from planner.presets import preset
 from solvers.errors import InfeasibleBudgetError
 from solvers.graph import Graph
 from solvers.plan import StepKind
-from solvers.registry import solve
+from solvers.portfolio import solve
 from solvers.simulate import simulate
 from solvers.targets import device_target
 

@@ -37,7 +37,7 @@ from planner.capture import capture
 from planner.memory import measure_allocator_peak
 from planner.profile import profile, with_released_outputs
 from runtime.module import ScheduledModule
-from solvers.registry import solve
+from solvers.portfolio import solve
 
 log = logging.getLogger("plan_stability")
 

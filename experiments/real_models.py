@@ -63,7 +63,7 @@ from planner.memory import measure_allocator_peak
 from planner.profile import profile, with_released_outputs
 from runtime.module import ScheduledModule
 from solvers.errors import InfeasibleBudgetError
-from solvers.registry import solve
+from solvers.portfolio import solve
 
 log = logging.getLogger("real_models")
 

@@ -42,7 +42,7 @@ from planner.memory import measure_allocator_peak
 from planner.profile import profile
 from planner.roofline import measure_cpu_target
 from runtime.module import ScheduledModule
-from solvers.registry import solve
+from solvers.portfolio import solve
 from solvers.simulate import simulate
 
 log = logging.getLogger("roofline_validation")

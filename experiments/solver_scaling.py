@@ -33,6 +33,7 @@ from planner.profile import profile
 from planner.zoo import GPT
 from solvers import solve
 from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
+from solvers.portfolio import GREEDY_FALLBACK_MAX_OPS
 
 
 def gpt_graph(blocks: int):
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solvers", nargs="+", default=["hierarchical", "greedy", "every_block", "ilp"])
     parser.add_argument("--ilp-max-ops", type=int, default=400)
     parser.add_argument("--ilp-time-limit", type=float, default=60.0)
-    parser.add_argument("--greedy-max-ops", type=int, default=1500)
+    parser.add_argument("--greedy-max-ops", type=int, default=GREEDY_FALLBACK_MAX_OPS)
     parser.add_argument("--no-unet", action="store_true")
     parser.add_argument("--sweep-blocks", nargs="*", type=int, default=[12, 48],
                         help="models on which hierarchical also runs at every --sweep-fractions budget")

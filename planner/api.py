@@ -21,7 +21,7 @@ from runtime.module import ScheduledModule, describe_signature, StepProgram, che
 from solvers.errors import format_bytes
 from solvers.graph import TARGETS, Graph, Transfer
 from solvers.plan import Plan
-from solvers.registry import solve
+from solvers.portfolio import solve
 
 if TYPE_CHECKING:
     from planner.pipeline import PipelinedModel

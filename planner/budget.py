@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from planner.errors import BudgetError
 from solvers.graph import Graph
-from solvers.registry import solve
+from solvers.portfolio import solve
 from solvers.simulate import simulate
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -42,7 +42,7 @@ from planner.roofline import op_time_ms
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph, Transfer, Value, ValueKind
 from solvers.plan import Plan
-from solvers.registry import solve
+from solvers.portfolio import solve
 from solvers.targets import DeviceTarget, device_target
 
 log = logging.getLogger(__name__)

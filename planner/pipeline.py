@@ -56,7 +56,8 @@ from solvers.errors import (InfeasibleBudgetError, InvalidPlanError, MemschedErr
 from solvers.graph import Graph
 from solvers.pipeline import PipelinePlan, StagePlace, StageSpec, check_schedule, solve_pipeline
 from solvers.plan import Plan
-from solvers.registry import least_feasible_lower_bound, solve
+from solvers.kernel.bounds import least_feasible_lower_bound
+from solvers.portfolio import solve
 from solvers.simulate import simulate
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,9 @@ baseline, Jain et al. 2020), ``every_block`` and ``sqrt_n`` (Chen et al. 2016), 
 (Rotor, Beaumont et al. 2019, with offload after Beaumont et al. 2021), ``hierarchical``
 (after Rockmate, Zhao et al. 2023), ``ilp`` (Checkmate's MILP), ``brute_force`` (exact, tiny
 graphs) and `solve_pipeline` (stages over devices). The contract between `Graph`, `Plan`
-and `simulate` is in docs/design.md.
+and `simulate` is in docs/design.md; inside, the core types sit below the solver kernel
+(`solvers.kernel`), the kernel below the algorithms, and `solvers.portfolio` on top decides
+which algorithms run and which plan wins.
 """
 
 from solvers.errors import (InfeasibleBudgetError, InvalidPlanError, MemschedError, OptionError, PlanFormatError,
@@ -14,13 +16,10 @@ from solvers.errors import (InfeasibleBudgetError, InvalidPlanError, MemschedErr
                             format_bytes)
 from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind
 from solvers.plan import Decision, Plan, Step, StepKind
-from solvers.registry import available_solvers, least_feasible_lower_bound, register, solve
+from solvers.kernel.bounds import least_feasible_lower_bound
+from solvers.portfolio import solve  # registers the built-in solvers
+from solvers.registry import available_solvers, register
 from solvers.simulate import SimResult, simulate
-from solvers import baselines as _baselines  # noqa: F401  (registers none, greedy)
-from solvers import brute_force as _brute_force, ilp as _ilp  # noqa: F401  (registers brute_force, ilp)
-from solvers import checkpoint_baselines as _checkpoint_baselines  # noqa: F401  (registers every_block, sqrt_n)
-from solvers import hierarchical as _hierarchical  # noqa: F401  (registers hierarchical)
-from solvers import chain as _chain  # noqa: F401  (registers chain)
 from solvers.pipeline import PipelinePlan, solve_pipeline
 
 __all__ = [

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 from solvers.errors import InfeasibleBudgetError
 from solvers.graph import Graph
+from solvers.kernel.bounds import least_feasible_lower_bound
+from solvers.kernel.program import plan_from_decisions, saved_roots
+from solvers.kernel.recompute import droppable_roots, recompute_frontier, recompute_time_ms
+from solvers.kernel.replay import Replays
 from solvers.plan import Decision, Plan
-from solvers.registry import least_feasible_lower_bound, register
-from solvers.schedule import build_program, saved_roots
 from solvers.simulate import simulate
 
 
-def plan_from_decisions(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int,
-                        optimal: bool = False, free_intermediates: bool = False) -> Plan:
-    forward, backward = build_program(graph, decisions, free_intermediates=free_intermediates)
-    return Plan(graph_hash=graph.hash, solver=solver, budget_bytes=budget_bytes, forward=forward,
-                backward=backward, decisions=dict(decisions), optimal=optimal,
-                options={"free_intermediates": True} if free_intermediates else {})
-
-
-@register("none")
 def solve_none(graph: Graph, budget_bytes: int) -> Plan:
     """Keep every value the backward reads, as autograd does. O(ops)."""
     plan = plan_from_decisions(graph, {root: Decision.KEEP for root in saved_roots(graph)}, "none", budget_bytes,
@@ -35,7 +28,6 @@ def solve_none(graph: Graph, budget_bytes: int) -> Plan:
     return plan
 
 
-@register("greedy")
 def solve_greedy(graph: Graph, budget_bytes: int) -> Plan:
     """Drop saved storages (recompute them, or offload them when the graph's transfer
     profile is real and that is better) in order of bytes per recompute millisecond (of the
@@ -73,24 +65,12 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool,
     """One greedy pass under one recompute policy: (plan, peak) or (None, lowest peak)."""
     decisions = {root: Decision.KEEP for root in saved_roots(graph)}
 
-    def plan_of(trial: dict[str, Decision]) -> Plan:
-        return plan_from_decisions(graph, trial, "greedy", budget_bytes, free_intermediates=free_intermediates)
-
-    replays: dict[frozenset, object] = {}
-
-    def replay(trial: dict[str, Decision]):
-        key = frozenset(trial.items())
-        if key not in replays:
-            replays[key] = simulate(graph, plan_of(trial), check_hash=False)
-        return replays[key]
+    replays = Replays(graph, budget_bytes, free_intermediates=free_intermediates)
 
     def measure(trial: dict[str, Decision]) -> tuple[int, int]:
         """(excess over budget summed over steps, peak)."""
-        result = replay(trial)
-        return result.excess_bytes(budget_bytes), result.peak_bytes
-
-    def time_of(trial: dict[str, Decision]) -> float:
-        return replay(trial).time_ms
+        replayed = replays.replay(trial)
+        return replayed.excess_bytes, replayed.peak_bytes
 
     # offload competes with recompute only where copies really overlap compute
     choices = (Decision.RECOMPUTE, Decision.OFFLOAD) if graph.transfer.real else (Decision.RECOMPUTE,)
@@ -118,8 +98,8 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool,
                 decisions[root] = choice
                 trial_excess, trial_peak = measure(decisions)
                 if (trial_excess, trial_peak) < (excess, peak) and (
-                        best is None or (trial_excess, trial_peak, time_of(decisions)) < best[:3]):
-                    best = (trial_excess, trial_peak, time_of(decisions), choice)
+                        best is None or (trial_excess, trial_peak, replays.time_ms(decisions)) < best[:3]):
+                    best = (trial_excess, trial_peak, replays.time_ms(decisions), choice)
             if best is not None:
                 excess, peak, _, decisions[root] = best
                 dropped.append(root)
@@ -131,52 +111,4 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool,
         chosen, decisions[root] = decisions[root], Decision.KEEP
         if measure(decisions)[1] > budget_bytes:
             decisions[root] = chosen
-    return plan_of(decisions), peak
-
-
-def droppable_roots(graph: Graph) -> tuple[str, ...]:
-    """Saved storages a plan may drop: not pinned, not empty, made by an op that can run
-    again. Graph order. O(values)."""
-    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
-    return tuple(root for root in saved_roots(graph)
-                 if root not in pinned_roots and graph.value(root).size_bytes > 0
-                 and graph.op(graph.value(root).producer).recomputable)
-
-
-def recompute_frontier(graph: Graph, root: str) -> frozenset[str]:
-    """The storages that recomputing ``root`` reads: walk back from its producer through
-    forward values the forward does not keep (they would be recomputed too) to the
-    first saved storages or placeholders. O(size of that sub-graph)."""
-    return _recompute_walk(graph, root)[0]
-
-
-def recompute_time_ms(graph: Graph, root: str) -> float:
-    """Time to recompute ``root`` alone, every other saved storage kept: its producer and
-    the ops behind it whose outputs the forward does not keep (a dropout mask's random
-    fill behind the saved, cheap scaling). What dropping ``root`` costs at the least, the
-    denominator of the drop scores. O(size of that sub-graph)."""
-    return sum(graph.op(name).time_ms for name in _recompute_walk(graph, root)[1])
-
-
-def _recompute_walk(graph: Graph, root: str) -> tuple[frozenset[str], frozenset[str]]:
-    """(storages read, ops run) by the recomputation of ``root`` (`recompute_frontier`)."""
-    saved = set(saved_roots(graph))
-    found: set[str] = set()
-    seen: set[str] = set()
-    producer = graph.value(root).producer
-    ops = {producer}
-    stack = list(graph.op(producer).inputs)
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        value = graph.value(name)
-        if value.root in saved or value.producer is None:
-            found.add(value.root)
-            if value.root == name or value.root in saved or value.producer is None:
-                continue
-        ops.add(value.producer)
-        stack.extend(graph.op(value.producer).inputs)
-    found.discard(root)
-    return frozenset(found), frozenset(ops)
+    return plan_from_decisions(graph, decisions, "greedy", budget_bytes, free_intermediates=free_intermediates), peak

@@ -6,7 +6,7 @@ schedule where a stage's forward may run several times during the backward. Revo
 (Griewank & Walther, "Algorithm 799: revolve", ACM TOMS 2000) is the optimum for chains of
 identical stages; Rotor's DP is the optimum for stages of different costs and sizes.
 
-Stages are the segments of `segments.segment_chain`. Stage k has forward time ``uf[k]``,
+Stages are the segments of `kernel.segments.segment_chain`. Stage k has forward time ``uf[k]``,
 backward time ``ub[k]``, input bytes ``x[k]`` (the storages produced by stage k - 1 that stage
 k reads: what must be kept to run it again), ``xbar[k]`` (what a forward "with all saved"
 keeps for the backward, its output ``x[k + 1]`` included), ``act[k]`` (the highest bytes
@@ -47,13 +47,13 @@ storages after F(s) and recompute them inside B(s), just in time (`backward_prog
 recomputed values carried to their last read or made again for each reader). Option o
 replaces xbar, act, bw by its own (fewer storages kept; B(s)'s peak counts the recomputed
 values by liveness) and adds its recomputation time to ub[s]; the drop sets are
-`segment_options.segment_options`' prefixes. Option 0 keeps everything, so the DP with
+`kernel.options.segment_options`' prefixes. Option 0 keeps everything, so the DP with
 options is never worse under its model. O(L^2 * U * (L + O)) time for O options per stage.
 
 Program. The optimal sequence starts with one forward sweep F(0)..F(L-1) (the forward
 phase runs every forward op once, in order); the rest is the backward phase: F(k) runs
 stage k's recomputable forward ops, B(k) its backward ops. What each phase keeps follows
-from liveness (`schedule.insert_frees`): a value stays alive from its last definition to
+from liveness (`kernel.program.insert_frees`): a value stays alive from its last definition to
 its last read, so every read finds a value and a stage run "all" keeps what its backward
 reads, a stage run "checkpoint only" keeps only what the next stage reads. Re-runs whose
 results are never read are removed before the frees are inserted.
@@ -87,10 +87,11 @@ extra table costs O(L^2 * U) beside the O(L^3 * U) of the recompute-only one.
 
 Check. The DP's memory model is approximate (gradients of parameters, workspaces, aliases),
 so the plan is replayed by `simulate`; the DP's top-level memory is bisected to the
-largest value whose plan fits. ``every_block`` is a candidate too, so the result is never
-slower than it when it fits; with offload the recompute-only search runs as well and its
-plans are candidates, so offloading never makes the result slower. Optimal only under the
-DP's model (not proved for the graph).
+largest value whose plan fits. Decision sets the caller seeds (the portfolio seeds
+``every_block``'s) are candidates too, so the result is never slower than they are when
+they fit; with offload the recompute-only search runs as well and its plans are
+candidates, so offloading never makes the result slower. Optimal only under the DP's
+model (not proved for the graph).
 """
 
 from __future__ import annotations
@@ -98,16 +99,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable, Sequence
 
-from solvers.baselines import plan_from_decisions
-from solvers.brute_force import delay_frees
-from solvers.checkpoint_baselines import checkpoint_decisions
 from solvers.errors import InfeasibleBudgetError, OptionError
 from solvers.graph import Graph, Phase
+from solvers.kernel.options import segment_options
+from solvers.kernel.program import delay_frees, insert_frees, plan_from_decisions, saved_roots
+from solvers.kernel.recompute import Seed
+from solvers.kernel.segments import Segment, root_segments, segment_chain
 from solvers.plan import Decision, Plan, Step, StepKind, offload, prefetch, run
-from solvers.registry import register
-from solvers.schedule import insert_frees, saved_roots
-from solvers.segment_options import segment_options
-from solvers.segments import Segment, root_segments, segment_chain
 from solvers.simulate import simulate
 
 SOLVER = "chain"
@@ -148,20 +146,21 @@ class StageOption:
     backward_program: tuple[str, ...]   # B(k)'s ops, recomputations included, in order
 
 
-@register(SOLVER)
-def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_bisections: int = 10,
-                offload: bool | None = None, every_op: bool = False, options_per_segment: int | None = None) -> Plan:
+def solve_chain_dp(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_bisections: int = 10,
+                   offload: bool | None = None, every_op: bool = False, options_per_segment: int | None = None,
+                   seeds: Sequence[Seed] = ()) -> Plan:
     """Least-time Rotor schedule over the segment chain that `simulate` fits in the budget;
     with ``offload`` (default: ``graph.transfer.real``) the forward phase's checkpoints may
     be offloaded (module docstring). ``every_op``: one stage per forward op
-    (`segments.segment_chain`'s ``every_op``) instead of the block chain.
+    (`kernel.segments.segment_chain`'s ``every_op``) instead of the block chain.
     ``options_per_segment``: drop options per stage (module docstring, "Stage options";
-    default 8 on the block chain, 1 (keep all only) with ``every_op``).
+    default 8 on the block chain, 1 (keep all only) with ``every_op``). ``seeds``: named
+    decision sets over the segments, each one more candidate (``options["source"]`` its name).
     O(L^3 * U + B * (S + R)) for B bisection steps of one plan and one simulation each
     (S steps, R saved storages).
 
     Raises:
-        InfeasibleBudgetError: neither the DP's plans nor ``every_block`` fit.
+        InfeasibleBudgetError: neither the DP's plans nor the seeds fit.
         OptionError: ``resolution < 1``.
     """
     if resolution < 1:
@@ -207,13 +206,13 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
                 break
             memory = (low + high) // 2
 
-    every_block_keep = {root for segment in segments for root in segment.crossing_in}
-    every_block = plan_from_decisions(graph, checkpoint_decisions(graph, every_block_keep), SOLVER, budget_bytes)
-    result = simulate(graph, every_block, check_hash=False)
-    lowest_peak = min(lowest_peak, result.peak_bytes)
-    if result.peak_bytes <= budget_bytes:
-        every_block = replace(every_block, options={"source": "every_block", "segments": len(segments)})
-        candidates.append((result.time_ms, len(candidates), every_block))
+    for source, seed in seeds:
+        seeded = plan_from_decisions(graph, seed(graph, segments), SOLVER, budget_bytes)
+        result = simulate(graph, seeded, check_hash=False)
+        lowest_peak = min(lowest_peak, result.peak_bytes)
+        if result.peak_bytes <= budget_bytes:
+            seeded = replace(seeded, options={"source": source, "segments": len(segments)})
+            candidates.append((result.time_ms, len(candidates), seeded))
     if not candidates:
         raise InfeasibleBudgetError(budget_bytes, lowest_peak,
                                     {f"lowest simulated peak of the chain DP over {len(segments)} segments":
@@ -318,7 +317,7 @@ def backward_program(graph: Graph, segment: Segment, missing: set[str], carry: b
     turn, those their recomputation reads), in dependency order. With ``carry`` each runs
     once and its values stay until their last read; without, the values made only on the
     way to another recomputation are dropped after the backward op and made again when
-    needed (less memory, more time: `schedule.build_program`'s ``free_intermediates``).
+    needed (less memory, more time: `kernel.program.build_program`'s ``free_intermediates``).
     Op names. O(stage ops + arity) with ``carry``, O(stage ops * arity) without."""
     defined: set[str] = set()
     program: list[str] = []

@@ -1,4 +1,4 @@
-"""Fixed checkpointing policies over the segment chain of `solvers.segments`: the
+"""Fixed checkpointing policies over the segment chain of `kernel.segments`: the
 baselines every memory planner is compared with. Both ignore the budget when choosing
 (they are policies, not optimizers) and raise `InfeasibleBudgetError` when their
 simulated peak does not fit it.
@@ -8,7 +8,7 @@ checkpointed block keeps only its inputs (here: the storages crossing into a seg
 skip tensors included, ``Segment.crossing_in``) and recomputes its forward during its
 backward. Differences from torch's implementation, all in its favour or neutral: the
 recomputation runs just in time for each backward op instead of the whole block at
-once (`schedule.build_program`), values the backward never reads are not kept, storages
+once (`kernel.program.build_program`), values the backward never reads are not kept, storages
 that cannot be recomputed (buffer updates) are kept, and the graph's forward outputs
 stay (the caller holds them anyway).
 
@@ -22,26 +22,13 @@ from __future__ import annotations
 
 import math
 
-from solvers.baselines import plan_from_decisions
 from solvers.errors import InfeasibleBudgetError
 from solvers.graph import Graph
+from solvers.kernel.program import plan_from_decisions
+from solvers.kernel.recompute import checkpoint_decisions, every_block_decisions
+from solvers.kernel.segments import Segment, boundary_roots, segment_chain
 from solvers.plan import Decision, Plan
-from solvers.registry import register
-from solvers.schedule import saved_roots
-from solvers.segments import Segment, boundary_roots, segment_chain
 from solvers.simulate import simulate
-
-
-def checkpoint_decisions(graph: Graph, keep: set[str]) -> dict[str, Decision]:
-    """Recompute every saved storage except ``keep``, the pinned values (forward outputs:
-    the caller holds them) and those whose producer cannot run twice. O(values)."""
-    pinned_roots = {graph.value(name).root for name in graph.pinned_values}
-    decisions = {}
-    for root in saved_roots(graph):
-        producer = graph.op(graph.value(root).producer)
-        must_keep = root in keep or root in pinned_roots or not producer.recomputable
-        decisions[root] = Decision.KEEP if must_keep else Decision.RECOMPUTE
-    return decisions
 
 
 def sqrt_n_group_size(num_segments: int) -> int:
@@ -49,29 +36,26 @@ def sqrt_n_group_size(num_segments: int) -> int:
     return max(1, round(math.sqrt(num_segments)))
 
 
-@register("every_block")
 def solve_every_block(graph: Graph, budget_bytes: int) -> Plan:
     """Checkpoint every segment (``torch.utils.checkpoint`` on every block): keep only
     the storages crossing into each segment, recompute the rest in the backward.
     O(ops + edges) plus one simulation."""
     segments = segment_chain(graph)
-    keep = {root for segment in segments for root in segment.crossing_in}
-    return _fixed_policy_plan(graph, budget_bytes, keep, "every_block", segments)
+    return _fixed_policy_plan(graph, budget_bytes, every_block_decisions(graph, segments), "every_block", segments)
 
 
-@register("sqrt_n")
 def solve_sqrt_n(graph: Graph, budget_bytes: int) -> Plan:
     """Chen et al. 2016: keep the storages alive across every round(sqrt(L))-th segment
     cut, recompute the rest. O(L * (ops + edges)) plus one simulation."""
     segments = segment_chain(graph)
     group = sqrt_n_group_size(len(segments))
     keep = {root for index in range(group, len(segments), group) for root in boundary_roots(graph, segments, index)}
-    return _fixed_policy_plan(graph, budget_bytes, keep, "sqrt_n", segments)
+    return _fixed_policy_plan(graph, budget_bytes, checkpoint_decisions(graph, keep), "sqrt_n", segments)
 
 
-def _fixed_policy_plan(graph: Graph, budget_bytes: int, keep: set[str], solver: str,
+def _fixed_policy_plan(graph: Graph, budget_bytes: int, decisions: dict[str, Decision], solver: str,
                        segments: tuple[Segment, ...]) -> Plan:
-    plan = plan_from_decisions(graph, checkpoint_decisions(graph, keep), solver, budget_bytes)
+    plan = plan_from_decisions(graph, decisions, solver, budget_bytes)
     peak = simulate(graph, plan, check_hash=False).peak_bytes
     if peak > budget_bytes:
         raise InfeasibleBudgetError(budget_bytes, peak, {f"{solver} peak over {len(segments)} segments": peak},

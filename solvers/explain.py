@@ -16,12 +16,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from solvers.baselines import recompute_time_ms
 from solvers.errors import PlanFormatError, format_bytes
-from solvers.graph import Graph, Phase, ValueKind
+from solvers.graph import Graph
+from solvers.kernel.program import saved_roots
+from solvers.kernel.recompute import recompute_time_ms
 from solvers.plan import Decision, Plan, StepKind
-from solvers.schedule import saved_roots
-from solvers.simulate import SimResult, simulate
+from solvers.simulate import SimResult, live_roots_at, simulate
 
 EXPLANATION_FORMAT = "memsched.explanation/1"
 
@@ -169,7 +169,7 @@ def explain(graph: Graph | None, plan: Plan) -> Explanation:
     baseline_time_ms = plan.baseline_time_ms or graph.total_time_ms
     overhead_pct = (sim.time_ms / baseline_time_ms - 1.0) * 100.0 if baseline_time_ms > 0 else 0.0
     warnings = _prediction_warnings(plan, sim)
-    live_roots_at_peak = _live_roots_at(graph, plan, sim.peak_phase, sim.peak_step_index)
+    live_roots_at_peak = live_roots_at(graph, plan, sim.peak_phase, sim.peak_step_index, during_step=False)
     rows = _saved_rows(graph, plan, sim, live_roots_at_peak)
     decisions = {row.name: row.decision for row in rows}
 
@@ -212,31 +212,6 @@ def _prediction_warnings(plan: Plan, sim: SimResult) -> tuple[str, ...]:
         warnings.append(f"the replayed peak {format_bytes(sim.peak_bytes)} exceeds the budget "
                         f"{format_bytes(plan.budget_bytes)}; re-plan with solvers.solve")
     return tuple(warnings)
-
-
-def _live_roots_at(graph: Graph, plan: Plan, phase: Phase, step_index: int) -> frozenset[str]:
-    """Storage roots on the device right after step ``step_index`` of ``phase`` (the same
-    liveness rules as `simulate`: placeholders and produced outputs/gradients are pinned)."""
-    if step_index < 0:
-        return frozenset()
-    pinned = set(graph.forward_outputs) | set(graph.gradients)
-    live = {name for name in graph.placeholders if graph.value(name).kind is not ValueKind.TANGENT}
-    held: set[str] = set()     # produced outputs and gradients: held by the caller to the end
-    for current in (Phase.FORWARD, Phase.BACKWARD):
-        if current is Phase.BACKWARD:
-            live.update(name for name in graph.placeholders if graph.value(name).kind is ValueKind.TANGENT)
-        for index, step in enumerate(plan.steps(current)):
-            if step.kind is StepKind.RUN:
-                outputs = graph.op(step.name).outputs
-                live.update(outputs)
-                held.update(name for name in outputs if name in pinned)
-            elif step.kind is StepKind.PREFETCH:
-                live.add(step.name)
-            elif step.kind is StepKind.FREE:
-                live.discard(step.name)
-            if current is phase and index == step_index:
-                return frozenset(graph.value(name).root for name in live | held)
-    return frozenset()
 
 
 def _saved_rows(graph: Graph, plan: Plan, sim: SimResult, live_roots_at_peak: frozenset[str]) -> tuple[SavedRow, ...]:

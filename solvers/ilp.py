@@ -1,8 +1,8 @@
 """Checkmate-style MILP (Jain et al., MLSys 2020) over the exact solvers' plan space.
 
-The space is the one `solvers.brute_force` enumerates (see its docstring): the forward
-runs once and keeps or drops each saved storage; backward stage t runs forward
-recomputations in graph order, each at most once per stage, then backward op t.
+The space is `kernel.space`'s (see its docstring), the one `solvers.brute_force`
+enumerates: the forward runs once and keeps or drops each saved storage; backward stage t
+runs forward recomputations in graph order, each at most once per stage, then backward op t.
 Checkmate's stages are all ops and its forward is part of the MILP; here the stages are
 the backward ops and the forward is fixed but for its keep set, so the model is the
 "frontier-advancing" Checkmate restricted to the backward.
@@ -26,7 +26,7 @@ linearised with one inequality per hazard (FREE only needs upper bounds, since a
 not freed is only counted longer).
 
 Offload (when ``graph.transfer.real``, or ``offload=True``; the space and its fixed
-schedule are `solvers.brute_force.OffloadSpace`'s): per candidate storage r
+schedule are `solvers.kernel.space.OffloadSpace`'s): per candidate storage r
 
     O[r]       binary   r is copied to the host after its producer and back at the start
                         of backward stage p(r)
@@ -61,13 +61,13 @@ same time and memory, and every solution is a plan whose simulated peak is at mo
 model's.
 
 Start: the MILP alone finds no incumbent for minutes on graphs of hundreds of ops, so
-`solve_ilp` converts the plans of the heuristics ``hierarchical``, ``greedy`` (skipped
-above `registry.AUTO_MAX_OPS` ops), ``every_block`` and ``chain`` into plans of the space
-(each keeps what the heuristic keeps, among the storages the space can drop, and
-recomputes the rest just in time before each backward op, in graph order; forward
-re-runs and offloads become recomputations) and keeps the fastest that fits. HiGHS
-starts from its values of R and S; whatever the backend, it is the fallback when the
-MILP ends without an incumbent or with a slower one.
+`solve_milp` takes a start, a plan of the space converted from a heuristic's plan
+(`kernel.space.start_runs`: it keeps what the heuristic keeps, among the storages the space
+can drop, and recomputes the rest just in time before each backward op, in graph order;
+forward re-runs and offloads become recomputations). Which heuristics, and which of their
+plans wins, is the portfolio's choice (`solvers.portfolio.best_start`). HiGHS starts from
+the start's values of R and S; whatever the backend, it is the fallback when the MILP ends
+without an incumbent or with a slower one.
 """
 
 from __future__ import annotations
@@ -76,16 +76,15 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable
 
-from solvers.brute_force import (OffloadSpace, PlanSpace, assemble_plan, forward_high_water, offload_space,
-                                 plan_space)
-from solvers.errors import InfeasibleBudgetError, SolverUnavailableError, UnsupportedGraphError
-from solvers.graph import Graph, Phase
-from solvers.plan import Decision, Plan, StepKind
+from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
+from solvers.graph import Graph
+from solvers.kernel.bounds import least_feasible_lower_bound
+from solvers.kernel.space import (OffloadSpace, PlanSpace, SpaceStart, assemble_plan, forward_high_water,
+                                  offload_space, plan_space)
+from solvers.plan import Plan, StepKind
 from solvers.quiet import native_output_silenced
-from solvers.registry import least_feasible_lower_bound, register
 from solvers.simulate import simulate
 
 log = logging.getLogger(__name__)
@@ -397,116 +396,6 @@ class _Model:
         return keep, runs, offloaded
 
 
-# Heuristics whose plans are converted into MILP starts, in the order they are tried (the
-# first wins ties); `solvers.registry.AUTO_MAX_OPS` skips the slow ones on large graphs.
-_START_SOLVERS = ("hierarchical", "greedy", "every_block", "chain")
-
-
-@dataclass(frozen=True)
-class _Start:
-    """A plan of the space (keep set, backward runs) that fits the budget, converted from
-    the plan of the heuristic ``solver``; ``time_ms`` is its simulated time and
-    ``recompute_ms`` its MILP objective (the forward ops it recomputes)."""
-
-    solver: str
-    keep: frozenset[str]
-    runs: tuple[str, ...]
-    time_ms: float
-    recompute_ms: float
-
-
-def _start_runs(graph: Graph, budget_bytes: int, space: PlanSpace, decisions: Mapping[str, Decision],
-                carry: bool = True) -> tuple[frozenset[str], list[str], float] | None:
-    """A plan of the space with the storages ``decisions`` does not keep dropped (those
-    the space can drop): before each backward op, the recomputations its missing inputs
-    need, in graph order. Recomputed values are carried to later stages that may need
-    them with ``carry``, else freed after their stage and recomputed again (greedy's
-    ``free_intermediates``). A value on the storage of an op to recompute (another output
-    of a multi-output op, or a view) is neither kept nor carried into that stage, as the
-    space requires; the recomputation makes it again. Returns (keep set, backward runs,
-    simulated time in ms), or None if the plan does not fit ``budget_bytes`` or would
-    recompute an op the space cannot. O(B * (F + E)) for B backward ops, F forward ops
-    and E edges, plus one simulation."""
-    dropped = {root for root, decision in decisions.items() if decision is not Decision.KEEP}
-    keep = set(space.keep_set(dropped & set(space.droppable_roots)))
-    live, runs = set(keep), []
-    for stage, backward_op in enumerate(graph.backward_ops):
-        while True:
-            chosen: set[str] = set()
-            stack = [n for n in backward_op.inputs if n in space.activations and n not in live]
-            while stack:
-                producer = graph.value(stack.pop()).producer
-                if producer not in space.recomputable:
-                    return None
-                if producer not in chosen:
-                    chosen.add(producer)
-                    stack.extend(n for n in graph.op(producer).inputs if n in space.activations and n not in live)
-            remade = {root for op_name in chosen for root in space.own_roots[op_name]}
-            stale = {n for n in live if space.root(n) in remade}
-            if not stale:
-                break
-            if stage == 0:
-                if stale & space.kept_always:
-                    return None
-                keep -= stale
-            live -= stale                        # then recompute what of it stage t reads
-        for op_name in sorted(chosen, key=space.forward_index.__getitem__):
-            if carry:
-                live.update(graph.op(op_name).outputs)
-            runs.append(op_name)
-        runs.append(backward_op.name)
-        live &= space.useful[stage + 1]
-    plan = assemble_plan(graph, "ilp", budget_bytes, keep, runs, optimal=False, gap=None)
-    result = simulate(graph, plan)
-    return (frozenset(keep), runs, result.time_ms) if result.peak_bytes <= budget_bytes else None
-
-
-def _best_start(graph: Graph, budget_bytes: int, space: PlanSpace,
-                starts: Sequence[Plan] | None = None) -> _Start | None:
-    """The fastest start (least simulated time; ties: the earlier solver) that `_start_runs`
-    converts, with and without ``carry``, from the plans of `_START_SOLVERS` that fit
-    ``budget_bytes`` (or from ``starts``, plans the caller already has); None if none does.
-    Each distinct drop set is converted once, and the search stops at a start that
-    recomputes nothing. Well under a second per heuristic at a few hundred ops."""
-    from solvers.registry import AUTO_MAX_OPS, solve
-
-    def plans() -> Iterator[tuple[str, Plan]]:
-        if starts is not None:
-            yield from ((plan.solver, plan) for plan in starts)
-            return
-        for name in _START_SOLVERS:
-            if len(graph.ops) > AUTO_MAX_OPS.get(name, len(graph.ops)):
-                continue
-            try:
-                yield name, solve(graph, budget_bytes, name)
-            except (InfeasibleBudgetError, UnsupportedGraphError) as error:
-                log.debug("ilp: no start from %s: %s", name, error)
-
-    best: _Start | None = None
-    converted: set[frozenset[str]] = set()
-    droppable = set(space.droppable_roots)
-    for name, plan in plans():
-        if best is not None and best.recompute_ms == 0:
-            break                                # recomputes nothing: no start is faster
-        dropped = frozenset(root for root, decision in plan.decisions.items()
-                            if decision is not Decision.KEEP and root in droppable)
-        if dropped in converted:
-            continue
-        converted.add(dropped)
-        for carry in (True, False):
-            found = _start_runs(graph, budget_bytes, space, plan.decisions, carry)
-            if found is None:
-                log.debug("ilp: %s's plan (carry=%s) does not fit once converted into the MILP's space",
-                          name, carry)
-                continue
-            keep, runs, time_ms = found
-            if best is None or time_ms < best.time_ms:
-                recompute_ms = sum(graph.op(op_name).time_ms for op_name in runs
-                                   if graph.op(op_name).phase is Phase.FORWARD)
-                best = _Start(name, keep, tuple(runs), time_ms, recompute_ms)
-    return best
-
-
 def _dual_bound_gap(problem: Any, objective: float) -> float | None:
     """HiGHS' relative gap |objective - dual bound| / |objective| (0 when they are equal)
     for a solution of MILP objective ``objective``; None without a finite dual bound
@@ -580,10 +469,9 @@ def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, fl
                                  "(pip install highspy) or use pulp's bundled CBC with backend='cbc'")
 
 
-@register("ilp")
-def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, backend: str = "auto",
-              rel_gap: float = 0.0, warm_start: bool = True, offload: bool | None = None,
-              starts: Sequence[Plan] | None = None) -> Plan:
+def solve_milp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, backend: str = "auto",
+               rel_gap: float = 0.0, offload: bool | None = None,
+               start_from: Callable[[PlanSpace], SpaceStart | None] | None = None) -> Plan:
     """Least-time keep/recompute/offload plan of the exact solvers' space under ``budget_bytes``.
 
     MILP after Checkmate (Jain et al., MLSys 2020), see the module docstring; pulp with
@@ -593,16 +481,15 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     incumbent is returned with ``optimal=False`` and its proved relative ``gap`` (HiGHS'
     ``mip_gap``; None from CBC).
 
-    With ``warm_start``, the fastest start converted from the heuristics' plans (module
-    docstring; under a second per heuristic at a few hundred ops, ``options["start_time_s"]``;
-    ``starts``: plans the caller already has, converted instead of solving again)
-    is handed to HiGHS, and returned instead of the MILP's incumbent when the MILP ends
-    without one or with a slower one (simulated time): then ``gap`` is the start's,
+    ``start_from(space)``, when given, returns the start (module docstring; the time it
+    takes is ``options["start_time_s"]``), which is handed to HiGHS, and returned instead
+    of the MILP's incumbent when the MILP ends without one or with a slower one
+    (simulated time): then ``gap`` is the start's,
     |objective - dual bound| / |objective| on the recomputation time, None without a
     finite dual bound (CBC, or HiGHS stopped before bounding), and ``optimal``
     holds when that gap is 0 (the dual bound proves the start optimal).
     ``options["warm_start"]`` names the heuristic the start came from (False: none fits,
-    or ``warm_start=False``), ``options["incumbent"]`` what was returned (``"milp"`` or
+    or no ``start_from``), ``options["incumbent"]`` what was returned (``"milp"`` or
     ``"start:<heuristic>"``). The plan is replayed by `simulate` before it is returned.
     Optimal over the space (module docstring) when ``optimal``; NP-hard in general,
     seconds for graphs of a few hundred ops.
@@ -621,7 +508,7 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
     model = _Model(graph, budget_bytes, space, offloads if offloads.candidates else None)
     plans = "keep/recompute/offload" if offloads.candidates else "keep/recompute"
     built = time.perf_counter()
-    start = _best_start(graph, budget_bytes, space, starts) if warm_start and graph.backward_ops else None
+    start = start_from(space) if start_from is not None and graph.backward_ops else None
     started_milp = time.perf_counter()
     hint = model.start_values(start.keep, list(start.runs)) if start is not None else None
     model.problem.solve(_backend(backend, time_limit_s, rel_gap, hint))
@@ -653,7 +540,7 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
                              options={**options, "incumbent": "milp"}, offloaded=offloaded, offloads=offloads)
         result = simulate(graph, plan)
         # the MILP does not count the generator states saved for replayed random ops
-        # (`Graph.rng_state_bytes`): `registry.solve` re-aims below the budget by that excess
+        # (`Graph.rng_state_bytes`): `portfolio.solve` re-aims below the budget by that excess
         rng_allowance_bytes = 64 * graph.rng_state_bytes
         if result.peak_bytes > budget_bytes + rng_allowance_bytes:
             raise AssertionError(f"ilp: simulated peak {result.peak_bytes} > budget {budget_bytes}: "
@@ -663,7 +550,7 @@ def solve_ilp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, ba
                      result.time_ms, start.solver, start.time_ms)
             plan = None
     elif start is None:
-        why = "warm_start=False" if not warm_start else "no heuristic start fits"
+        why = "warm_start=False" if start_from is None else "no heuristic start fits"
         raise SolverUnavailableError(
             f"ilp: no plan found within time_limit_s={time_limit_s} ({pulp.LpStatus[model.problem.status]}) "
             f"and {why}; raise time_limit_s or use solver='auto'")

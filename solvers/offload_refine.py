@@ -10,7 +10,7 @@ and of POFO / OffMate, Beaumont et al. 2021-2024). This pass starts from the pla
 decisions and, per segment then per storage, replaces ``recompute`` by ``offload`` where
 the replayed step (`simulate`, which models both copy streams and the stalls they cause)
 gets faster within the budget; prefetches are issued one copy time ahead of their use
-(`schedule.build_program`'s ``prefetch_by_transfer_time``). Then it keeps storages again
+(`kernel.program.build_program`'s ``prefetch_by_transfer_time``). Then it keeps storages again
 that the memory freed by offloading now allows, most recompute time per byte first.
 
 Greedy, not optimal. Each trial is one replay, O(N) for N program steps; the trials are
@@ -21,48 +21,22 @@ slower than the plan it started from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
-from solvers.baselines import recompute_time_ms
 from solvers.graph import Graph
-from solvers.plan import Decision, Plan
-from solvers.schedule import build_program
-from solvers.simulate import simulate
+from solvers.kernel.program import saved_roots
+from solvers.kernel.recompute import recompute_time_ms
+from solvers.kernel.replay import Replays
+from solvers.plan import Decision
 
 OFFLOAD_REPLAY_OPS = 150_000   # ops replayed, in all, by the trials of one refinement
 OFFLOAD_BISECTIONS = 8         # DP budgets tried per offload set by `offload_with_recompute`
 
 
-@dataclass
-class _Replays:
-    """Replays decision sets (memoized), within a budget of ops replayed."""
-
-    graph: Graph
-    budget_bytes: int
-    ops_left: int
-
-    def __post_init__(self) -> None:
-        self._seen: dict[frozenset, tuple[int, float]] = {}
-
-    def measure(self, decisions: dict[str, Decision]) -> tuple[int, float] | None:
-        """(peak bytes, time ms), or None when the trial budget is spent."""
-        key = frozenset((root, decision) for root, decision in decisions.items() if decision is not Decision.KEEP)
-        if key not in self._seen:
-            if self.ops_left <= 0:
-                return None
-            self.ops_left -= len(self.graph.ops)
-            plan = plan_with_offload(self.graph, decisions, "offload_refine", self.budget_bytes)
-            result = simulate(self.graph, plan, check_hash=False)
-            self._seen[key] = (result.peak_bytes, result.time_ms)
-        return self._seen[key]
-
-
-def plan_with_offload(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int) -> Plan:
-    """The program of ``decisions`` with prefetches issued a copy time ahead of their use."""
-    forward, backward = build_program(graph, decisions, prefetch_by_transfer_time=True)
-    return Plan(graph_hash=graph.hash, solver=solver, budget_bytes=budget_bytes, forward=forward,
-                backward=backward, decisions=dict(decisions), options={"prefetch": "by transfer time"})
+def _replays(graph: Graph, budget_bytes: int) -> Replays:
+    """The replays of one refinement: programs with prefetches a copy time ahead
+    (`kernel.program.plan_with_offload`), at most `OFFLOAD_REPLAY_OPS` ops replayed."""
+    return Replays(graph, budget_bytes, prefetch_by_transfer_time=True, ops_left=OFFLOAD_REPLAY_OPS)
 
 
 def refine_with_offload(graph: Graph, decisions: dict[str, Decision], budget_bytes: int,
@@ -71,12 +45,12 @@ def refine_with_offload(graph: Graph, decisions: dict[str, Decision], budget_byt
     ``budget_bytes``, some recomputations turned into offloads (module docstring), and
     their replayed time; None when nothing improves.
     ``groups``: storages to try as one change first (a segment's), before single storages."""
-    replays = _Replays(graph, budget_bytes, OFFLOAD_REPLAY_OPS)
+    replays = _replays(graph, budget_bytes)
     current = dict(decisions)
-    start = replays.measure(current)
+    start = replays.replay(current)
     if start is None:
         return None
-    start_peak, start_time = start
+    start_peak, start_time = start.peak_bytes, start.time_ms
     best_time = start_time if start_peak <= budget_bytes else float("inf")
 
     def transfer_ms(root: str) -> float:
@@ -88,10 +62,10 @@ def refine_with_offload(graph: Graph, decisions: dict[str, Decision], budget_byt
         nonlocal current, best_time
         trial = dict(current)
         trial.update({root: decision for root in roots})
-        measured = replays.measure(trial)
-        if measured is None or measured[0] > budget_bytes or measured[1] >= best_time:
+        measured = replays.replay(trial)
+        if measured is None or measured.peak_bytes > budget_bytes or measured.time_ms >= best_time:
             return False
-        current, best_time = trial, measured[1]
+        current, best_time = trial, measured.time_ms
         return True
 
     recomputed = [root for root, decision in current.items() if decision is Decision.RECOMPUTE]
@@ -118,7 +92,6 @@ def early_offload_set(graph: Graph, share: float = 1.0) -> list[str]:
     forward (they wait longest for their backward reader, as vDNN offloads the first
     layers), as many as ``share`` of the link can copy to the host while the forward runs
     and back while the backward runs. O(saved storages)."""
-    from solvers.schedule import saved_roots     # noqa: PLC0415 - the kernel, kept at the point of use
     forward_ms = sum(op.time_ms for op in graph.forward_ops)
     backward_ms = sum(op.time_ms for op in graph.backward_ops)
     transfer = graph.transfer
@@ -142,7 +115,7 @@ def offload_with_recompute(graph: Graph, budget_bytes: int,
     bytes (what offloading frees) and the set is offloaded on top of it; the raise is
     bisected (`OFFLOAD_BISECTIONS` replays per set) to the largest whose replay fits
     ``budget_bytes``. The fastest fitting decisions and their time, or None."""
-    replays = _Replays(graph, budget_bytes, OFFLOAD_REPLAY_OPS)
+    replays = _replays(graph, budget_bytes)
     best: tuple[dict[str, Decision], float] | None = None
     for share in shares:
         chosen = early_offload_set(graph, share)
@@ -155,10 +128,10 @@ def offload_with_recompute(graph: Graph, budget_bytes: int,
             measured = None
             if decisions is not None:
                 trial = {**decisions, **{root: Decision.OFFLOAD for root in chosen}}
-                measured = replays.measure(trial)
-            if measured is not None and measured[0] <= budget_bytes:
-                if best is None or measured[1] < best[1]:
-                    best = (trial, measured[1])
+                measured = replays.replay(trial)
+            if measured is not None and measured.peak_bytes <= budget_bytes:
+                if best is None or measured.time_ms < best[1]:
+                    best = (trial, measured.time_ms)
                 low = extra
             else:
                 high = extra

@@ -13,11 +13,11 @@ than K - s micro-batches. Both as ``torch.distributed.pipelining`` runs them
 (``ScheduleGPipe``, ``Schedule1F1B``).
 
 The chain. The joint forward+backward graph of ONE micro-batch is cut into S segments
-(`segments.segment_chain`; `solvers.pipeline_graph` builds the `PipelineChain`); segment k
+(`kernel.segments.segment_chain`; `solvers.pipeline_graph` builds the `PipelineChain`); segment k
 has forward time ``f_k``, backward time ``g_k``, static bytes ``p_k`` (parameters and
 buffers its ops read, parameters twice for their gradients), gradient bytes ``w_k`` (its
 parameters'), model-input bytes ``x_k`` (inputs and targets its ops read, per
-micro-batch), and options o (``hierarchical.OptionCost``: ``saved_k(o)`` bytes kept to the
+micro-batch), and options o (``kernel.options.OptionCost``: ``saved_k(o)`` bytes kept to the
 backward, ``transient_k(o)`` bytes of working memory while it runs, ``r_k(o)`` ms of
 recomputation; option 0 keeps all, ``r_k(0) = 0``). ``c_i`` is the bytes of the
 activation storages crossing the cut before segment i (skips counted at every cut they
@@ -76,7 +76,7 @@ so stage s never holds more than K - s micro-batches.
 
 Not modelled: parameters shared by two segments of one stage are counted twice (tied
 embeddings), and a segment's transient bytes come from the single-device replay of
-`hierarchical.probe_costs` minus the graph's resident bytes, so they include the
+`kernel.options.probe_costs` minus the graph's resident bytes, so they include the
 gradients of later segments that the single-device backward holds; both over-estimate
 the peak. Pricing one stage is O(b - a).
 """
@@ -87,7 +87,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Sequence
 
 from solvers.errors import OptionError, UnsupportedGraphError
-from solvers.hierarchical import OptionCost
+from solvers.kernel.options import OptionCost
 
 SCHEDULES = ("gpipe", "1f1b")
 DEFAULT_LINK_BYTES_PER_MS = 10e6   # 10 GB/s

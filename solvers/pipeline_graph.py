@@ -2,7 +2,7 @@
 `solve_pipeline`, the graph-level entry point (graph in, `PipelinePlan` out).
 
 `pipeline_chain` cuts the joint forward+backward graph of ONE micro-batch into the segment
-chain of `segments.segment_chain` and measures what `solvers.pipeline_cost` needs of each
+chain of `kernel.segments.segment_chain` and measures what `solvers.pipeline_cost` needs of each
 segment (times, static bytes, recompute options) and of each cut (the activation bytes
 crossing it). `solve_pipeline` runs the split DP (`solvers.pipeline_split`) on that chain
 and turns its solution into a plan (`solvers.pipeline_plan`).
@@ -15,24 +15,23 @@ from typing import Sequence
 
 from solvers.errors import OptionError, UnsupportedGraphError
 from solvers.graph import Graph, ValueKind
-from solvers.hierarchical import OptionCost, probe_costs
+from solvers.kernel.options import OptionCost, SegmentOptions, probe_costs, segment_options
+from solvers.kernel.segments import Segment, boundary_roots, segment_chain
 from solvers.pipeline_cost import DEFAULT_LINK_BYTES_PER_MS, PipelineChain, SegmentCosts, check_schedule
 from solvers.pipeline_plan import PipelinePlan, plan_from_solution
 from solvers.pipeline_split import solve_pipeline_chain
-from solvers.segment_options import SegmentOptions, segment_options
-from solvers.segments import Segment, boundary_roots, segment_chain
 
 
 def pipeline_chain(graph: Graph, *, options_per_segment: int = 8
                    ) -> tuple[PipelineChain, tuple[Segment, ...], list[SegmentOptions]]:
     """The graph's segment chain as a `PipelineChain`, with the segments and their options.
 
-    Options and their costs come from `hierarchical.segment_options` and one
-    `hierarchical.probe_costs` (L replays of the whole graph); an option's transient bytes
+    Options and their costs come from `kernel.options.segment_options` and one
+    `kernel.options.probe_costs` (L replays of the whole graph); an option's transient bytes
     are its probed need minus the graph's resident bytes (parameters, buffers, inputs),
     at least 0. ``param_bytes``: the parameter storages a segment's ops read, twice (the
     gradient), and its buffers once; ``model_input_bytes``: the input storages they read.
-    ``cut_bytes`` from `segments.boundary_roots`. O(L * N + S * (ops + edges)).
+    ``cut_bytes`` from `kernel.segments.boundary_roots`. O(L * N + S * (ops + edges)).
 
     Raises:
         UnsupportedGraphError: ``options_per_segment`` < 2.

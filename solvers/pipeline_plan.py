@@ -15,12 +15,12 @@ from typing import Any, Mapping, Sequence
 
 from solvers.errors import PlanFormatError
 from solvers.graph import Graph, read_json_file, write_json_file
+from solvers.kernel.options import SegmentOptions
+from solvers.kernel.program import saved_roots
+from solvers.kernel.segments import Segment, root_segments
 from solvers.pipeline_cost import DEFAULT_LINK_BYTES_PER_MS, SCHEDULES, PipelineSolution, StageCost
 from solvers.pipeline_split import SOLVER
 from solvers.plan import Decision, check_plan_graph, embedded_graph
-from solvers.schedule import saved_roots
-from solvers.segment_options import SegmentOptions
-from solvers.segments import Segment, root_segments
 
 PIPELINE_FORMAT = "memsched.pipeline/1"
 

@@ -21,6 +21,9 @@ Memory model (storages; docs/design.md, "Memory is counted by storage"):
 Time model: one compute stream and two copy channels (device->host, host->device) that
 overlap compute; a read of a prefetched value waits for its copy. O(steps + sum of op
 arity) time.
+
+`live_roots_at` answers "which storages are alive at step i" by the same rules, for the
+solvers and `explain` that need the set rather than its bytes.
 """
 
 from __future__ import annotations
@@ -276,6 +279,41 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
     return SimResult(peak_bytes=peak_bytes, time_ms=clock_ms, compute_ms=compute_ms, recompute_ms=recompute_ms,
                      stall_ms=stall_ms, peak_phase=peak_phase, peak_step_index=peak_index,
                      saved_bytes=max(0, saved_bytes), offloaded_bytes=offloaded_bytes, timeline=tuple(timeline))
+
+
+def live_roots_at(graph: Graph, plan: Plan, phase: Phase, step_index: int, *,
+                  during_step: bool = True) -> frozenset[str]:
+    """The storages (alias roots) alive at step ``step_index`` of ``phase`` by `simulate`'s
+    accounting: the non-tangent placeholders throughout, the tangents from the backward
+    on, forward outputs and gradients from their production to the end (the caller and
+    autograd hold them; ``released_outputs`` until the backward starts), and every value
+    the program holds (made by a run or a prefetch, until its free). ``during_step``: what
+    the step's high-water mark counts (its free not yet done; `SimResult.peak_step_index`
+    with `SimResult.peak_phase` gives the storages behind the peak); else right after the
+    step. Empty for ``step_index < 0`` (before the first step). O(steps + sum of op arity)."""
+    if step_index < 0:
+        return frozenset()
+    live = {name for name in graph.placeholders if graph.value(name).kind is not ValueKind.TANGENT}
+    pinned = set(graph.forward_outputs) | set(graph.gradients)
+    held: set[str] = set()        # pinned values the caller holds, produced in their own phase
+    for current in (Phase.FORWARD, Phase.BACKWARD):
+        if current is Phase.BACKWARD:
+            held.difference_update(graph.released_outputs)
+            live.update(name for name in graph.placeholders if graph.value(name).kind is ValueKind.TANGENT)
+        for index, step in enumerate(plan.steps(current)):
+            at_step = current is phase and index == step_index
+            if step.kind is StepKind.RUN:
+                op = graph.op(step.name)
+                live.update(op.outputs)
+                if op.phase is current:
+                    held.update(name for name in op.outputs if name in pinned)
+            elif step.kind is StepKind.PREFETCH:
+                live.add(step.name)
+            elif step.kind is StepKind.FREE and not (at_step and during_step):
+                live.discard(step.name)
+            if at_step:
+                return frozenset(graph.value(name).root for name in live | held)
+    return frozenset()
 
 
 def _pinned_forward_bytes(graph: Graph) -> int:

@@ -18,11 +18,11 @@ from hypothesis import given, settings, strategies as st
 from solvers import (Decision, Graph, InfeasibleBudgetError, InvalidPlanError, Op, Phase, Plan, SimResult,
                      SolverUnavailableError, StepKind, Value, ValueKind, available_solvers,
                      least_feasible_lower_bound, simulate, solve)
-from solvers.baselines import recompute_time_ms
+from solvers.kernel.recompute import recompute_time_ms
 from solvers.explain import explain
-from solvers.segment_options import _drop_order_options
+from solvers.kernel.options import _drop_order_options
 from solvers.plan import Step
-from solvers.schedule import build_program, decisions_for, insert_frees, saved_roots
+from solvers.kernel.program import build_program, decisions_for, insert_frees, saved_roots
 from strategies import KEEP_ALL_BUDGET_BYTES, budget_between, chain_graphs, keep_all_peak_bytes, small_graphs
 
 BASELINES = ("none", "greedy")

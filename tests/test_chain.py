@@ -200,7 +200,7 @@ def test_backward_program_recomputes_just_in_time_with_and_without_carry() -> No
     Carried, f1 and f2 run once before b3; without carry a1, made only on the way to a2,
     is dropped after b3 and made again before b2."""
     from solvers.chain import _backward_peak, backward_program
-    from solvers.segments import Segment
+    from solvers.kernel.segments import Segment
     graph = uniform_chain(3)
     stage = Segment(index=0, forward_ops=("f1", "f2", "f3"), backward_ops=("b3", "b2", "b1"), crossing_in=(),
                     output_roots=("a3",), activation_bytes=3000)
@@ -221,7 +221,7 @@ def test_stage_options_fit_reach_lower_and_keep_gradients(tiny) -> None:
     gradients."""
     from planner.budget import resolve_budget
     from runtime.module import ScheduledModule
-    from solvers.chain import solve_chain
+    from solvers.portfolio import solve_chain
     name, model, inputs, step, graph = tiny
 
     def lowest(options_per_segment: int) -> int:

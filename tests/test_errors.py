@@ -49,7 +49,7 @@ def mistakes() -> dict[str, tuple[Callable[[], object], type[MemschedError], str
     from planner.errors import BudgetError, PlanFileError
     from planner.inspect import load_plan
     from planner.memory import StepMemoryTracker
-    from solvers.hierarchical import solve_hierarchical
+    from solvers.portfolio import solve_hierarchical
 
     graph = two_op_graph()
 

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from solvers import (Decision, Graph, InfeasibleBudgetError, Op, Phase, Plan, SolverUnavailableError,
                      UnsupportedGraphError, Value, ValueKind, simulate, solve)
 from solvers import ilp
-from solvers.brute_force import least_feasible_plan, plan_space
+from solvers.brute_force import least_feasible_plan
+from solvers.kernel.space import assemble_plan, plan_space, start_runs
 from solvers.plan import StepKind
 from strategies import budget_between, chain_graphs, keep_all_peak_bytes, small_graphs
 
@@ -213,7 +214,7 @@ def start_times(graph: Graph, budget: int) -> dict[str, float]:
         except InfeasibleBudgetError:
             continue
         found = [start[2] for carry in (True, False)
-                 if (start := ilp._start_runs(graph, budget, space, decisions, carry)) is not None]
+                 if (start := start_runs(graph, budget, space, decisions, carry)) is not None]
         if found:
             times[name] = min(found)
     return times
@@ -292,7 +293,7 @@ def test_ilp_returns_the_start_when_the_milp_incumbent_is_slower() -> None:
     graph = two_branch_graph()
     budget = keep_all_peak_bytes(graph)
     space = plan_space(graph)
-    keep, runs, _ = ilp._start_runs(graph, 10**18, space, {root: Decision.RECOMPUTE for root in space.droppable_roots},
+    keep, runs, _ = start_runs(graph, 10**18, space, {root: Decision.RECOMPUTE for root in space.droppable_roots},
                                     carry=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ilp._Model, "solution", lambda self: (keep, runs, frozenset()))
@@ -317,25 +318,25 @@ def test_start_drops_the_kept_sibling_of_a_recomputed_output() -> None:
                   name="siblings")
     space = plan_space(graph)
     for carry, recomputed in ((True, ["f0"]), (False, ["f0", "f0"])):
-        keep, runs, time_ms = ilp._start_runs(graph, 10**18, space, {"p": Decision.RECOMPUTE, "q": Decision.KEEP},
+        keep, runs, time_ms = start_runs(graph, 10**18, space, {"p": Decision.RECOMPUTE, "q": Decision.KEEP},
                                               carry)
         assert "q" not in keep and [name for name in runs if name.startswith("f")] == recomputed
-        plan = ilp.assemble_plan(graph, "ilp", 10**18, keep, runs, optimal=False, gap=None)
+        plan = assemble_plan(graph, "ilp", 10**18, keep, runs, optimal=False, gap=None)
         assert out_of_space(graph, plan) is None and simulate(graph, plan).time_ms == time_ms
 
 
 def test_auto_refines_small_graphs_with_the_milp(monkeypatch) -> None:
-    """Up to AUTO_EXACT_MAX_OPS ops `auto` runs `ilp` briefly from the heuristics' plans:
+    """Up to `portfolio.AUTO_EXACT_MAX_OPS` ops `auto` runs `ilp` briefly from the heuristics' plans:
     on this chain every heuristic recomputes 1.5 ms more than the MILP's optimum. Above the
     threshold `auto` does not try it."""
-    from solvers import registry
+    from solvers import portfolio
     from test_chain import checkpoint_freed_early_chain
     graph = checkpoint_freed_early_chain()
     plan = solve(graph, 344, "auto")
     assert plan.solver == "ilp" and plan.predicted_time_ms == 4.0
     assert plan.options["auto_tried"][-1] == "ilp"
     assert solve(graph, 344, "hierarchical").predicted_time_ms > 4.0
-    monkeypatch.setattr(registry, "AUTO_EXACT_MAX_OPS", 0)
+    monkeypatch.setattr(portfolio, "AUTO_EXACT_MAX_OPS", 0)
     plan = solve(graph, 344, "auto")
     assert plan.solver != "ilp" and "ilp" not in plan.options["auto_tried"]
 

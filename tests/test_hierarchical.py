@@ -17,9 +17,12 @@ from runtime.module import ScheduledModule
 from solvers import (Decision, Graph, InfeasibleBudgetError, Op, OptionError, Phase, Value, ValueKind, simulate,
                      solve)
 from solvers import hierarchical
-from solvers.hierarchical import (OptionCost, _Checker, _restore, choose_levels, segment_options,
-                                  solve_hierarchical)
-from solvers.segments import segment_chain
+from solvers import portfolio
+from solvers.hierarchical import choose_levels, restore
+from solvers.portfolio import solve_hierarchical
+from solvers.kernel.options import OptionCost, segment_options
+from solvers.kernel.replay import Replays
+from solvers.kernel.segments import segment_chain
 from strategies import budget_between, chain_graphs, small_graphs
 from helpers import assert_same_training_step, trace_zoo
 
@@ -190,11 +193,11 @@ def test_forward_reruns_reach_below_every_block() -> None:
 
 
 def test_drop_all_fallback_below_every_dp(monkeypatch) -> None:
-    """Above GREEDY_CANDIDATE_MAX_OPS ops the fallback is one replay of every droppable
+    """Above GREEDY_MAX_OPS ops the fallback is one replay of every droppable
     storage recomputed (boundaries alive at the peak dropped in rounds), not greedy's O(R)
     replays: below what the DPs reach it fits, no lower than greedy's own floor by much,
     and trains with the plain model's gradients."""
-    monkeypatch.setattr(hierarchical, "GREEDY_CANDIDATE_MAX_OPS", 0)
+    monkeypatch.setattr(portfolio, "GREEDY_MAX_OPS", 0)
     model, inputs, step, graph = trace_zoo("gpt")
 
     def least_fitting(solver: str) -> int:
@@ -250,10 +253,10 @@ def test_the_restore_pass_replays_what_it_trusted(monkeypatch: pytest.MonkeyPatc
     replays allowed for the rest, so that keeping ``a1_0`` as well cannot rescue it.)"""
     monkeypatch.setattr(hierarchical, "RESTORE_REPLAYS", 0)
     graph, decisions = kept_output_raises_the_peak_by_more_than_its_size()
-    checker = _Checker(graph, 0)
+    checker = Replays(graph, 0)
     peak_bytes = checker.measure(decisions)[0]
     kept = {**decisions, "a4_0": Decision.KEEP}
     assert checker.measure(kept)[0] - peak_bytes > graph.value("a4_0").size_bytes   # the bound fails here
-    checker = _Checker(graph, peak_bytes + graph.value("a4_0").size_bytes)
-    restored, _ = _restore(graph, decisions, checker)
+    checker = Replays(graph, peak_bytes + graph.value("a4_0").size_bytes)
+    restored, _ = restore(graph, decisions, checker)
     assert checker.measure(restored)[0] <= checker.budget_bytes

@@ -20,7 +20,7 @@ import pytest
 from planner.inspect import main
 from solvers import Decision, Graph, Op, Phase, Plan, Value, ValueKind, format_bytes, simulate, solve
 from solvers.explain import Explanation, explain
-from solvers.schedule import build_program, saved_roots
+from solvers.kernel.program import build_program, saved_roots
 
 MiB = 2**20
 ROWS = 4096                     # batch rows: activations dominate the weights

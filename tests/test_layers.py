@@ -1,6 +1,9 @@
 """The structure stays as designed: layers only import downwards (planner -> runtime ->
 solvers), late imports inside functions included, and no module imports itself back
-through others (0 cycles in the import graph)."""
+through others (0 cycles in the import graph). Inside `solvers` the same holds for its
+own layers (core -> kernel -> algorithms -> portfolio): the kernel imports only the core,
+and each algorithm only the kernel and the core, so that which algorithm runs beside
+which is `solvers.portfolio`'s choice alone."""
 
 from __future__ import annotations
 
@@ -11,11 +14,16 @@ import networkx as nx
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {"solvers": 0, "runtime": 1, "planner": 2}       # higher imports lower, never the reverse
+# inside solvers: the core types (and leaf utilities that import nothing above them), the kernel, the algorithms
+SOLVER_CORE = {"solvers.errors", "solvers.graph", "solvers.plan", "solvers.simulate", "solvers.quiet",
+               "solvers.targets"}
+ALGORITHMS = {"solvers.baselines", "solvers.checkpoint_baselines", "solvers.chain", "solvers.hierarchical",
+              "solvers.brute_force", "solvers.ilp", "solvers.offload_refine"}
 
 
 def module_name(path: Path) -> str:
-    package = path.parent.name
-    return package if path.stem == "__init__" else f"{package}.{path.stem}"
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -42,7 +50,7 @@ def imported_modules(path: Path) -> set[str]:
 def import_graph() -> nx.DiGraph:
     graph = nx.DiGraph()
     for package in LAYERS:
-        for path in sorted((ROOT / package).glob("*.py")):
+        for path in sorted((ROOT / package).rglob("*.py")):
             source = module_name(path)
             graph.add_node(source)
             for target in imported_modules(path) - {source}:
@@ -65,6 +73,44 @@ def test_the_import_graph_has_no_cycles() -> None:
     # __init__ would close a loop through it, so those edges stay in
     cycles = [cycle for cycle in nx.simple_cycles(graph) if not set(cycle) <= packages]
     assert cycles == [], f"import cycles: {cycles[:5]}"
+
+
+def solvers_imports(graph: nx.DiGraph, module: str) -> set[str]:
+    return {target for target in graph.successors(module) if target.split(".")[0] == "solvers"}
+
+
+def test_the_solver_core_imports_only_the_core() -> None:
+    graph = import_graph()
+    wrong = {module: sorted(solvers_imports(graph, module) - SOLVER_CORE) for module in SOLVER_CORE}
+    assert {module: found for module, found in wrong.items() if found} == {}
+
+
+def test_the_kernel_imports_only_the_core_and_itself() -> None:
+    graph = import_graph()
+    kernel = {node for node in graph.nodes if node.startswith("solvers.kernel")}
+    assert len(kernel) >= 7
+    wrong = {module: sorted(target for target in solvers_imports(graph, module)
+                            if target not in SOLVER_CORE and not target.startswith("solvers.kernel"))
+             for module in kernel}
+    assert {module: found for module, found in wrong.items() if found} == {}
+
+
+def test_each_algorithm_imports_only_the_kernel_and_the_core() -> None:
+    """No algorithm runs another: hierarchical's chain, every_block and greedy candidates,
+    ilp's heuristic starts and auto are `solvers.portfolio`'s."""
+    graph = import_graph()
+    assert ALGORITHMS <= set(graph.nodes)
+    wrong = {module: sorted(target for target in solvers_imports(graph, module)
+                            if target not in SOLVER_CORE and not target.startswith("solvers.kernel"))
+             for module in ALGORITHMS}
+    assert {module: found for module, found in wrong.items() if found} == {}
+
+
+def test_only_the_portfolio_and_the_package_import_the_algorithms() -> None:
+    graph = import_graph()
+    importers = {source for source, target in graph.edges if target in ALGORITHMS and source not in ALGORITHMS}
+    assert importers <= {"solvers.portfolio", "solvers"} | {node for node in graph.nodes
+                                                            if not node.startswith("solvers")}, importers
 
 
 def test_the_checker_sees_an_upward_import(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from runtime.offload import offload_to_host, prefetch_to_device, release_after_o
 from solvers import Decision, InvalidPlanError, Plan, simulate
 from solvers.graph import Graph
 from solvers.plan import Step, StepKind, free, offload, prefetch
-from solvers.schedule import build_program, saved_roots
+from solvers.kernel.program import build_program, saved_roots
 from helpers import assert_same_training_step, trace_zoo
 
 MODELS = ("mlp", "resnet", "gpt", "unet")

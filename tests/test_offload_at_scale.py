@@ -18,7 +18,7 @@ from planner.profile import profile
 from planner.zoo import GPT
 from solvers.graph import TARGETS
 from solvers.plan import StepKind
-from solvers.registry import solve
+from solvers.portfolio import solve
 from solvers.simulate import simulate
 
 

@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from solvers import Decision, Graph, InfeasibleBudgetError, Transfer, simulate, solve
-from solvers.brute_force import least_feasible_plan, offload_space, plan_space
+from solvers.brute_force import least_feasible_plan
+from solvers.kernel.space import offload_space, plan_space
 from solvers.graph import TARGETS
 from solvers.plan import StepKind
 from strategies import chain_graphs, keep_all_peak_bytes, small_graphs

@@ -17,11 +17,12 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from solvers import InfeasibleBudgetError, PlanFormatError, PlanMismatchError, UnsupportedGraphError
-from solvers.hierarchical import OptionCost, choose_levels
+from solvers.hierarchical import choose_levels
+from solvers.kernel.options import OptionCost
 from solvers.pipeline import (PipelineChain, PipelinePlan, SegmentCosts, brute_force_pipeline, evaluate_split,
                               pipeline_chain, solve_pipeline, solve_pipeline_chain, split_balance_by_time,
                               split_equal_layers)
-from solvers.schedule import saved_roots
+from solvers.kernel.program import saved_roots
 from helpers import trace_zoo
 
 LINK_BYTES_PER_MS = 4.0

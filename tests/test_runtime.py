@@ -16,7 +16,7 @@ from planner.profile import profile
 from planner.budget import parse_budget
 from runtime.module import ScheduledModule
 from solvers import Decision, InfeasibleBudgetError, Plan, PlanMismatchError, simulate, solve
-from solvers.schedule import build_program, saved_roots
+from solvers.kernel.program import build_program, saved_roots
 
 
 class DropoutNet(nn.Module):

@@ -1,4 +1,4 @@
-"""`solvers.segments.segment_chain` and the `every_block` / `sqrt_n` checkpointing
+"""`solvers.kernel.segments.segment_chain` and the `every_block` / `sqrt_n` checkpointing
 baselines: segments partition the step, their crossing sets are right, they line up with
 the zoo's blocks, and the plans replay, save memory and keep every gradient exact.
 """
@@ -12,7 +12,7 @@ from hypothesis import given
 
 from solvers import Graph, InfeasibleBudgetError, Op, Phase, Value, ValueKind, simulate, solve
 from solvers.checkpoint_baselines import sqrt_n_group_size
-from solvers.segments import Segment, boundary_roots, crossing_bytes, segment_chain
+from solvers.kernel.segments import Segment, boundary_roots, crossing_bytes, segment_chain
 from tests.strategies import KEEP_ALL_BUDGET_BYTES, small_graphs
 from helpers import assert_same_training_step
 

@@ -23,7 +23,7 @@ import pytest
 from solvers import (Graph, InvalidPlanError, Op, Phase, Plan, PlanMismatchError, Transfer, Value, ValueKind,
                      simulate)
 from solvers.plan import Decision, Step, free, offload, prefetch, run
-from solvers.schedule import build_program, decisions_for, saved_roots
+from solvers.kernel.program import build_program, decisions_for, saved_roots
 
 FWD, BWD = Phase.FORWARD, Phase.BACKWARD
 RESIDENT_BYTES = 114

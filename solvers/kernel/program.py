@@ -1,4 +1,4 @@
-"""Turn per-value decisions into a `Plan` program.
+"""The plan space every solver writes in: per-storage decisions turned into a `Plan` program.
 
 Given which saved storages are dropped (recomputed) or offloaded, `build_program` writes
 the forward and backward steps the way activation checkpointing executes them:
@@ -6,22 +6,29 @@ the forward and backward steps the way activation checkpointing executes them:
   forward:  run every forward op in order; offload a value right after it is computed;
             free every value after its last use unless the backward keeps it.
   backward: run every backward op in order; before each, make its inputs available:
-            a kept value is there, an offloaded one is prefetched one op ahead, a dropped
-            one is recomputed just in time from whatever is available (recursively);
-            free every value after its last use.
+            a kept value is there, an offloaded one is prefetched one op ahead (or a copy
+            time ahead, ``prefetch_by_transfer_time``), a dropped one is recomputed just in
+            time from whatever is available (recursively); free every value after its
+            last use.
 
-`insert_frees` is the liveness pass (walk the steps in reverse) shared by every solver
-that emits only run/offload/prefetch steps.
+`plan_from_decisions` and `plan_with_offload` wrap that program in a `Plan`. `insert_frees`
+is the liveness pass (walk the steps in reverse, as torch.fx does) shared by every solver
+that emits only run/offload/prefetch steps, and `delay_frees` holds an offloaded value on
+the device until its copy has had time to end. The just-in-time schedule is the one
+Checkmate (Jain et al., MLSys 2020) and Chen et al. (2016) execute; `free_intermediates`
+is the Revolve-like multiple recomputation of Griewank & Walther (2000).
+
+Each function is O(steps + total arity) unless its docstring says otherwise.
 """
 
 from __future__ import annotations
 
 import bisect
-from typing import Iterable
+from typing import Iterable, Mapping
 
-from solvers.errors import InvalidPlanError
+from solvers.errors import InvalidPlanError, UnsupportedGraphError
 from solvers.graph import Graph, ValueKind
-from solvers.plan import Decision, Step, StepKind, free, offload, prefetch, run
+from solvers.plan import Decision, Plan, Step, StepKind, free, offload, prefetch, run
 
 
 def saved_roots(graph: Graph) -> tuple[str, ...]:
@@ -29,6 +36,22 @@ def saved_roots(graph: Graph) -> tuple[str, ...]:
     the things a keep / recompute / offload decision is about. Graph order."""
     roots = dict.fromkeys(graph.value(name).root for name in graph.saved_candidates)
     return tuple(root for root in roots if graph.value(root).kind is ValueKind.ACTIVATION)
+
+
+def plan_from_decisions(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int,
+                        optimal: bool = False, free_intermediates: bool = False) -> Plan:
+    """The `Plan` of ``decisions`` (`build_program`), labelled with ``solver``."""
+    forward, backward = build_program(graph, decisions, free_intermediates=free_intermediates)
+    return Plan(graph_hash=graph.hash, solver=solver, budget_bytes=budget_bytes, forward=forward,
+                backward=backward, decisions=dict(decisions), optimal=optimal,
+                options={"free_intermediates": True} if free_intermediates else {})
+
+
+def plan_with_offload(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int) -> Plan:
+    """The `Plan` of ``decisions`` with prefetches issued a copy time ahead of their use."""
+    forward, backward = build_program(graph, decisions, prefetch_by_transfer_time=True)
+    return Plan(graph_hash=graph.hash, solver=solver, budget_bytes=budget_bytes, forward=forward,
+                backward=backward, decisions=dict(decisions), options={"prefetch": "by transfer time"})
 
 
 def decisions_for(graph: Graph, recompute: Iterable[str] = (), offloaded: Iterable[str] = ()) -> dict[str, Decision]:
@@ -253,3 +276,28 @@ def insert_frees(graph: Graph, steps: list[Step], live_out: set[str],
         result.extend(free(name) for name in dict.fromkeys(names))
     return tuple(result)
 
+
+def delay_frees(steps: tuple[Step, ...], free_after: Mapping[str, str]) -> tuple[Step, ...]:
+    """Move ``free(v)`` to just after ``run(free_after[v])`` (and the frees that follow it),
+    unless it already comes later: an offloaded value leaves the device only once its copy
+    has had time to finish. O(steps)."""
+    ran: set[str] = set()
+    moved: dict[str, list[str]] = {}
+    result: list[Step] = []
+    pending: list[str] = []
+    for step in steps:
+        if step.kind is StepKind.FREE and step.name in free_after and free_after[step.name] not in ran:
+            moved.setdefault(free_after[step.name], []).append(step.name)
+            continue
+        if step.kind is not StepKind.FREE and pending:
+            result.extend(free(name) for name in pending)
+            pending = []
+        result.append(step)
+        if step.kind is StepKind.RUN:
+            ran.add(step.name)
+            pending = moved.pop(step.name, [])
+    result.extend(free(name) for name in pending)
+    if moved:
+        raise UnsupportedGraphError(f"cannot free {sorted(n for names in moved.values() for n in names)} after "
+                                    f"ops that never run: {sorted(moved)}")
+    return tuple(result)
