@@ -85,7 +85,7 @@ from runtime.pipeline import preserved_buffers
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph, Phase
 from solvers.plan import Plan
-from solvers.registry import solve
+from solvers.portfolio import solve
 from solvers.simulate import simulate
 
 __all__ = ["BlockPlan", "ShardedPlans", "optimize_blocks", "rank_step_peak"]
