@@ -62,7 +62,7 @@ from typing import Any, Callable  # noqa: E402
 import torch  # noqa: E402
 import torch.utils._pytree as pytree  # noqa: E402
 
-from common import RESULTS, device_description, git_revision, write_results  # noqa: E402
+from common import RESULTS, device_description, git_revision, label_axis, write_results  # noqa: E402
 from planner import zoo  # noqa: E402
 from planner.api import _StepPlanner  # noqa: E402
 from planner.benchmark import step_times_ms, training_loss  # noqa: E402
@@ -303,11 +303,7 @@ def plot(results: dict[str, Any]) -> None:
             row = next(r for r in rows if r["method"] == method)
             axis.plot(row["measured_peak_bytes"] / MiB, row["time_vs_compiled_plain"], marker=marker, markersize=10,
                       linestyle="none", color="k" if method == "compile plain" else "C7", label=method)
-        axis.set_xlabel("measured peak (MiB, allocator events)")
-        axis.set_ylabel("step time / compiled plain's")
-        axis.set_title(f"{entry['description']}\n{entry['device']}, torch {entry['torch']}", fontsize=8)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        label_axis(axis, entry, "measured peak (MiB, allocator events)", "step time / compiled plain's")
     figure.tight_layout()
     figure.savefig(RESULTS / "vs_torch_compile.png", dpi=120)
     plt.close(figure)
