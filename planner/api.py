@@ -78,7 +78,8 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             (`runtime.compiled`; the first step compiles), planned with pointwise ops
             priced as fused. The compiled step's peak is measured, and the plan re-solved
             for a lower budget while it is over (`planner.compiled`);
-            `CompiledBudgetError` if no plan fits.
+            `CompiledBudgetError` if no plan fits. With ``target=`` (offloading) it needs
+            a CUDA model: on a CPU the host copies cannot be told apart from the step.
 
     Raises:
         UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError,
@@ -97,6 +98,11 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
                                  progress=progress, solver_options=dict(solver_options or {}))
     if target is not None and target not in TARGETS:
         raise OptionError(f"unknown target {target!r}; choose one of {', '.join(sorted(TARGETS))}")
+    if compile and target is not None and next((p.device.type for p in model.parameters()), "cpu") == "cpu":
+        # the host copies are the same memory as the step's: no measurement tells them apart
+        raise OptionError(f"compile=True with target={target!r} on a CPU: the simulated host copies live in the "
+                          "memory the compiled step is measured in, so its budget cannot be checked; drop target= "
+                          "(plans without offloading) or compile on a CUDA device")
     if on_new_shape not in ("plan", "error"):
         raise OptionError(f"on_new_shape={on_new_shape!r}; choose 'plan' (plan each new input signature) or 'error'")
     if plan_cache_size < 1:

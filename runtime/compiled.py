@@ -2,7 +2,8 @@
 
 A plan's program is a straight line of aten calls and a few Python calls: generator
 state saves and replays (`runtime.rng`), random fills (`runtime.step.random_fill_like`),
-host copies (`runtime.offload`) and BatchNorm re-runs (`runtime.step.RERUN_TARGETS`).
+host copies (`runtime.offload`) and BatchNorm re-runs (`runtime.step.RERUN_TARGETS`;
+in training mode compiled as ``native_batch_norm`` without running statistics).
 Inductor compiles aten graphs; the Python calls carry effects it must not move (the
 generator state, streams, host memory). So the program is cut at every such call:
 
@@ -175,12 +176,8 @@ class CompiledProgram:
                     last_use[used.name] = index
         for used in _nodes_in(self._output):
             last_use[used.name] = len(groups)
-        defined_in: dict[str, int] = {name: -1 for name in self._placeholders}
-        defined_in.update({name: -1 for name in self._constants})
         for index, (kind, members) in enumerate(groups):
             member_names = {node.name for node in members}
-            for node in members:
-                defined_in[node.name] = index
             if kind == "eager":
                 node = members[0]
                 drop = [used.name for used in node.all_input_nodes if last_use[used.name] == index]
@@ -241,14 +238,13 @@ class CompiledProgram:
     def _compile(self, run: _Run, inputs: list) -> None:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.virtualized import V
 
         started = time.perf_counter()
-        # random draws stay eager (they run outside the runs anyway); eager's kernels
         options = {**INDUCTOR_OPTIONS, **self.inductor_options}
         window = options.pop("fusion_window", FUSION_WINDOW)
         choices = _choices_within(window)
-        options["inductor_choices_class"] = choices
-        from torch._inductor.virtualized import V
+        options["inductor_choices_class"] = choices      # part of the graph cache's key
         with inductor_config.patch(options), V.set_choices_handler(choices()):
             graph_module, examples = _lowered(run.module, inputs)
             run.compiled = compile_fx_inner(graph_module, examples)

@@ -24,7 +24,7 @@ import planner.compiled
 from planner import optimize, zoo
 from planner.benchmark import allocator_step_peak, train_step
 from planner.budget import resolve_budget
-from planner.errors import CompiledBudgetError
+from planner.errors import CompiledBudgetError, OptionError
 from runtime.compiled import CompiledProgram
 from runtime.step import random_fill_like
 from solvers.errors import InfeasibleBudgetError
@@ -121,6 +121,12 @@ def test_over_budget_is_refused_with_the_measured_peak(monkeypatch) -> None:
     assert isinstance(error, InfeasibleBudgetError)
     assert len(measured) >= 1 and error.least_feasible_bytes == min(peak for _, peak in error.tried)
     assert str(error.least_feasible_bytes) in str(error) and "compile=False" in str(error)
+
+
+def test_simulated_offload_on_a_cpu_is_refused() -> None:
+    model, inputs = zoo.make("mlp", "tiny")
+    with pytest.raises(OptionError, match="target="):
+        optimize(model, 0.5, inputs, compile=True, target="h100-pcie5", progress=False)
 
 
 def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
