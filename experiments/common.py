@@ -29,6 +29,16 @@ def device_description() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
 
 
+def label_axis(axis, entry: dict, xlabel: str, ylabel: str) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """Axis labels, the model's description, device and torch version as the title, a grid
+    and the legend: the frame every per-model panel shares."""
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(f"{entry['description']}\n{entry['device']}, torch {entry['torch']}", fontsize=8)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+
+
 def write_results(name: str, results: dict, plot: Callable[[dict], None] | None = None) -> None:
     """``results/<name>.json``, then the plot drawn from it (skipped without matplotlib)."""
     RESULTS.mkdir(exist_ok=True)

@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from common import RESULTS, device_description, git_revision, write_results
+from common import RESULTS, device_description, git_revision, label_axis, write_results
 from planner.benchmark import step_times_ms
 from planner.capture import capture
 from planner.memory import measure_allocator_peak
@@ -486,11 +486,7 @@ def plot(results: dict[str, Any], stem: str) -> None:
                 continue
             kind = row["method"].split(" (")[0]
             axis.plot(x, y, marker=markers.get(kind, "x"), markersize=8, linestyle="none", label=row["method"])
-        axis.set_xlabel("measured peak (MiB)")
-        axis.set_ylabel("measured time overhead vs plain (%)")
-        axis.set_title(f"{entry['description']}\n{entry['device']}, torch {entry['torch']}", fontsize=8)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        label_axis(axis, entry, "measured peak (MiB)", "measured time overhead vs plain (%)")
         figure.tight_layout()
         figure.savefig(RESULTS / f"{stem}_{name}.png", dpi=120)
         plt.close(figure)

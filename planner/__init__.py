@@ -16,6 +16,7 @@ _EXPORTS = {
     "optimize": "planner.api", "parse_budget": "planner.budget", "resolve_budget": "planner.budget",
     "BudgetError": "planner.errors", "UnsupportedModelError": "planner.errors", "OptionError": "planner.errors",
     "ModelInputError": "planner.errors", "MeasurementError": "planner.errors", "PlanFileError": "planner.errors",
+    "CompiledBudgetError": "planner.errors",
     "pad_to_bucket": "planner.batching",
 }
 

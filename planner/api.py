@@ -36,7 +36,7 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
              target: str | None = None, stages: int | None = None, microbatches: int = 1,
              schedule: str = "1f1b", loss_fn: Callable[..., torch.Tensor] | None = None,
              backward_from: str = "auto", release_outputs: bool = False, on_new_shape: str = "plan",
-             plan_cache_size: int = 8) -> "OptimizedModule | PipelinedModel":
+             plan_cache_size: int = 8, compile: bool = False) -> "OptimizedModule | PipelinedModel":
     """Return ``model`` wrapped so that one training step (forward + backward) peaks at
     most at ``budget`` with the same gradients, at the least extra time the solver finds.
 
@@ -74,22 +74,35 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             dtypes, train/eval mode, frozen parameters, see `OptimizedModule`) gets its own
             plan on first use, logged; ``"error"``: it is refused with `PlanMismatchError`.
         plan_cache_size: how many plans `OptimizedModule` keeps (least recently used out).
+        compile: run the plan's forward and backward programs compiled by inductor
+            (`runtime.compiled`; the first step compiles), planned with pointwise ops
+            priced as fused. The compiled step's peak is measured, and the plan re-solved
+            for a lower budget while it is over (`planner.compiled`);
+            `CompiledBudgetError` if no plan fits. With ``target=`` (offloading) it needs
+            a CUDA model: on a CPU the host copies cannot be told apart from the step.
 
     Raises:
         UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError,
-        InvalidPlanError (a loaded plan that cannot run or exceeds its budget), OptionError.
+        InvalidPlanError (a loaded plan that cannot run or exceeds its budget), OptionError,
+        CompiledBudgetError (an InfeasibleBudgetError: with compile=True, measured over the budget).
     """
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if stages is not None:
-        if example_kwargs or target is not None:
-            raise OptionError("optimize(..., stages=K) takes positional tensor inputs and no target= profile")
+        if example_kwargs or target is not None or compile:
+            raise OptionError("optimize(..., stages=K) takes positional tensor inputs, no target= profile and no "
+                              "compile=True")
         from planner.pipeline import optimize_pipeline
         return optimize_pipeline(model, budget, example_inputs, stages=stages, microbatches=microbatches,
                                  schedule=schedule, loss_fn=loss_fn, solver=solver, plan=plan, repeats=repeats,
                                  progress=progress, solver_options=dict(solver_options or {}))
     if target is not None and target not in TARGETS:
         raise OptionError(f"unknown target {target!r}; choose one of {', '.join(sorted(TARGETS))}")
+    if compile and target is not None and next((p.device.type for p in model.parameters()), "cpu") == "cpu":
+        # the host copies are the same memory as the step's: no measurement tells them apart
+        raise OptionError(f"compile=True with target={target!r} on a CPU: the simulated host copies live in the "
+                          "memory the compiled step is measured in, so its budget cannot be checked; drop target= "
+                          "(plans without offloading) or compile on a CUDA device")
     if on_new_shape not in ("plan", "error"):
         raise OptionError(f"on_new_shape={on_new_shape!r}; choose 'plan' (plan each new input signature) or 'error'")
     if plan_cache_size < 1:
@@ -97,13 +110,18 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
     parse_budget(budget)                                  # a bad budget fails before any tracing
     planner = _StepPlanner(budget=budget, solver=solver, repeats=repeats, solver_options=dict(solver_options or {}),
                            progress=progress, transfer=TARGETS[target] if target is not None else None,
-                           backward_from=backward_from, release_outputs=release_outputs)
+                           backward_from=backward_from, release_outputs=release_outputs, compile=compile)
     loaded = None
     if plan is not None:
         loaded = plan if isinstance(plan, Plan) else Plan.load(os.fspath(plan))
     step, graph, chosen = planner.plan(model, example_inputs, example_kwargs, loaded)
+    program = None
+    if compile:
+        from planner.compiled import fit_compiled
+        chosen, program = fit_compiled(planner, model, step, graph, chosen, example_inputs, example_kwargs,
+                                       loaded=loaded is not None)
     return OptimizedModule(model, step, graph, chosen, planner, on_new_shape=on_new_shape,
-                           plan_cache_size=plan_cache_size)
+                           plan_cache_size=plan_cache_size, program=program)
 
 
 @dataclass
@@ -118,6 +136,7 @@ class _StepPlanner:
     transfer: Transfer | None
     backward_from: str
     release_outputs: bool
+    compile: bool = False
 
     def plan(self, model: torch.nn.Module, inputs: Sequence[Any], kwargs: Mapping[str, Any] | None,
              loaded: Plan | None = None, *, first: bool = True) -> tuple[CapturedStep, Graph, Plan]:
@@ -131,13 +150,19 @@ class _StepPlanner:
         graph = profile(step, model, inputs, kwargs, repeats=repeats, progress=self.progress, transfer=self.transfer)
         if self.release_outputs:
             graph = with_released_outputs(graph, step)
+        if self.compile:                  # pointwise ops priced as inductor fuses them
+            from planner.compiled import with_compiled_costs
+            graph = with_compiled_costs(graph, step)
         log.info("traced and profiled %s in %.1f s: %d ops", graph.name, time.perf_counter() - started,
                  len(graph.ops))
         if loaded is not None:
             loaded.check_graph(graph)
             return step, graph, loaded
         breakdown = resolve_budget(self.budget, graph)
-        return step, graph, solve(graph, breakdown.budget_bytes, self.solver, **self.solver_options)
+        return step, graph, self.solve(graph, breakdown.budget_bytes)
+
+    def solve(self, graph: Graph, budget_bytes: int) -> Plan:
+        return solve(graph, budget_bytes, self.solver, **self.solver_options)
 
 
 class OptimizedModule(ScheduledModule):
@@ -155,8 +180,9 @@ class OptimizedModule(ScheduledModule):
     """
 
     def __init__(self, model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan,
-                 planner: _StepPlanner, *, on_new_shape: str = "plan", plan_cache_size: int = 8) -> None:
-        super().__init__(model, step, graph, plan)
+                 planner: _StepPlanner, *, on_new_shape: str = "plan", plan_cache_size: int = 8,
+                 program: StepProgram | None = None) -> None:
+        super().__init__(model, step, graph, plan, compile=planner.compile, program=program)
         self._planner = planner
         self.on_new_shape = on_new_shape
         self.plan_cache_size = plan_cache_size
@@ -201,8 +227,13 @@ class OptimizedModule(ScheduledModule):
     def _plan_new(self, key: tuple, args: tuple, kwargs: dict) -> tuple[CapturedStep, Graph, Plan, Any]:
         started = time.perf_counter()
         step, graph, plan = self._planner.plan(self.module, args, kwargs, first=False)
-        checked = checked_plan(graph, plan)
-        entry = (step, graph, checked, StepProgram(step, graph, checked, self._device_type()))
+        if self._planner.compile:
+            from planner.compiled import fit_compiled
+            checked, program = fit_compiled(self._planner, self.module, step, graph, plan, args, kwargs)
+        else:
+            checked = checked_plan(graph, plan)
+            program = StepProgram(step, graph, checked, self._device_type())
+        entry = (step, graph, checked, program)
         self._cache[key] = entry
         while len(self._cache) > self.plan_cache_size:
             self._cache.popitem(last=False)

@@ -17,6 +17,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from runtime.step import CapturedStep, input_signature
 from runtime.codegen import Programs, generate
+from runtime.compiled import compile_programs
 from solvers.errors import InvalidPlanError, PlanMismatchError, UnsupportedUseError, format_bytes
 from solvers.graph import Graph
 from solvers.plan import Plan
@@ -26,9 +27,13 @@ from solvers.simulate import simulate
 class StepProgram:
     """The generated programs of one plan and how to call them."""
 
-    def __init__(self, step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> None:
+    def __init__(self, step: CapturedStep, graph: Graph, plan: Plan, device_type: str, *,
+                 compile: bool = False) -> None:
         self.step = step
         self.programs: Programs = generate(step, graph, plan, device_type)
+        self.compiled = compile
+        if compile:                     # inductor compiles each aten run on its first call
+            self.programs = compile_programs(self.programs)
         tensor_leaves = [leaf for leaf in step.output_leaves if leaf.is_tensor]
         self.differentiable = [leaf.differentiable for leaf in tensor_leaves]
         self.tangent = [leaf.tangent for leaf in tensor_leaves]
@@ -38,6 +43,17 @@ class StepProgram:
         self.num_params = len(step.param_names)
         self.num_buffers = len(step.buffer_names)
         self.num_inputs = len(step.tensor_input_positions)
+        # set by whoever measures a compiled step (`planner.compiled`): its peak, and the
+        # budget the plan was solved for (below the caller's when compiling overshot)
+        self.measured_peak_bytes: int | None = None
+        self.solver_budget_bytes: int | None = None
+
+    @property
+    def compile_count(self) -> int:
+        """Inductor compilations this program has made (0 when not compiled)."""
+        if not self.compiled:
+            return 0
+        return self.programs.forward.compile_count + self.programs.backward.compile_count
 
 
 class _ScheduledStep(torch.autograd.Function):
@@ -141,20 +157,24 @@ def _watch_released(program: StepProgram, outputs: list[torch.Tensor], handover:
 class ScheduledModule(torch.nn.Module):
     """``model`` executing ``plan``: same parameters, same math, peak within the plan's budget.
 
+    With ``compile=True`` the plan's programs run compiled by inductor (`runtime.compiled`).
+
     Attributes:
         module: the original model (its parameters are this module's parameters).
         plan: the `solvers.Plan` being executed.
         graph: the `solvers.Graph` it was made for.
     """
 
-    def __init__(self, model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan) -> None:
+    def __init__(self, model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan, *,
+                 compile: bool = False, program: StepProgram | None = None) -> None:
         super().__init__()
         self.module = model
         self.plan = checked_plan(graph, plan)
         self.graph = graph
         self._step = step
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self._program = StepProgram(step, graph, plan, device.type)
+        # ``program``: one already built (and compiled) for this plan, re-used as is
+        self._program = program or StepProgram(step, graph, plan, device.type, compile=compile)
         self._register_load_state_dict_pre_hook(_wrapped_model_keys)
 
     @property
@@ -165,6 +185,11 @@ class ScheduledModule(torch.nn.Module):
     @property
     def backward_code(self) -> str:
         return self._program.programs.backward.code
+
+    @property
+    def compile_count(self) -> int:
+        """Inductor compilations of the running plan's programs so far (0 unless compiled)."""
+        return self._program.compile_count
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():

@@ -1,0 +1,354 @@
+"""memsched ``compile=True`` against ``torch.compile`` with its activation memory budget,
+side by side in one process, on the same parameters.
+
+Models (``--models``):
+
+    gpt      zoo GPT, small: 4 blocks, d=256, seq 128, batch 8, vocabulary 1,024, dropout 0.1
+    resnet   zoo ResNet, small
+    gpt2     GPT2LMHeadModel (124 M) from its transformers config, dropout 0, batch 2 x 256
+             (``loss = model(**batch).loss``; the logits are dropped before the backward and
+             memsched plans with ``release_outputs=True``, as in experiments/real_models.py)
+
+Methods:
+
+    eager plain            the eager step (gradient reference beside compiled plain)
+    compile plain          torch.compile (inductor), default partitioner budget (1.0)
+    compile-<f>            torch.compile with ``torch._functorch.config.activation_memory_budget``
+                           at f = 0.9, 0.7, 0.5, 0.3, 0.1 (one backend per budget, so dynamo
+                           keeps them apart)
+    memsched <budget>      memsched ``compile=True`` (`planner.compiled.fit_compiled`) at
+                           ``--budgets`` budgets from memsched's floor to 0.9 of compiled
+                           plain's measured peak (one capture and profile for all of them)
+
+Every compiled method runs with ``torch._inductor.config.fallback_random = True``, so dropout
+draws as eager does and gradients are comparable. Inductor's caches go to a fresh
+directory (``TORCHINDUCTOR_CACHE_DIR``), so the first method to compile a graph pays its
+full compile time; a later method with an identical graph (compile-0.7 after compile-0.9
+when the partitions agree, a memsched budget whose run an earlier budget compiled) re-uses it.
+
+Peaks are measured from the allocator's events (`planner.memory.measure_allocator_peak`;
+parameters, buffers, inputs and gradients included) after a warm-up step that also
+compiles and checks the loss and every gradient against compiled plain's and eager's.
+Times are medians of steps run round-robin (`planner.benchmark.step_times_ms`), reported as
+ratios to compiled plain's. Compile time is the first step's wall time for torch.compile
+(dynamo, AOTAutograd, inductor and one step), and for memsched the budget fit (inductor on
+each aten run, and two steps per plan tried) plus its solve, with the one-off capture and
+profile reported apart.
+
+    python experiments/vs_torch_compile.py [--models gpt resnet gpt2] [--budgets 6] [--repeats 5]
+        [--threads 1]
+
+Writes experiments/results/vs_torch_compile.json (one entry per model, replacing the
+entries of the models run) and vs_torch_compile.png (one Pareto panel per model), and
+prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# before torch: every compile in this process starts from empty inductor caches
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vs_torch_compile_inductor_"))
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import torch  # noqa: E402
+import torch.utils._pytree as pytree  # noqa: E402
+
+from common import RESULTS, device_description, git_revision, label_axis, write_results  # noqa: E402
+from planner import zoo  # noqa: E402
+from planner.api import _StepPlanner  # noqa: E402
+from planner.benchmark import step_times_ms, training_loss  # noqa: E402
+from planner.capture import capture  # noqa: E402
+from planner.compiled import fit_compiled  # noqa: E402
+from planner.memory import measure_allocator_peak  # noqa: E402
+from planner.profile import profile, with_released_outputs  # noqa: E402
+from real_models import build_gpt2, inductor_at_budget, solvers_floor, sweep_budgets  # noqa: E402
+from runtime.module import ScheduledModule  # noqa: E402
+from solvers.errors import InfeasibleBudgetError  # noqa: E402
+
+log = logging.getLogger("vs_torch_compile")
+
+MiB = 2**20
+COMPILE_BUDGETS = (0.9, 0.7, 0.5, 0.3, 0.1)
+GRADIENT_SEED = 7
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+@dataclass
+class Workload:
+    model: torch.nn.Module
+    args: tuple
+    kwargs: dict
+    released: bool          # the caller drops all outputs but the loss before backward
+    description: str
+
+
+def build(name: str) -> Workload:
+    if name == "gpt2":
+        workload = build_gpt2(small=False)
+        return Workload(workload.model, (), workload.batch, True, workload.description)
+    model, inputs = zoo.make(name, "small")
+    description = {"gpt": "zoo GPT small: 4 x 256, seq 128, batch 8, vocabulary 1,024, dropout 0.1",
+                   "resnet": "zoo ResNet small"}.get(name, f"zoo {name} small")
+    return Workload(model, inputs, {}, False, description)
+
+
+def step_of(module: torch.nn.Module, workload: Workload) -> Callable[[], torch.Tensor]:
+    """One training step as a loop runs it, from fresh gradients."""
+    def run() -> torch.Tensor:
+        workload.model.zero_grad(set_to_none=True)
+        output = module(*workload.args, **workload.kwargs)
+        loss = training_loss(output)
+        if workload.released:
+            output = None
+        loss.backward()
+        del output
+        return loss.detach()
+    return run
+
+
+@dataclass
+class Method:
+    name: str
+    kind: str                                  # "eager", "compile" or "memsched"
+    step: Callable[[], torch.Tensor]
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+def seeded(workload: Workload, buffers: dict[str, torch.Tensor], step: Callable[[], torch.Tensor]
+           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss and gradients of one seeded step from the saved buffers (BatchNorm)."""
+    model = workload.model
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    torch.manual_seed(GRADIENT_SEED)
+    loss = step()
+    gradients = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss, gradients
+
+
+def largest_difference(actual: tuple, expected: tuple) -> tuple[float, bool]:
+    """The largest absolute difference of the loss or a gradient, and whether all are allclose."""
+    pairs = [(actual[0], expected[0])] + [(g, expected[1].get(n)) for n, g in actual[1].items()]
+    if actual[1].keys() != expected[1].keys():
+        return float("inf"), False
+    largest = max(float((a - b).abs().max()) for a, b in pairs)
+    return largest, all(torch.allclose(a, b, **TOLERANCE) for a, b in pairs)
+
+
+def measure(workload: Workload, resident: list[torch.Tensor], buffers: dict[str, torch.Tensor],
+            references: dict[str, tuple], method: Method) -> None:
+    """Warm-up step (compiles; timed) with the gradient checks, then the measured step."""
+    started = time.perf_counter()
+    result = seeded(workload, buffers, method.step)
+    method.row["first_step_s"] = time.perf_counter() - started
+    for label, reference in references.items():
+        largest, close = largest_difference(result, reference)
+        method.row[f"max_abs_difference_vs_{label}"] = largest
+        method.row[f"allclose_vs_{label}"] = close
+    workload.model.zero_grad(set_to_none=True)
+    _, peak = measure_allocator_peak(method.step, resident)
+    workload.model.zero_grad(set_to_none=True)
+    method.row.update(method=method.name, kind=method.kind, measured_peak_bytes=peak)
+    log.info("  %-30s peak %8.2f MiB, first step %.1f s", method.name, peak / MiB, method.row["first_step_s"])
+
+
+def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    workload = build(name)
+    model = workload.model
+    model.train()
+    log.info("%s: %s, %.1f M parameters", name, workload.description, sum(p.numel() for p in model.parameters()) / 1e6)
+    resident = list(model.parameters()) + list(model.buffers())
+    resident += [t for t in pytree.tree_leaves((workload.args, workload.kwargs)) if isinstance(t, torch.Tensor)]
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+
+    eager = Method("eager plain", "eager", step_of(model, workload))
+    compiled = Method("compile plain", "compile", step_of(torch.compile(model), workload))
+    references: dict[str, tuple] = {}
+    measure(workload, resident, buffers, references, eager)
+    references["eager"] = seeded(workload, buffers, eager.step)
+    measure(workload, resident, buffers, references, compiled)
+    references["compiled_plain"] = seeded(workload, buffers, compiled.step)
+    compiled.row["compile_s"] = compiled.row["first_step_s"]
+    methods = [eager, compiled]
+    for fraction in COMPILE_BUDGETS:
+        method = Method(f"compile-{fraction}", "compile",
+                        step_of(torch.compile(model, backend=inductor_at_budget(fraction)), workload))
+        method.row["activation_memory_budget"] = fraction
+        measure(workload, resident, buffers, references, method)
+        method.row["compile_s"] = method.row["first_step_s"]
+        methods.append(method)
+    compiled_peak = compiled.row["measured_peak_bytes"]
+
+    # memsched compile=True: what optimize() does, with one capture and profile for every budget
+    started = time.perf_counter()
+    step = capture(model, workload.args, workload.kwargs)
+    capture_s = time.perf_counter() - started
+    started = time.perf_counter()
+    graph = profile(step, model, workload.args, workload.kwargs, progress=False)
+    if workload.released:
+        graph = with_released_outputs(graph, step)
+    profile_s = time.perf_counter() - started
+    floor_bytes, bound_bytes, _ = solvers_floor(graph)
+    log.info("  memsched: %d ops traced in %.1f s, profiled in %.1f s, floor %.2f MiB", len(graph.ops), capture_s,
+             profile_s, floor_bytes / MiB)
+    infeasible = []
+    for budget in sweep_budgets(floor_bytes, compiled_peak, args.budgets):
+        planner = _StepPlanner(budget=budget, solver="auto", repeats=3, solver_options={}, progress=False,
+                               transfer=None, backward_from="auto", release_outputs=workload.released, compile=True)
+        started = time.perf_counter()
+        try:
+            plan = planner.solve(graph, budget)
+            solve_s = time.perf_counter() - started
+            plan, program = fit_compiled(planner, model, step, graph, plan, workload.args, workload.kwargs)
+        except InfeasibleBudgetError as error:     # CompiledBudgetError too: the measured peaks
+            infeasible.append({"budget_bytes": budget, "error": str(error).splitlines()[0]})
+            log.info("  memsched at %.2f MiB: %s", budget / MiB, str(error).splitlines()[0][:200])
+            continue
+        fit_s = time.perf_counter() - started - solve_s
+        module = ScheduledModule(model, step, graph, plan, program=program)
+        method = Method(f"memsched @ {budget / MiB:.2f} MiB", "memsched", step_of(module, workload))
+        inductor_s = program.programs.forward.compile_s + program.programs.backward.compile_s
+        method.row.update(budget_bytes=budget, solver_budget_bytes=program.solver_budget_bytes,
+                          predicted_peak_bytes=plan.predicted_peak_bytes, fit_peak_bytes=program.measured_peak_bytes,
+                          solver=plan.solver, predicted_overhead=plan.overhead, solve_s=solve_s, fit_s=fit_s,
+                          compile_s=solve_s + fit_s, inductor_s=inductor_s,
+                          runs={"forward": program.programs.forward.num_runs,
+                                "backward": program.programs.backward.num_runs},
+                          eager_calls=len(program.programs.forward.eager_calls)
+                          + len(program.programs.backward.eager_calls))
+        measure(workload, resident, buffers, references, method)
+        method.row["within_budget"] = method.row["measured_peak_bytes"] <= budget
+        methods.append(method)
+
+    log.info("  timing %d methods round-robin, %d repeats", len(methods), args.repeats)
+    times = step_times_ms({m.name: m.step for m in methods}, repeats=args.repeats, warmup=1)
+    model.zero_grad(set_to_none=True)
+    for method in methods:
+        method.row.update(time_ms=times[method.name], time_vs_compiled_plain=times[method.name] / times["compile plain"],
+                          peak_vs_compiled_plain=method.row["measured_peak_bytes"] / compiled_peak)
+    rows = [m.row for m in methods]
+    return {"model": name, "description": workload.description,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "command": " ".join(["python", "experiments/vs_torch_compile.py", *sys.argv[1:]]),
+            "git_revision": git_revision(), "device": device_description(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "repeats": args.repeats,
+            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "memsched_capture_s": capture_s, "memsched_profile_s": profile_s, "graph_ops": len(graph.ops),
+            "memsched_floor_bytes": floor_bytes, "memsched_lower_bound_bytes": bound_bytes,
+            "rows": rows, "memsched_infeasible": infeasible,
+            "compile_budget_not_monotone": not_monotone(rows), "memsched_vs_compile": dominance(rows),
+            "violations": sum(1 for r in rows if r.get("within_budget") is False),
+            "gradient_mismatches": [r["method"] for r in rows if r.get("allclose_vs_compiled_plain") is False]}
+
+
+def not_monotone(rows: list[dict]) -> list[str]:
+    """Where a lower activation_memory_budget measured a higher peak, or ran faster."""
+    budgets = sorted((r for r in rows if "activation_memory_budget" in r), key=lambda r: -r["activation_memory_budget"])
+    notes = []
+    for higher, lower in zip(budgets, budgets[1:]):
+        if lower["measured_peak_bytes"] > higher["measured_peak_bytes"]:
+            notes.append(f"budget {lower['activation_memory_budget']} peaks at {lower['measured_peak_bytes'] / MiB:.2f} "
+                         f"MiB, above budget {higher['activation_memory_budget']}'s "
+                         f"{higher['measured_peak_bytes'] / MiB:.2f} MiB")
+    return notes
+
+
+def dominance(rows: list[dict]) -> list[dict]:
+    """For each torch.compile point, the fastest memsched point at no higher a peak."""
+    memsched = [r for r in rows if r["kind"] == "memsched"]
+    result = []
+    for row in rows:
+        if row["kind"] != "compile":
+            continue
+        within = [m for m in memsched if m["measured_peak_bytes"] <= row["measured_peak_bytes"]]
+        best = min(within, key=lambda m: m["time_ms"], default=None)
+        result.append({"compile": row["method"], "compile_peak_bytes": row["measured_peak_bytes"],
+                       "compile_time_ms": row["time_ms"], "memsched": None if best is None else best["method"],
+                       "memsched_time_ms": None if best is None else best["time_ms"],
+                       "memsched_faster": None if best is None else best["time_ms"] < row["time_ms"]})
+    return result
+
+
+def plot(results: dict[str, Any]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    entries = list(results["models"].values())
+    figure, axes = plt.subplots(1, len(entries), figsize=(5.5 * len(entries), 4.2), squeeze=False)
+    for axis, entry in zip(axes[0], entries):
+        rows = entry["rows"]
+        for kind, color, label in (("compile", "C0", "torch.compile, activation_memory_budget"),
+                                   ("memsched", "C3", "memsched compile=True")):
+            points = sorted((r for r in rows if r["kind"] == kind and r["method"] != "compile plain"),
+                            key=lambda r: r["measured_peak_bytes"])
+            axis.plot([r["measured_peak_bytes"] / MiB for r in points], [r["time_vs_compiled_plain"] for r in points],
+                      marker="o", color=color, label=label)
+            for r in points:
+                if kind == "compile":
+                    axis.annotate(str(r["activation_memory_budget"]), (r["measured_peak_bytes"] / MiB,
+                                  r["time_vs_compiled_plain"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for method, marker in (("compile plain", "*"), ("eager plain", "s")):
+            row = next(r for r in rows if r["method"] == method)
+            axis.plot(row["measured_peak_bytes"] / MiB, row["time_vs_compiled_plain"], marker=marker, markersize=10,
+                      linestyle="none", color="k" if method == "compile plain" else "C7", label=method)
+        label_axis(axis, entry, "measured peak (MiB, allocator events)", "step time / compiled plain's")
+    figure.tight_layout()
+    figure.savefig(RESULTS / "vs_torch_compile.png", dpi=120)
+    plt.close(figure)
+
+
+def markdown_table(results: dict[str, Any], names: list[str]) -> str:
+    lines = ["| model | method | peak (MiB) | peak / compiled plain | time / compiled plain | compile (s) | "
+             "max abs grad diff vs compiled plain / eager |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name in names:
+        for row in results["models"][name]["rows"]:
+            flags = ("" if row.get("allclose_vs_compiled_plain", True) else " (gradients differ)") + (
+                " **(over budget)**" if row.get("within_budget") is False else "")
+            compile_s = f"{row['compile_s']:.1f}" if "compile_s" in row else ""
+            lines.append(f"| {name} | {row['method']}{flags} | {row['measured_peak_bytes'] / MiB:.2f} | "
+                         f"{row['peak_vs_compiled_plain']:.3f} | {row['time_vs_compiled_plain']:.3f} | {compile_s} | "
+                         f"{row.get('max_abs_difference_vs_compiled_plain', 0):.1e} / "
+                         f"{row.get('max_abs_difference_vs_eager', 0):.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=["gpt", "resnet", "gpt2"], default=["gpt", "resnet"])
+    parser.add_argument("--budgets", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
+    torch._inductor.config.fallback_random = True
+    path = RESULTS / "vs_torch_compile.json"
+    results = json.loads(path.read_text()) if path.exists() else {"models": {}}
+    for name in args.models:
+        results["models"][name] = run_model(name, args)
+        results.update(git_revision=git_revision(), device=device_description(),
+                       inductor_cache_dir=os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        write_results("vs_torch_compile", results, plot)
+        gc.collect()
+        torch._dynamo.reset()
+    print(markdown_table(results, args.models), flush=True)
+    violations = sum(results["models"][name]["violations"] for name in args.models)
+    return 0 if violations == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

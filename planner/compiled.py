@@ -1,0 +1,165 @@
+"""``optimize(..., compile=True)``: keep the budget once inductor has compiled the plan.
+
+Inductor (PyTorch 2 / TorchInductor, Ansel et al., ASPLOS 2024) fuses each run of the
+plan's aten ops (`runtime.compiled`) and plans its own buffers: it reuses a dead buffer
+for a new one of another size, keeps fused temporaries and calls kernels whose workspace
+the eager profile never saw. The plan's predicted peak is the eager program's, so the
+compiled step is measured instead: one warm-up step (it compiles), then one step under
+the allocator's own events on a CPU (`planner.memory.measure_allocator_peak`) or the
+CUDA caching allocator's statistics on a GPU (`planner.memory.measure_step_memory`), with
+the model's gradients, buffers and random generators put back afterwards.
+
+If the measured peak is above the budget, the plan is solved again for a budget lowered
+by the overshoot (the compiled step's excess over the eager plan's prediction is mostly
+independent of the plan) and measured again, up to `MAX_FITS` times; then the call is
+refused with `CompiledBudgetError`, which gives the least peak measured (at once when a
+lower plan measured no lower: the excess is then not the plan's to remove).
+
+Compile-aware costs (`with_compiled_costs`): inductor fuses a pointwise op into the kernel
+that consumes it, so recomputing it costs about nothing once compiled; the op's eager
+time is mostly a memory round trip that the fused kernel does not make. The planner
+prices every non-random pointwise op (``torch.Tag.pointwise``) at `FUSED_POINTWISE_COST`
+of its eager time before solving, so that plans under ``compile=True`` recompute
+pointwise chains first and keep the matmuls' and convolutions' outputs, as compile's own
+partitioner does (its min-cut recomputes only "fusible" ops).
+
+Cost: each fit is one solve, one compilation (inductor's graph cache makes an unchanged
+run cheap) and two training steps; the cost rewrite is O(ops).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import replace
+from typing import Any, Iterator, Mapping, Protocol, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+from planner.benchmark import training_loss
+from planner.errors import CompiledBudgetError
+from planner.memory import measure_allocator_peak, measure_step_memory
+from runtime.module import ScheduledModule, StepProgram, checked_plan
+from runtime.step import CapturedStep
+from solvers.errors import InfeasibleBudgetError, format_bytes
+from solvers.graph import Graph
+from solvers.plan import Plan
+
+log = logging.getLogger(__name__)
+
+MAX_FITS = 4      # compiled programs measured per signature before refusing
+# what a pointwise op costs compiled, as a fraction of its eager time (fused into its
+# consumer, it reads its inputs from registers or cache instead of memory)
+FUSED_POINTWISE_COST = 0.1
+
+
+def with_compiled_costs(graph: Graph, step: CapturedStep) -> Graph:
+    """``graph`` with each non-random pointwise aten op priced as fused: its time times
+    `FUSED_POINTWISE_COST`. The structure (and so the hash plans are checked against) is
+    unchanged."""
+    targets = {node.name: node.target for node in step.joint.graph.nodes if node.op == "call_function"}
+    ops = []
+    for op in graph.ops:
+        target = targets.get(op.name)
+        if (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags and not op.random
+                and torch.Tag.nondeterministic_seeded not in target.tags):
+            op = replace(op, time_ms=op.time_ms * FUSED_POINTWISE_COST)
+        ops.append(op)
+    return replace(graph, ops=tuple(ops))
+
+
+class Solves(Protocol):
+    """What re-solves a graph for a lower budget, the way the first plan was solved
+    (`planner.api`'s step planner)."""
+
+    def solve(self, graph: Graph, budget_bytes: int) -> Plan: ...
+
+
+def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan,
+                 inputs: Sequence[Any], kwargs: Mapping[str, Any] | None, *,
+                 loaded: bool = False) -> tuple[Plan, StepProgram]:
+    """The plan (``plan`` or one solved for a lower budget) whose compiled step measures
+    within ``plan.budget_bytes``, and its compiled program (``measured_peak_bytes`` set).
+    A ``loaded`` plan is run as given: refused if its compiled step is over its budget.
+
+    Raises:
+        CompiledBudgetError: no plan tried measures within the budget.
+    """
+    budget_bytes = plan.budget_bytes
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    tried: list[tuple[int, int]] = []               # (solver budget, measured peak) per fit
+    internal_bytes = budget_bytes
+    for _ in range(1 if loaded else MAX_FITS):
+        checked = checked_plan(graph, plan)
+        program = StepProgram(step, graph, checked, device_type, compile=True)
+        peak_bytes = measure_compiled_peak(model, step, graph, checked, program, inputs, kwargs,
+                                           released=bool(graph.released_outputs))
+        program.measured_peak_bytes = peak_bytes
+        tried.append((internal_bytes, peak_bytes))
+        log.info("memsched compile: plan solved for %d bytes predicts %d (eager); the compiled step measures %d; "
+                 "budget %d", internal_bytes, checked.predicted_peak_bytes, peak_bytes, budget_bytes)
+        if peak_bytes <= budget_bytes:
+            program.solver_budget_bytes = internal_bytes
+            # the plan answers for the caller's budget: its prediction is below the lower one
+            return replace(checked, budget_bytes=budget_bytes), program
+        if len(tried) > 1 and peak_bytes >= tried[-2][1]:
+            break                  # a lower plan measured no lower: the excess is not the plan's
+        internal_bytes -= peak_bytes - budget_bytes
+        try:
+            plan = planner.solve(graph, internal_bytes)
+        except InfeasibleBudgetError as error:
+            log.info("memsched compile: no plan at %s: %s", format_bytes(internal_bytes), str(error).splitlines()[0])
+            break
+    raise CompiledBudgetError(budget_bytes, tried, loaded=loaded)
+
+
+@contextlib.contextmanager
+def _model_state_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Gradients, buffers and the random generators as they were, after the block."""
+    gradients = {parameter: parameter.grad for parameter in model.parameters()}
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        for parameter, gradient in gradients.items():
+            parameter.grad = gradient
+
+
+def _step(module: torch.nn.Module, inputs: Sequence[Any], kwargs: Mapping[str, Any] | None, released: bool) -> None:
+    """One forward and backward, as a training loop runs it: the output is held through
+    the backward, or only the loss when the plan counts the other outputs released."""
+    output = module(*inputs, **dict(kwargs or {}))
+    loss = training_loss(output)
+    if released:
+        output = None
+    loss.backward()
+    del output, loss
+
+
+def measure_compiled_peak(model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan,
+                          program: StepProgram, inputs: Sequence[Any], kwargs: Mapping[str, Any] | None, *,
+                          released: bool = False) -> int:
+    """Peak bytes of one training step through ``program``, parameters, buffers, inputs
+    and gradients included, measured after a warm-up step that compiles it; the model's
+    gradients, buffers and generators are left as they were."""
+    module = ScheduledModule(model, step, graph, plan, program=program)
+    resident = list(model.parameters()) + list(model.buffers())
+    resident += [t for t in pytree.tree_leaves((list(inputs), dict(kwargs or {}))) if isinstance(t, torch.Tensor)]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with _model_state_kept(model):
+        for parameter in model.parameters():
+            parameter.grad = None
+        _step(module, inputs, kwargs, released)                   # compiles every run
+        for parameter in model.parameters():
+            parameter.grad = None
+        if device.type == "cuda":
+            _, report = measure_step_memory(lambda: _step(module, inputs, kwargs, released), device, resident)
+            return report.peak_bytes
+        _, peak_bytes = measure_allocator_peak(lambda: _step(module, inputs, kwargs, released), resident)
+        return peak_bytes

@@ -1,0 +1,344 @@
+"""A generated program (`runtime.codegen`) compiled by TorchInductor, with the plan kept.
+
+A plan's program is a straight line of aten calls and a few Python calls: generator
+state saves and replays (`runtime.rng`), random fills (`runtime.step.random_fill_like`),
+host copies (`runtime.offload`) and BatchNorm re-runs (`runtime.step.RERUN_TARGETS`;
+in training mode compiled as ``native_batch_norm`` without running statistics).
+Inductor compiles aten graphs; the Python calls carry effects it must not move (the
+generator state, streams, host memory). So the program is cut at every such call:
+
+    [aten run 1] eager call [aten run 2] eager call ...   ->   one inductor graph per run
+
+and each maximal run of aten ops is compiled with ``compile_fx_inner`` (PyTorch 2 /
+TorchInductor, Ansel et al., ASPLOS 2024), the entry point ``torch.compile`` uses after
+AOTAutograd, so a run fuses its pointwise chains and reductions into loops as compiled
+plain does. Random ops run eagerly, in plan order, drawing exactly what the eager plan
+draws, so a recomputation's replay under the saved generator state stays exact.
+
+What the plan decided holds: a run's ops are the plan's ops (what it saves crosses into
+the next run or out of the program, what it recomputes is run again, what it offloads
+goes through the eager host copies). Freeing holds too: the compiled graphs take their
+inputs boxed (one list they clear) and inductor frees each buffer after its last use, and
+before each run this interpreter lets go of every value whose last use is in that run,
+so a value dies inside the run that reads it last, as in the eager program. Inductor
+may still allocate differently (buffer reuse, fused temporaries, workspace), which is
+why the planner measures the compiled step's peak (`planner.compiled`).
+
+Each run compiles on its first call with the real tensors as examples (their sizes and
+strides), once per `StepProgram`: a second step recompiles nothing (`compile_count`);
+another input signature gets another plan and program from `planner.api.OptimizedModule`'s
+plan cache. Interpretation costs O(instructions) Python work per call; compiling is
+O(ops) graph work plus inductor's own code generation and C++/Triton compilation.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from runtime.codegen import Programs
+from runtime.step import native_batch_norm_rerun
+
+aten = torch.ops.aten
+
+log = logging.getLogger(__name__)
+
+# Inductor settings that keep the plan's memory. Measured on plans at half the activation
+# memory, the compiled backward's peak above the eager program's: tiny zoo ResNet +115 %
+# with inductor's defaults, -0.6 % with these and `FUSION_WINDOW`; tiny GPT -3 %, +0.3 %.
+INDUCTOR_OPTIONS: dict[str, Any] = {
+    # random ops run eagerly anyway; any that inductor sees draws as eager does
+    "fallback_random": True,
+    # no channels-last copies of convolution weights and inputs: the plan never saw them
+    "layout_optimization": False,
+    # a pointwise result read by several kernels is stored once, not recomputed in each
+    # reader (which keeps all of its inputs alive until the last reader)
+    "realize_reads_threshold": 1,
+}
+# Kernels fuse only within this many scheduler nodes of each other in program order: a
+# fusion across a longer distance moves one side's work (and the lifetimes of what it
+# reads and writes) to the other side, undoing where the plan put a recomputation.
+FUSION_WINDOW = 16
+
+
+def _compilable(node: fx.Node, current_run: set[str]) -> bool:
+    """An aten op inductor may compile: an `OpOverload` without random draws, a BatchNorm
+    re-run in training mode, or a ``getitem`` of a tuple result in ``current_run``."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, fx.Node) and source.name in current_run
+    if _is_training_batch_norm_rerun(node):
+        return True
+    if not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    return torch.Tag.nondeterministic_seeded not in node.target.tags or _draws_nothing(node)
+
+
+def _is_training_batch_norm_rerun(node: fx.Node) -> bool:
+    return node.target is native_batch_norm_rerun and len(node.args) == 8 and node.args[5] is True and not node.kwargs
+
+
+def _rerun_as_aten(node: fx.Node) -> None:
+    """A BatchNorm re-run in training mode is ``native_batch_norm`` without running
+    statistics: an aten op inductor compiles (and decomposes, as it does compiled plain's
+    BatchNorm), so the re-run does not cut the program."""
+    if _is_training_batch_norm_rerun(node):
+        x, weight, bias, _, _, training, momentum, eps = node.args
+        node.target = aten.native_batch_norm.default
+        node.args = (x, weight, bias, None, None, training, momentum, eps)
+
+
+def _draws_nothing(node: fx.Node) -> bool:
+    """A seeded op called with ``dropout_p=0`` (attention without dropout) draws nothing."""
+    names = [argument.name for argument in node.target._schema.arguments]
+    if "dropout_p" not in names:
+        return False
+    index = names.index("dropout_p")
+    value = node.args[index] if index < len(node.args) else node.kwargs.get("dropout_p", 0.0)
+    return isinstance(value, (int, float)) and value == 0
+
+
+@dataclass
+class _Run:
+    """One maximal run of compilable ops: its own graph and how it connects."""
+
+    module: fx.GraphModule
+    inputs: list[str]            # outer value names, in placeholder order
+    outputs: list[str]           # outer value names the run defines and later code reads
+    compiled: Callable[[list], Any] | None = None
+    compile_s: float = 0.0
+
+
+@dataclass
+class _Eager:
+    node: fx.Node
+
+
+@dataclass
+class _Instruction:
+    body: _Run | _Eager
+    drop: list[str] = field(default_factory=list)    # values to let go of before (runs) / after (eager)
+
+
+class CompiledProgram:
+    """Callable like the generated GraphModule it was made from (``boxed``: one list that it
+    clears, else positional arguments), running its aten runs compiled by inductor."""
+
+    def __init__(self, graph_module: fx.GraphModule, *, boxed: bool, name: str = "program",
+                 inductor_options: dict[str, Any] | None = None) -> None:
+        self.source = graph_module
+        self.boxed = boxed
+        self.name = name
+        self.inductor_options = dict(inductor_options or {})
+        self.compile_count = 0             # inductor compilations so far (one per run, once)
+        self.compile_s = 0.0
+        self._placeholders: list[str] = []
+        self._constants: dict[str, Any] = {}
+        self._instructions: list[_Instruction] = []
+        self._output: Any = None
+        self._split(graph_module)
+
+    # ------------------------------------------------------------------ building
+
+    def _split(self, graph_module: fx.GraphModule) -> None:
+        nodes = list(graph_module.graph.nodes)
+        current_run: set[str] = set()          # names defined by the run being built
+        groups: list[tuple[str, list[fx.Node]]] = []
+        for node in nodes:
+            if node.op == "placeholder":
+                self._placeholders.append(node.name)
+            elif node.op == "get_attr":
+                self._constants[node.name] = _fetch_attr(graph_module, node.target)
+            elif node.op == "output":
+                self._output = node.args[0]
+            elif _compilable(node, current_run):
+                if not groups or groups[-1][0] != "run":
+                    groups.append(("run", []))
+                    current_run = set()
+                groups[-1][1].append(node)
+                current_run.add(node.name)
+            else:
+                groups.append(("eager", [node]))
+                current_run = set()
+        # where each value is read last (index into groups; len(groups) = the output)
+        last_use: dict[str, int] = {}
+        for index, (_, members) in enumerate(groups):
+            for node in members:
+                for used in node.all_input_nodes:
+                    last_use[used.name] = index
+        for used in _nodes_in(self._output):
+            last_use[used.name] = len(groups)
+        for index, (kind, members) in enumerate(groups):
+            member_names = {node.name for node in members}
+            if kind == "eager":
+                node = members[0]
+                drop = [used.name for used in node.all_input_nodes if last_use[used.name] == index]
+                if node.name not in last_use:
+                    drop.append(node.name)            # an effect whose result nothing reads
+                self._instructions.append(_Instruction(_Eager(node), list(dict.fromkeys(drop))))
+                continue
+            inputs = list(dict.fromkeys(used.name for node in members for used in node.all_input_nodes
+                                        if used.name not in member_names))
+            outputs = [node.name for node in members if last_use.get(node.name, -1) > index]
+            run = _Run(self._subgraph(graph_module, members, inputs, outputs), inputs, outputs)
+            drop = [name for name in inputs if last_use[name] == index]
+            self._instructions.append(_Instruction(run, drop))
+        self._num_runs = sum(isinstance(i.body, _Run) for i in self._instructions)
+
+    @staticmethod
+    def _subgraph(owner: fx.GraphModule, members: list[fx.Node], inputs: list[str],
+                  outputs: list[str]) -> fx.GraphModule:
+        graph = fx.Graph()
+        env: dict[str, fx.Node] = {}
+        for name in inputs:
+            env[name] = graph.placeholder(name)
+        for node in members:
+            env[node.name] = graph.node_copy(node, lambda arg: env[arg.name])
+            _rerun_as_aten(env[node.name])
+        graph.output(tuple(env[name] for name in outputs))
+        return fx.GraphModule(owner, graph, class_name="CompiledRun")
+
+    # ------------------------------------------------------------------ running
+
+    def __call__(self, *args: Any) -> tuple:
+        if self.boxed:
+            (boxed_args,) = args
+            env = dict(zip(self._placeholders, boxed_args))
+            boxed_args.clear()
+        else:
+            env = dict(zip(self._placeholders, args))
+        env.update(self._constants)
+        for instruction in self._instructions:
+            body = instruction.body
+            if isinstance(body, _Eager):
+                node = body.node
+                call_args, call_kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n.name])
+                env[node.name] = node.target(*call_args, **call_kwargs)
+                for name in instruction.drop:
+                    del env[name]
+                continue
+            inputs = [env[name] for name in body.inputs]
+            for name in instruction.drop:
+                del env[name]
+            if body.compiled is None:
+                self._compile(body, inputs)
+            results = body.compiled(inputs)      # clears ``inputs``: dropped values die inside
+            env.update(zip(body.outputs, results))
+            del results
+        return tuple(fx.node.map_arg(self._output, lambda n: env[n.name]))
+
+    def _compile(self, run: _Run, inputs: list) -> None:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.virtualized import V
+
+        started = time.perf_counter()
+        options = {**INDUCTOR_OPTIONS, **self.inductor_options}
+        window = options.pop("fusion_window", FUSION_WINDOW)
+        choices = _choices_within(window)
+        options["inductor_choices_class"] = choices      # part of the graph cache's key
+        with inductor_config.patch(options), V.set_choices_handler(choices()):
+            graph_module, examples = _lowered(run.module, inputs)
+            run.compiled = compile_fx_inner(graph_module, examples)
+        run.compile_s = time.perf_counter() - started
+        self.compile_s += run.compile_s
+        self.compile_count += 1
+        log.debug("compiled %s run %d/%d (%d ops) in %.2f s", self.name, self.compile_count, self._num_runs,
+                  len(run.module.graph.nodes), run.compile_s)
+
+    # ------------------------------------------------------------------ inspection
+
+    @property
+    def num_runs(self) -> int:
+        """How many inductor graphs the program is cut into."""
+        return self._num_runs
+
+    @property
+    def eager_calls(self) -> list[str]:
+        """The Python calls that stay eager, in program order."""
+        return [getattr(i.body.node.target, "__name__", str(i.body.node.target))
+                for i in self._instructions if isinstance(i.body, _Eager)]
+
+    @property
+    def code(self) -> str:
+        """The program as runs of compiled aten ops and the eager calls between them."""
+        lines = [f"# {self.name}: {self._num_runs} inductor run(s), {len(self.eager_calls)} eager call(s)"]
+        for instruction in self._instructions:
+            body = instruction.body
+            if isinstance(body, _Eager):
+                lines.append(f"{body.node.name} = {body.node.format_node()}")
+            else:
+                ops = [n for n in body.module.graph.nodes if n.op == "call_function"]
+                lines.append(f"{', '.join(body.outputs) or '()'} = inductor_run({', '.join(body.inputs)})"
+                             f"  # {len(ops)} ops")
+        return "\n".join(lines)
+
+
+def _choices_within(window: int | None):
+    """A factory of inductor heuristics that fuse only kernels at most ``window`` kernels
+    apart in program order (any distance for None)."""
+    from torch._inductor.choices import InductorChoices
+
+    class WithinWindow(InductorChoices):
+        @staticmethod
+        def can_fuse(scheduler, node1, node2, shared_data_score):  # noqa: ANN001, ANN205 - inductor's hook
+            if window is not None and max(abs(node1.min_order - node2.max_order),
+                                          abs(node2.min_order - node1.max_order)) > window:
+                return False
+            return InductorChoices.can_fuse(scheduler, node1, node2, shared_data_score)
+
+        def uuid(self) -> str:
+            return f"memsched-fusion-window-{window}"
+
+    return WithinWindow
+
+
+def _lowered(module: fx.GraphModule, inputs: list) -> tuple[fx.GraphModule, list]:
+    """``module`` retraced the way AOTAutograd hands graphs to inductor: on fake tensors,
+    functionalized (an in-place update of an input becomes a trailing ``copy_``, which
+    inductor writes in place), with inductor's decompositions."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.func import functionalize
+
+    fake_mode = FakeTensorMode()
+    examples = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+    with fake_mode:
+        traced = make_fx(functionalize(module, remove="mutations"), decomposition_table=select_decomp_table())(
+            *examples)
+    return traced, examples
+
+
+def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _nodes_in(structure: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(structure, lambda n: found.append(n) or n)
+    return found
+
+
+def compile_programs(programs: Programs, inductor_options: dict[str, Any] | None = None) -> Programs:
+    """``programs`` with the forward (positional) and backward (boxed) programs compiled;
+    nothing compiles before the first call."""
+    return replace(programs,
+                   forward=CompiledProgram(programs.forward, boxed=False, name="forward",
+                                           inductor_options=inductor_options),
+                   backward=CompiledProgram(programs.backward, boxed=True, name="backward",
+                                            inductor_options=inductor_options))
+
+
+__all__ = ["CompiledProgram", "compile_programs"]

@@ -1,0 +1,152 @@
+"""``optimize(..., compile=True)``: the plan's programs compiled by inductor.
+
+On the tiny zoo GPT (dropout, so recomputation replays random draws) and ResNet (BatchNorm,
+so re-runs and buffer updates): the loss, every gradient and every buffer are allclose to
+``torch.compile``'s on the plain model (and to the eager step), the step measured from
+the allocator's events peaks within the budget, and a second step of the same shape
+compiles nothing. A new input shape gets its own plan and program (MLP: two runs, cheap),
+a step over budget is refused with the measured figure, and the program is cut exactly
+at the eager calls.
+
+Each compiled model costs ~20 s on 2 cores with a cold inductor cache: marked slow.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+import planner.compiled
+from planner import optimize, zoo
+from planner.benchmark import allocator_step_peak, train_step
+from planner.budget import resolve_budget
+from planner.errors import CompiledBudgetError, OptionError
+from runtime.compiled import CompiledProgram
+from runtime.step import random_fill_like
+from solvers.errors import InfeasibleBudgetError
+
+SEED = 7
+
+
+def _inductor_compiles() -> int:
+    return counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] + \
+        counters["inductor"]["fxgraph_cache_bypass"]
+
+
+def _gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _seeded_step(module: torch.nn.Module, model: torch.nn.Module, inputs: tuple) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(SEED)
+    loss = train_step(module, inputs)
+    return loss, _gradients(model)
+
+
+def _assert_close_steps(actual: tuple, expected: tuple, label: str, **tolerance: float) -> None:
+    loss, gradients = actual
+    expected_loss, expected_gradients = expected
+    torch.testing.assert_close(loss, expected_loss, msg=lambda m: f"{label} loss: {m}", **tolerance)
+    assert gradients.keys() == expected_gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, expected_gradients[name], msg=lambda m, n=name: f"{label} grad {n}: {m}",
+                                   **tolerance)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gpt", "resnet"])
+def test_compiled_plan_matches_compiled_plain_within_budget(name: str, monkeypatch) -> None:
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)   # dropout draws as eager does
+    model, inputs = zoo.make(name, "tiny")
+    plain = copy.deepcopy(model)
+    compiled_plain = copy.deepcopy(model)
+    start = copy.deepcopy(model.state_dict())
+    optimized = optimize(model, 0.5, inputs, compile=True, progress=False)
+    budget_bytes = resolve_budget(0.5, optimized.graph).budget_bytes
+    assert optimized.plan.budget_bytes == budget_bytes
+    assert optimized.compile_count > 0                       # compiled while fitting the budget
+    assert model.state_dict().keys() == start.keys()
+    for key, value in model.state_dict().items():            # fitting left the buffers as they were
+        torch.testing.assert_close(value, start[key], msg=f"{name}: optimize changed {key}")
+
+    reference = _seeded_step(torch.compile(compiled_plain), compiled_plain, inputs)
+    ours = _seeded_step(optimized, model, inputs)
+    _assert_close_steps(ours, reference, f"{name} vs compiled plain", rtol=1e-4, atol=1e-5)
+    _assert_close_steps(ours, _seeded_step(plain, plain, inputs), f"{name} vs eager plain", rtol=1e-4, atol=1e-5)
+    for (key, buffer), (_, expected) in zip(model.named_buffers(), compiled_plain.named_buffers()):
+        torch.testing.assert_close(buffer, expected, msg=f"{name} buffer {key}")
+
+    compiles, inductor_compiles = optimized.compile_count, _inductor_compiles()
+    frames = counters["stats"]["unique_graphs"]
+    peak_bytes = allocator_step_peak(optimized, inputs)        # a second step of the same shape
+    assert peak_bytes <= budget_bytes, f"{name}: measured {peak_bytes} > budget {budget_bytes}"
+    assert peak_bytes == optimized._program.measured_peak_bytes
+    assert (optimized.compile_count, _inductor_compiles()) == (compiles, inductor_compiles), "recompiled"
+    assert counters["stats"]["unique_graphs"] == frames           # and dynamo traced nothing
+
+
+def test_new_shape_gets_its_own_compiled_plan() -> None:
+    model, (x,) = zoo.make("mlp", "tiny")
+    optimized = optimize(model, 0.7, (x,), compile=True, progress=False)
+    first = optimized._program
+    train_step(optimized, (x,))
+    assert optimized._program is first and first.compile_count == 2 and first.compiled
+    smaller = x[: x.shape[0] // 2].clone()      # its own storage: a view would count all of x
+    train_step(optimized, (smaller,))
+    assert len(optimized.plans) == 2 and optimized._program is not first and optimized._program.compile_count > 0
+    assert allocator_step_peak(optimized, (smaller,)) <= optimized.plan.budget_bytes
+    train_step(optimized, (x,))                         # the first plan again: nothing compiles
+    assert optimized._program is first and first.compile_count == 2
+
+
+def test_over_budget_is_refused_with_the_measured_peak(monkeypatch) -> None:
+    """Every compiled step measures 1 MiB over the budget: the plan is re-solved lower
+    and, when that cannot fit, the error names the least peak measured."""
+    model, inputs = zoo.make("mlp", "tiny")
+    measured = []
+
+    def over_budget(model, step, graph, plan, program, inputs, kwargs, *, released=False):
+        measured.append(plan.budget_bytes)
+        return plan.budget_bytes + 2**20 + len(measured)
+
+    monkeypatch.setattr(planner.compiled, "measure_compiled_peak", over_budget)
+    with pytest.raises(CompiledBudgetError) as raised:
+        optimize(model, 0.8, inputs, compile=True, progress=False)
+    error = raised.value
+    assert isinstance(error, InfeasibleBudgetError)
+    assert len(measured) >= 1 and error.least_feasible_bytes == min(peak for _, peak in error.tried)
+    assert str(error.least_feasible_bytes) in str(error) and "compile=False" in str(error)
+
+
+def test_simulated_offload_on_a_cpu_is_refused() -> None:
+    model, inputs = zoo.make("mlp", "tiny")
+    with pytest.raises(OptionError, match="target="):
+        optimize(model, 0.5, inputs, compile=True, target="h100-pcie5", progress=False)
+
+
+def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
+    """aten runs compile; a random fill stays an eager call between two runs, in order."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
+    noise = graph.call_function(random_fill_like, (torch.ops.aten.bernoulli_.float, y, 0.5))
+    z = graph.call_function(torch.ops.aten.add.Tensor, (y, noise))
+    w = graph.call_function(torch.ops.aten.relu.default, (z,))
+    graph.output((w, y))
+    module = fx.GraphModule(torch.nn.Module(), graph)
+    program = CompiledProgram(module, boxed=True)
+    assert program.num_runs == 2 and program.eager_calls == ["random_fill_like"]
+    value = torch.randn(4, 8)
+    torch.manual_seed(0)
+    expected = module(value)
+    torch.manual_seed(0)
+    arguments = [value]
+    actual = program(arguments)
+    assert arguments == [] and program.compile_count == 2          # boxed: the list is cleared
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b)
