@@ -12,8 +12,9 @@ the model's gradients, buffers and random generators put back afterwards.
 If the measured peak is above the budget, the plan is solved again for a budget lowered
 by the overshoot (the compiled step's excess over the eager plan's prediction is mostly
 independent of the plan) and measured again, up to `MAX_FITS` times; then the call is
-refused with `CompiledBudgetError`, which gives the least peak measured (at once when a
-lower plan measured no lower: the excess is then not the plan's to remove).
+refused with `CompiledBudgetError`, which gives the least peak measured. When a lower plan
+measured no lower (the compiled peak sits where that plan changed nothing), the next
+budget is lowered by twice the last step.
 
 Compile-aware costs (`with_compiled_costs`): inductor fuses a pointwise op into the kernel
 that consumes it, so recomputing it costs about nothing once compiled; the op's eager
@@ -48,7 +49,7 @@ from solvers.plan import Plan
 
 log = logging.getLogger(__name__)
 
-MAX_FITS = 4      # compiled programs measured per signature before refusing
+MAX_FITS = 6      # compiled programs measured per signature before refusing
 # what a pointwise op costs compiled, as a fraction of its eager time (fused into its
 # consumer, it reads its inputs from registers or cache instead of memory)
 FUSED_POINTWISE_COST = 0.1
@@ -103,9 +104,12 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
             program.solver_budget_bytes = internal_bytes
             # the plan answers for the caller's budget: its prediction is below the lower one
             return replace(checked, budget_bytes=budget_bytes), program
+        # lower the solver's budget by the excess; when a lower plan measured no lower (the
+        # compiled peak sits where that plan changed nothing), by twice the last step instead
+        step_bytes = peak_bytes - budget_bytes
         if len(tried) > 1 and peak_bytes >= tried[-2][1]:
-            break                  # a lower plan measured no lower: the excess is not the plan's
-        internal_bytes -= peak_bytes - budget_bytes
+            step_bytes = max(step_bytes, 2 * (tried[-2][0] - internal_bytes))
+        internal_bytes -= step_bytes
         try:
             plan = planner.solve(graph, internal_bytes)
         except InfeasibleBudgetError as error:
