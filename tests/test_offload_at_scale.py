@@ -13,13 +13,17 @@ import torch
 from helpers import assert_same_training_step
 from planner import optimize
 from planner.budget import resolve_budget
-from planner.capture import capture
-from planner.profile import profile
+from planner.estimate import estimated_graph
 from planner.zoo import GPT
 from solvers.graph import TARGETS
 from solvers.plan import StepKind
 from solvers.portfolio import solve
 from solvers.simulate import simulate
+from solvers.targets import DeviceTarget
+
+CPU_LIKE = DeviceTarget(name="cpu-like", device_type="cpu", memory_bytes=2**34, flops_per_s={"float32": 45e9},
+                        memory_bytes_per_s=2.8e9, host_link_bytes_per_s=2.8e9, launch_ms=0.0015,
+                        compute_efficiency=1.0, memory_efficiency=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +31,10 @@ def gpt12():
     torch.manual_seed(0)
     model = GPT(n_layer=12, n_head=4, d_model=128, seq_len=64, vocab_size=512, dropout=0.1)
     idx = torch.randint(512, (8, 64))
-    step = capture(model, (idx, idx))
-    graph = profile(step, model, (idx, idx), repeats=2, transfer=TARGETS["h100-pcie5"], progress=False)
-    return model, (idx, idx), graph
+    # times from a fixed roofline of this kind of CPU (measured profiles move the recompute-only
+    # overhead between +8 % and +25 %), the link an H100's PCIe 5: the same plans every run
+    _, graph = estimated_graph(model, (idx, idx), target=CPU_LIKE)
+    return model, (idx, idx), dataclasses.replace(graph, transfer=TARGETS["h100-pcie5"])
 
 
 def test_hierarchical_offloads_on_a_12_block_gpt_and_beats_recompute_only(gpt12) -> None:
