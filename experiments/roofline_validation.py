@@ -42,6 +42,7 @@ from planner.memory import measure_allocator_peak
 from planner.profile import profile
 from planner.roofline import measure_cpu_target
 from runtime.module import ScheduledModule
+from solvers.errors import InfeasibleBudgetError
 from solvers.portfolio import solve
 from solvers.simulate import simulate
 
@@ -80,8 +81,13 @@ def run_model(name: str, args: argparse.Namespace, target) -> dict[str, Any]:
     rows = []
     for fraction in args.fractions:
         budget_bytes = resolve_budget(fraction, profiled).budget_bytes
-        from_profile = solve(profiled, budget_bytes, "auto")
-        from_roofline = solve(roofline, budget_bytes, "auto")
+        try:
+            from_profile = solve(profiled, budget_bytes, "auto")
+            from_roofline = solve(roofline, budget_bytes, "auto")
+        except InfeasibleBudgetError as error:      # the solvers' heuristics depend on the times
+            log.info("%s at %.2f: %s", name, fraction, str(error).splitlines()[0])
+            rows.append({"fraction": fraction, "budget_bytes": budget_bytes, "infeasible": str(error).splitlines()[0]})
+            continue
         # run the roofline's choice on the profiled graph: same steps, the profile's times predict it
         runnable = dataclasses.replace(from_roofline, graph_hash=profiled.hash, graph=profiled)
         modules = {"profiled plan": ScheduledModule(model, step, profiled, from_profile),
