@@ -5,10 +5,6 @@ budget; single-process checks of the helper's errors and of what it leaves in th
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +14,7 @@ from planner import BudgetError, OptionError, UnsupportedModelError, optimize, z
 from planner.api import OptimizedModule
 from planner.fsdp import optimize_blocks
 from solvers.errors import InfeasibleBudgetError
+from torchrun import rank_reports
 
 
 def test_fsdp2_over_blocks_planned_one_by_one_keeps_its_gradients_within_each_ranks_budget(tmp_path) -> None:
@@ -26,17 +23,7 @@ def test_fsdp2_over_blocks_planned_one_by_one_keeps_its_gradients_within_each_ra
     plain model, and each rank's peak (allocator events, the running block's all-gathered
     parameters included) is within the budget the plain model exceeds, and within the
     helper's prediction."""
-    from planner.pipeline_demo import free_port
-    worker = Path(__file__).with_name("fsdp_worker.py")
-    root = worker.parent.parent
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-               str(worker), "--json", str(tmp_path / "report")]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=480, env=environment, cwd=root)
-    for rank in range(2):
-        path = tmp_path / f"report.rank{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no report; torchrun said:\n{finished.stderr[-4000:]}"
-        report = json.loads(path.read_text())
+    for report in rank_reports(Path(__file__).with_name("fsdp_worker.py"), tmp_path, timeout_s=480):
         assert "error" not in report, report
         assert report["largest_difference"] <= 1e-6 and report["loss_difference"] <= 1e-6, report
         assert report["peak"] <= report["budget"] < report["plain_peak"], report

@@ -7,10 +7,6 @@ and measures its own peak with the storage tracker; the test reads every rank's 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,25 +14,17 @@ import torch
 
 from planner import zoo
 from planner.capture import capture
-from planner.pipeline_demo import free_port
 from planner.profile import profile
 from solvers.errors import InfeasibleBudgetError
 from solvers.pipeline import evaluate_split, pipeline_chain, solve_pipeline_chain, split_equal_layers
+from torchrun import rank_reports
 
 WORKER = Path(__file__).with_name("pipeline_worker.py")
 ROOT = WORKER.parent.parent
 
 
 def run_ranks(tmp_path: Path, ranks: int, *arguments: str) -> list[dict]:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-               f"--master-port={free_port()}", str(WORKER), "--json", str(tmp_path / "report"), *arguments]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=ROOT)
-    reports = []
-    for rank in range(ranks):
-        path = tmp_path / f"report.rank{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no report; torchrun said:\n{finished.stderr[-4000:]}"
-        reports.append(json.loads(path.read_text()))
+    reports = rank_reports(WORKER, tmp_path, *arguments, ranks=ranks, timeout_s=300)
     failures = [f"rank {r['rank']}: {r.get('traceback', r.get('error'))}" for r in reports if not r.get("ok")]
     assert not failures, "\n".join(failures)
     return reports
@@ -123,15 +111,7 @@ def test_a_rank_that_fails_while_planning_fails_every_rank(tmp_path, case, error
     fails on rank 1's inputs: every rank raises the same MemschedError naming the failing
     rank, and none is left waiting in a collective (the run ends within its timeout)."""
     worker = WORKER.with_name("pipeline_failure_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-               str(worker), "--case", case, "--json", str(tmp_path / "report")]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment, cwd=ROOT)
-    reports = []
-    for rank in range(2):
-        path = tmp_path / f"report.rank{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no report; torchrun said:\n{finished.stderr[-4000:]}"
-        reports.append(json.loads(path.read_text()))
+    reports = rank_reports(worker, tmp_path, "--case", case, timeout_s=240)
     assert [r["error"] for r in reports] == [error, error], reports
     failing_rank = 0 if case == "infeasible" else 1
     other = reports[1 - failing_rank]

@@ -172,23 +172,10 @@ def test_inputs_the_model_itself_rejects_are_reported_as_such(capfd) -> None:
 def test_ddp_over_an_optimized_module_averages_the_plain_gradients(tmp_path) -> None:
     """DistributedDataParallel (gloo, 2 ranks, each its own batch) over the optimized
     module gives every rank the gradients DDP over the plain model gives."""
-    import json
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from planner.pipeline_demo import free_port
-    worker = Path(__file__).with_name("ddp_worker.py")
-    root = worker.parent.parent
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-               str(worker), "--json", str(tmp_path / "report")]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment, cwd=root)
-    for rank in range(2):
-        path = tmp_path / f"report.rank{rank}.json"
-        assert path.exists(), f"rank {rank} wrote no report; torchrun said:\n{finished.stderr[-4000:]}"
-        report = json.loads(path.read_text())
+    from torchrun import rank_reports
+    for report in rank_reports(Path(__file__).with_name("ddp_worker.py"), tmp_path, timeout_s=240):
         assert report["ok"], report
         assert report["recomputed"] > 0, report                   # the plan drops something
 
