@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from planner.budget import parse_budget, resolve_budget
 from planner.capture import CapturedStep, capture, fake_tensor
 from planner.errors import OptionError
-from planner.profile import GraphBuilder, assemble_graph, with_released_outputs
+from planner.profile import GraphBuilder, assemble_graph, rng_state_bytes, step_arguments, with_released_outputs
 from planner.roofline import op_time_ms
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph, Transfer, Value, ValueKind
@@ -166,15 +166,14 @@ def estimated_graph(model: torch.nn.Module, example_inputs: Sequence[Any] | Any,
     with _autocast(autocast), attention, _phase(progress, f"memsched: tracing {type(model).__name__} on fake tensors"):
         step = capture(model, example_inputs, example_kwargs, backward_from=backward_from)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    arguments = _fake_arguments(step, model, fake_mode)
+    arguments = _fake_arguments(step, model, example_inputs, example_kwargs, fake_mode)
     walk = _RooflineWalk(step, device)
     with fake_mode, torch.enable_grad():
         walk.run(arguments, progress)
     # a CPU target is this machine: its transfers are nominal, as `planner.profile` has them
     transfer = device.transfer if device.device_type == "cuda" else Transfer(source="nominal (not measured)")
-    rng_state_bytes = torch.get_rng_state().untyped_storage().nbytes() if device.device_type == "cpu" else 0
     graph = assemble_graph(walk, step, transfer=transfer, device=device.device_type, name=type(model).__name__,
-                           rng_state_bytes=rng_state_bytes)
+                           rng_state_bytes=rng_state_bytes(torch.device(device.device_type)))
     if release_outputs:
         graph = with_released_outputs(graph, step)
     return step, graph
@@ -226,17 +225,14 @@ class _RooflineWalk(GraphBuilder):
         return result, op_time_ms(target, args, kwargs, result, self.target_device), 0
 
 
-def _fake_arguments(step: CapturedStep, model: torch.nn.Module, fake_mode: FakeTensorMode) -> list[torch.Tensor]:
-    """The joint graph's arguments as fake tensors: parameters, buffers, inputs, tangents."""
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    leaves = step.input_leaves
-    real = ([params[name].detach() for name in step.param_names] + [buffers[name] for name in step.buffer_names]
-            + [leaves[i].detach() for i in step.tensor_input_positions])
-    flat = [fake_tensor(fake_mode, tensor) for tensor in real]
+def _fake_arguments(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence[Any],
+                    example_kwargs: Mapping[str, Any] | None, fake_mode: FakeTensorMode) -> list[torch.Tensor]:
+    """The joint graph's arguments (`planner.profile.step_arguments`) as fake tensors."""
     with fake_mode:
-        flat += [torch.ones(leaf.shape, dtype=leaf.dtype, device="cpu") for leaf in step.output_leaves if leaf.tangent]
-    return flat
+        tangents = [torch.ones(leaf.shape, dtype=leaf.dtype, device="cpu") for leaf in step.output_leaves
+                    if leaf.tangent]
+    real = step_arguments(step, model, example_inputs, example_kwargs, tangents=())
+    return [fake_tensor(fake_mode, tensor) for tensor in real] + tangents
 
 
 class _FusedAttentionDropout(TorchFunctionMode):

@@ -82,7 +82,7 @@ def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence
     if transfer is None:
         transfer = measure_transfer(device) if device.type == "cuda" else Transfer(source="nominal (not measured)")
     return assemble_graph(walk, step, transfer=transfer, device=str(device), name=name or type(model).__name__,
-                          rng_state_bytes=_rng_state_bytes(device))
+                          rng_state_bytes=rng_state_bytes(device))
 
 
 def assemble_graph(walk: "GraphBuilder", step: CapturedStep, *, transfer: Transfer, device: str, name: str,
@@ -107,7 +107,7 @@ def with_released_outputs(graph: Graph, step: CapturedStep) -> Graph:
     return dataclasses.replace(graph, released_outputs=released)
 
 
-def _rng_state_bytes(device: torch.device) -> int:
+def rng_state_bytes(device: torch.device) -> int:
     """Device bytes of one generator state the runtime saves (`runtime.rng`): on CPU a
     5,056 B CPU tensor made outside the dispatcher (no aten op shows it); on CUDA the
     state lives in host memory and costs the device nothing."""
