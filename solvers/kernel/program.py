@@ -191,24 +191,19 @@ def _free_offloaded_when_copied(graph: Graph, steps: tuple[Step, ...], offloaded
     late one only holds the memory as long. O(steps)."""
     transfer = graph.transfer
     clock_ms = channel_free_at_ms = 0.0
-    copied_at: dict[str, float] = {}
-    for step in steps:
-        if step.kind is StepKind.RUN:
-            clock_ms += graph.op(step.name).time_ms
-        elif step.kind is StepKind.OFFLOAD:
-            start_ms = max(clock_ms, channel_free_at_ms)
-            channel_free_at_ms = start_ms + transfer.latency_ms + \
-                graph.value(step.name).size_bytes / transfer.device_to_host_bytes_per_ms
-            copied_at[step.name] = channel_free_at_ms
+    copied_at: dict[str, float] = {}                 # offloaded value -> end of its copy
     result: list[Step] = []
     waiting: list[tuple[float, str]] = []            # (copy end, value), frees held back
-    clock_ms = 0.0
     for step in steps:
         if step.kind is StepKind.FREE and step.name in offloaded and copied_at.get(step.name, 0.0) > clock_ms:
             waiting.append((copied_at[step.name], step.name))
             continue
         result.append(step)
-        if step.kind is StepKind.RUN:
+        if step.kind is StepKind.OFFLOAD:
+            channel_free_at_ms = max(clock_ms, channel_free_at_ms) + transfer.latency_ms + \
+                graph.value(step.name).size_bytes / transfer.device_to_host_bytes_per_ms
+            copied_at[step.name] = channel_free_at_ms
+        elif step.kind is StepKind.RUN:
             clock_ms += graph.op(step.name).time_ms
             for done_ms, name in sorted(w for w in waiting if w[0] <= clock_ms):
                 result.append(free(name))
