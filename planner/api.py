@@ -17,6 +17,7 @@ from planner.budget import parse_budget, resolve_budget
 from planner.capture import CapturedStep, capture, input_signature
 from planner.errors import OptionError
 from planner.profile import profile, with_released_outputs
+from planner.reuse import ProfileReuse
 from runtime.module import ScheduledModule, describe_signature, StepProgram, checked_plan
 from solvers.errors import format_bytes
 from solvers.graph import TARGETS, Graph, Transfer
@@ -137,32 +138,41 @@ class _StepPlanner:
     backward_from: str
     release_outputs: bool
     compile: bool = False
+    reuse: ProfileReuse | None = None            # the first step's real profile, for later signatures
 
     def plan(self, model: torch.nn.Module, inputs: Sequence[Any], kwargs: Mapping[str, Any] | None,
-             loaded: Plan | None = None, *, first: bool = True) -> tuple[CapturedStep, Graph, Plan]:
+             loaded: Plan | None = None, start: Plan | None = None) -> tuple[CapturedStep, Graph, Plan]:
         """Trace, profile and solve one step (or check ``loaded`` against it). The budget
         keeps its meaning: bytes stay bytes, a fraction is of this step's activations.
-        A step after the ``first`` is profiled with one timing run per op, to keep the
-        training loop waiting for seconds, not tens of seconds."""
+        The first step is profiled by running it; every later signature is planned from
+        that profile on fake tensors (`planner.reuse`), so planning it never holds the
+        un-optimized step's memory, and solved from ``start`` (the previous signature's
+        plan) as a warm start (`solvers.portfolio.solve`)."""
         started = time.perf_counter()
         step = capture(model, inputs, kwargs, backward_from=self.backward_from)
-        repeats = 1 if loaded is not None or not first else self.repeats
-        graph = profile(step, model, inputs, kwargs, repeats=repeats, progress=self.progress, transfer=self.transfer)
+        if self.reuse is not None:
+            graph = self.reuse.graph_for(step, model, inputs, kwargs, self.progress)
+        else:
+            graph = profile(step, model, inputs, kwargs, repeats=1 if loaded is not None else self.repeats,
+                            progress=self.progress, transfer=self.transfer)
+            self.reuse = ProfileReuse(step, graph)
         if self.release_outputs:
             graph = with_released_outputs(graph, step)
         if self.compile:                  # pointwise ops priced as inductor fuses them
             from planner.compiled import with_compiled_costs
             graph = with_compiled_costs(graph, step)
-        log.info("traced and profiled %s in %.1f s: %d ops", graph.name, time.perf_counter() - started,
+        log.info("traced and %s %s in %.1f s: %d ops", "profiled" if self.reuse.step is step else
+                 "sized on fake tensors from the first profile", graph.name, time.perf_counter() - started,
                  len(graph.ops))
         if loaded is not None:
             loaded.check_graph(graph)
             return step, graph, loaded
         breakdown = resolve_budget(self.budget, graph)
-        return step, graph, self.solve(graph, breakdown.budget_bytes)
+        return step, graph, self.solve(graph, breakdown.budget_bytes, start)
 
-    def solve(self, graph: Graph, budget_bytes: int) -> Plan:
-        return solve(graph, budget_bytes, self.solver, **self.solver_options)
+    def solve(self, graph: Graph, budget_bytes: int, start: Plan | None = None) -> Plan:
+        return solve(graph, budget_bytes, self.solver, start=start.decisions if start is not None else None,
+                     **self.solver_options)
 
 
 class OptimizedModule(ScheduledModule):
@@ -172,7 +182,8 @@ class OptimizedModule(ScheduledModule):
     each batch's longest, the module goes from ``eval()`` to ``train()``, parameters are
     unfrozen. Each signature (input structure, shapes, dtypes, ``requires_grad``, autocast,
     train/eval mode, which parameters require grad) gets its own plan, traced, profiled
-    and solved on first use and kept in a least-recently-used cache of
+    (on fake tensors, from the first profile: `planner.reuse`) and solved on first use
+    and kept in a least-recently-used cache of
     ``plan_cache_size`` plans; ``on_new_shape="error"`` refuses a new signature with
     `PlanMismatchError` instead. ``plan``, ``graph`` and the generated code are those of
     the signature that ran last; ``plans`` holds every cached one. Under
@@ -203,10 +214,9 @@ class OptimizedModule(ScheduledModule):
                 tuple(p.requires_grad for p in self.module.parameters()))
 
     def prepare(self, *args: Any, **kwargs: Any) -> Plan:
-        """Make (or find) the plan for a step on these inputs without running the step:
-        planning profiles the step once un-optimized, at the plain step's peak, as
-        ``optimize`` does, so a loop that must never exceed its budget plans its bucket
-        shapes (`planner.batching.pad_to_bucket`) before training."""
+        """Make (or find) the plan for a step on these inputs without running the step
+        (a loop can plan its bucket shapes, `planner.batching.pad_to_bucket`, before
+        training, so that no step waits for planning)."""
         key = self._key_of_call(*pytree.tree_flatten((tuple(args), dict(kwargs))))
         return (self._cache.get(key) or self._plan_new(key, args, kwargs))[2]
 
@@ -226,7 +236,7 @@ class OptimizedModule(ScheduledModule):
 
     def _plan_new(self, key: tuple, args: tuple, kwargs: dict) -> tuple[CapturedStep, Graph, Plan, Any]:
         started = time.perf_counter()
-        step, graph, plan = self._planner.plan(self.module, args, kwargs, first=False)
+        step, graph, plan = self._planner.plan(self.module, args, kwargs, start=self.plan)
         if self._planner.compile:
             from planner.compiled import fit_compiled
             checked, program = fit_compiled(self._planner, self.module, step, graph, plan, args, kwargs)

@@ -79,6 +79,7 @@ from planner.errors import BudgetError, OptionError, UnsupportedModelError
 from planner.memory import _storages_of, measure_allocator_peak_by_address
 from planner.pipeline import _agreed
 from planner.profile import profile
+from planner.reuse import ProfileReuse
 from planner.scratch import kineto_quiet
 from runtime.module import ScheduledModule
 from runtime.pipeline import preserved_buffers
@@ -543,8 +544,10 @@ def _optimize_blocks(model: torch.nn.Module, parsed: int, example_inputs: Any, b
     for block, plan in zip(work, plans):
         planner = _StepPlanner(budget=plan.budget_bytes, solver=solver, repeats=repeats,
                                solver_options=dict(solver_options or {}), progress=progress, transfer=None,
-                               backward_from="auto", release_outputs=False)
+                               backward_from="auto", release_outputs=False,
+                               reuse=ProfileReuse(block.step, block.graph))
         optimized = OptimizedModule(block.module, block.step, block.graph, plan, planner, on_new_shape=on_new_shape)
+        optimized.replan = "planner.fsdp.optimize_blocks()"
         saved = _phase_figures(block.graph, plan)[0]
         results.append(BlockPlan(block.name, optimized, plan.budget_bytes,
                                  _padded_bytes(block.module.parameters(), world_size), saved, block.keep[0]))

@@ -317,11 +317,12 @@ class GraphBuilder:
                            tmp_bytes=int(workspace_bytes),
                            recomputable=role is not Role.BUFFER_UPDATE
                            and not any(self.root_of.get(name) in self.updated_in_place for name in inputs),
-                           random=is_random(node.target), target=_target_name(node.target),
+                           random=is_random(node.target), target=target_name(node.target),
                            module=self.step.modules.get(node.name, "")))
 
 
-def _target_name(target: Any) -> str:
+def target_name(target: Any) -> str:
+    """How `solvers.Op.target` names an FX node's target (``"aten.mm.default"``)."""
     if isinstance(target, torch._ops.OpOverload):
         return f"aten.{target.__name__}" if target.namespace == "aten" else str(target)
     return getattr(target, "__name__", str(target))

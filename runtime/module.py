@@ -198,6 +198,9 @@ class ScheduledModule(torch.nn.Module):
         self._check_call(leaves, spec)
         return self._run(leaves)
 
+    # the call that plans again, named in `PlanMismatchError` (`planner.fsdp` names its own)
+    replan = "optimize()"
+
     def _check_call(self, leaves: list[Any], spec: pytree.TreeSpec) -> None:
         """Refuse a call whose step is not the one the plan was made for."""
         step = self._step
@@ -206,20 +209,20 @@ class ScheduledModule(torch.nn.Module):
             raise PlanMismatchError(
                 f"{name} was optimized for inputs {describe_signature(step.input_signature)} but got "
                 f"{describe_signature(input_signature(leaves)) if spec == step.input_spec else 'another input structure'}; "
-                "call optimize() again with example inputs of this shape (or use drop_last=True in the DataLoader)")
+                f"call {self.replan} again with example inputs of this shape (or use drop_last=True in the DataLoader)")
         if self.module.training != step.training:
             mode = "train" if step.training else "eval"
             raise PlanMismatchError(
                 f"{name} was optimized in {mode} mode but is called in {'eval' if step.training else 'train'} mode "
                 f"with gradients enabled; call it in {mode} mode, under torch.no_grad() to run the plain forward, or "
-                "optimize() again in this mode")
+                f"{self.replan} again in this mode")
         requires_grad = [p.requires_grad for _, p in self.module.named_parameters()]
         if requires_grad != step.param_requires_grad:
             changed = [n for (n, p), was in zip(self.module.named_parameters(), step.param_requires_grad)
                        if p.requires_grad != was]
             raise PlanMismatchError(
-                f"{name}: parameter(s) {changed[:3] or 'added or removed'} were frozen or unfrozen since optimize(), "
-                "so the plan's gradients would be wrong: optimize() again after changing requires_grad")
+                f"{name}: parameter(s) {changed[:3] or 'added or removed'} were frozen or unfrozen since {self.replan}, "
+                f"so the plan's gradients would be wrong: {self.replan} again after changing requires_grad")
 
     def _run(self, leaves: list[Any]) -> Any:
         """One step of the plan on the flattened inputs of an accepted call."""

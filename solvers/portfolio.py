@@ -87,6 +87,8 @@ AUTO_EXACT_MAX_OPS = 250
 AUTO_EXACT_TIME_S = 3.0
 # Heuristics whose plans are converted into `ilp`'s start, in the order tried (the first wins ties).
 START_SOLVERS = ("hierarchical", "greedy", "every_block", "chain")
+# Solvers that take a warm start (``start=``: the decisions of the previous shape's plan).
+WARM_STARTED = ("hierarchical", "greedy")
 # ``torch.utils.checkpoint`` on every segment: a candidate of both segment DPs.
 EVERY_BLOCK: Seed = ("every_block", every_block_decisions)
 
@@ -119,11 +121,12 @@ def solve_chain(graph: Graph, budget_bytes: int, *, resolution: int = 200, max_b
 
 def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: int = 8,
                        resolution: int = 2000, max_bisections: int = 12, with_reruns: bool = True,
-                       offload: bool | None = None) -> Plan:
+                       offload: bool | None = None, start: Mapping[str, Decision] | None = None) -> Plan:
     """Least-time plan among `hierarchical.option_dp`'s (seeded with ``every_block``) and the
     candidates of the module docstring; not optimal. With ``with_reruns``, `chain`'s Rotor
     schedules over the same segments are candidates. With ``offload`` (default: the graph's
     host link is real, `Transfer.real`), the DP's plan refined with offloads is too.
+    ``start`` (decisions of a plan for a similar graph) warm-starts ``greedy``.
 
     Raises:
         InfeasibleBudgetError: neither the DP's plans nor the fallbacks fit the budget.
@@ -146,7 +149,7 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     found += [(simulate(graph, rerun, check_hash=False).time_ms, rerun) for rerun in reruns]
     with_greedy = runs_on("greedy", graph)
     if not found or with_greedy:
-        found += _search_candidates(graph, budget_bytes, dp, as_fallback=not found)
+        found += _search_candidates(graph, budget_bytes, dp, as_fallback=not found, start=start)
         if with_greedy:
             solvers_run.append("greedy")
     plan = min(found, key=lambda item: item[0])[1]
@@ -188,7 +191,8 @@ def _offload_candidates(graph: Graph, budget_bytes: int, dp: OptionDP) -> list[t
     return found
 
 
-def _search_candidates(graph: Graph, budget_bytes: int, dp: OptionDP, as_fallback: bool) -> list[tuple[float, Plan]]:
+def _search_candidates(graph: Graph, budget_bytes: int, dp: OptionDP, as_fallback: bool,
+                       start: Mapping[str, Decision] | None = None) -> list[tuple[float, Plan]]:
     """(simulated time, plan) of ``greedy`` (up to `GREEDY_MAX_OPS` ops) and
     `hierarchical.drop_all_plan`, labelled as the fallback or as candidates beside the DPs' plans.
 
@@ -199,7 +203,7 @@ def _search_candidates(graph: Graph, budget_bytes: int, dp: OptionDP, as_fallbac
     failures: list[InfeasibleBudgetError] = []
     for name in ("greedy", "drop-all") if runs_on("greedy", graph) else ("drop-all",):
         try:
-            plan = _fallback(graph, budget_bytes, dp, name)
+            plan = _fallback(graph, budget_bytes, dp, name, start)
         except InfeasibleBudgetError as error:
             failures.append(error)
             continue
@@ -212,14 +216,16 @@ def _search_candidates(graph: Graph, budget_bytes: int, dp: OptionDP, as_fallbac
     return found
 
 
-def _fallback(graph: Graph, budget_bytes: int, dp: OptionDP, name: str) -> Plan:
+def _fallback(graph: Graph, budget_bytes: int, dp: OptionDP, name: str,
+              start: Mapping[str, Decision] | None = None) -> Plan:
     """``greedy``'s plan (``name="greedy"``) or `hierarchical.drop_all_plan`'s (``"drop-all"``),
     relabelled; `InfeasibleBudgetError` with the lowest peak any search reached."""
     num_segments = len(dp.segments)
     boundaries = {root for segment in dp.segments for root in segment.crossing_in}
     lowest_dp_bytes = dp.replays.lowest_peak_bytes
     try:
-        plan = solve_greedy(graph, budget_bytes) if name == "greedy" else drop_all_plan(graph, budget_bytes, boundaries)
+        plan = solve_greedy(graph, budget_bytes, start=start) if name == "greedy" else \
+            drop_all_plan(graph, budget_bytes, boundaries)
     except InfeasibleBudgetError as error:
         floor = least_feasible_lower_bound(graph)
         lowest = min(lowest_dp_bytes or error.least_feasible_bytes, error.least_feasible_bytes)
@@ -297,7 +303,8 @@ def best_start(graph: Graph, budget_bytes: int, space: PlanSpace,
 
 # -- auto ------------------------------------------------------------------------------------------
 
-def solve_auto(graph: Graph, budget_bytes: int, **options: object) -> Plan:
+def solve_auto(graph: Graph, budget_bytes: int, *, start: Mapping[str, Decision] | None = None,
+               **options: object) -> Plan:
     """Run `AUTO_CANDIDATES` and keep the plan with the least simulated time (on graphs of
     up to `AUTO_EXACT_MAX_OPS` ops, then `_refine_with_ilp`); when none fits, raise the
     `InfeasibleBudgetError` with the smallest least-feasible budget. A candidate whose plan
@@ -305,7 +312,10 @@ def solve_auto(graph: Graph, budget_bytes: int, **options: object) -> Plan:
     (``hierarchical`` runs chain, every_block and, on small graphs, greedy) saves auto from
     running them again; a plan proved optimal (keep-all fits) ends the search. ``greedy``
     runs in the first round up to `GREEDY_MAX_OPS` ops, and in a second round, only when
-    nothing fit, up to `GREEDY_FALLBACK_MAX_OPS`."""
+    nothing fit, up to `GREEDY_FALLBACK_MAX_OPS`. ``start`` (a similar graph's decisions:
+    the previous input shape's plan) warm-starts the candidates that take one (`WARM_STARTED`),
+    and leaves out the ``ilp`` refinement: a new shape in a training loop is planned in
+    about a second, not the tens of seconds the first plan may take."""
     best: tuple[float, Plan] | None = None
     failures: list[InfeasibleBudgetError] = []
     plans_found: list[Plan] = []
@@ -321,7 +331,8 @@ def solve_auto(graph: Graph, budget_bytes: int, **options: object) -> Plan:
                 continue
             tried.append(name)
             try:
-                plan = registered_solver(name)(graph, budget_bytes, **options)
+                warm = {"start": start} if start is not None and name in WARM_STARTED else {}
+                plan = registered_solver(name)(graph, budget_bytes, **options, **warm)
             except InfeasibleBudgetError as error:
                 failures.append(error)
                 continue
@@ -333,7 +344,8 @@ def solve_auto(graph: Graph, budget_bytes: int, **options: object) -> Plan:
                     best = (result.time_ms, plan)
     if best is None:
         raise min(failures, key=lambda error: error.least_feasible_bytes)
-    if len(graph.ops) <= AUTO_EXACT_MAX_OPS and best[0] > graph.total_time_ms and "offload" not in options:
+    if len(graph.ops) <= AUTO_EXACT_MAX_OPS and best[0] > graph.total_time_ms and "offload" not in options \
+            and start is None:
         best = _refine_with_ilp(graph, budget_bytes, best, plans_found, tried)
     return replace(best[1], options={**best[1].options, "auto_tried": tried})
 
@@ -377,12 +389,16 @@ def _check_options(solver: str, options: Mapping[str, object]) -> None:
                           "name a solver that takes it, or drop it from the options (solver_options= in optimize)")
 
 
-def solve(graph: Graph, budget_bytes: int, solver: str = "auto", **options: object) -> Plan:
+def solve(graph: Graph, budget_bytes: int, solver: str = "auto", *, start: Mapping[str, Decision] | None = None,
+          **options: object) -> Plan:
     """Plan ``graph`` under ``budget_bytes`` with the named solver; predictions filled in
-    by `simulate`. Raises `InfeasibleBudgetError` (budget too small),
+    by `simulate`. ``start``: decisions (root name -> `Decision`) of a plan for a similar
+    graph, which ``auto`` and the solvers in `WARM_STARTED` begin from; others ignore it. Raises `InfeasibleBudgetError` (budget too small),
     `SolverUnavailableError` (unknown name) or `OptionError` (an option the solver does not take)."""
     run = solve_auto if solver == "auto" else registered_solver(solver)
     _check_options(solver, options)
+    if start is not None and (solver == "auto" or solver in WARM_STARTED):
+        options = {**options, "start": dict(start)}
     try:
         budget_bytes = int(budget_bytes)
     except (TypeError, ValueError):

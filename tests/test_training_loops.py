@@ -59,8 +59,9 @@ def test_pad_to_bucket_pads_only_the_sequence_dimension() -> None:
 
 def test_an_epoch_of_variable_shapes_is_planned_per_bucket_within_budget(caplog) -> None:
     """11 sequences of 6-32 tokens in batches of 3 (the last has 2), padded to buckets of 16
-    and 32 tokens: every step has the plain model's loss and gradients, and its tracked
-    peak is within the budget in bytes; the plans are made before the epoch, a handful."""
+    and 32 tokens: every step has the plain model's loss and gradients, and every call,
+    planning a new shape included, peaks within the budget in bytes (a new shape is
+    planned on fake tensors from the first profile, never run un-optimized)."""
     torch.manual_seed(0)
     model, _ = zoo.make("gpt", size="tiny", seed=0)
     reference = copy.deepcopy(model)
@@ -70,21 +71,33 @@ def test_an_epoch_of_variable_shapes_is_planned_per_bucket_within_budget(caplog)
     probe = optimize(copy.deepcopy(model), 0.6, largest, repeats=1)
     budget_bytes = probe.plan.budget_bytes                    # a budget in bytes keeps its meaning
     optimized = optimize(model, budget_bytes, batches[0], repeats=1)
+    resident = list(model.parameters()) + list(model.buffers())
     with caplog.at_level(logging.INFO, logger="planner.api"):
-        for batch in batches:
-            optimized.prepare(*batch)
+        for number, batch in enumerate(batches):
+            model.zero_grad(set_to_none=True)
+            _, report = measure_step_memory(lambda: train_step(optimized, batch), "cpu", resident + list(batch))
+            assert report.peak_bytes <= budget_bytes, f"batch {number} {batch[0].shape}: {report.peak_bytes} B"
+            assert optimized.plan.budget_bytes == budget_bytes
+            model.zero_grad(set_to_none=True)
+            reference.zero_grad(set_to_none=True)
+            assert_same_training_step(optimized, model, reference, batch, seed=number, label=f"batch {number}")
     signatures = {tuple(tuple(t.shape) for t in batch) for batch in batches}
     assert len(optimized.plans) == len(signatures) <= 4
-    assert sum("new plan for GPT" in record.message for record in caplog.records) == len(signatures) - 1
-    resident = list(model.parameters()) + list(model.buffers())
-    for number, batch in enumerate(batches):
-        model.zero_grad(set_to_none=True)
-        _, report = measure_step_memory(lambda: train_step(optimized, batch), "cpu", resident + list(batch))
-        assert report.peak_bytes <= budget_bytes, f"batch {number} {batch[0].shape}: {report.peak_bytes} B"
-        assert optimized.plan.budget_bytes == budget_bytes
-        model.zero_grad(set_to_none=True)
-        reference.zero_grad(set_to_none=True)
-        assert_same_training_step(optimized, model, reference, batch, seed=number, label=f"batch {number}")
+    messages = [record.message for record in caplog.records]
+    assert sum("new plan for GPT" in message for message in messages) == len(signatures) - 1
+    assert sum("sized on fake tensors from the first profile" in message for message in messages) == \
+        len(signatures) - 1
+
+
+def test_prepare_plans_a_bucket_without_running_it() -> None:
+    torch.manual_seed(0)
+    model, (idx, targets) = zoo.make("gpt", size="tiny", seed=0)
+    optimized = optimize(model, 0.6, (idx, targets), repeats=1)
+    shorter = (idx[:, :16].contiguous(), targets[:, :16].contiguous())
+    plan = optimized.prepare(*shorter)
+    assert len(optimized.plans) == 2 and plan.graph_hash != optimized.plans[0].graph_hash
+    assert optimized.prepare(*shorter) is plan                # found, not planned again
+    assert all(p.grad is None for p in model.parameters())    # nothing ran
 
 
 def test_a_new_shape_is_planned_on_first_use_or_refused_on_request() -> None:
