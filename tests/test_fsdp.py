@@ -13,7 +13,7 @@ import torch
 from planner import BudgetError, OptionError, UnsupportedModelError, optimize, zoo
 from planner.api import OptimizedModule
 from planner.fsdp import optimize_blocks
-from solvers.errors import InfeasibleBudgetError
+from solvers.errors import InfeasibleBudgetError, PlanMismatchError
 from torchrun import rank_reports
 
 
@@ -63,6 +63,27 @@ def test_the_optimized_blocks_stand_in_the_model_with_its_gradients_and_state_di
     assert sorted(model.state_dict()) == sorted(reference.state_dict())
     model.load_state_dict({name: value + 1 for name, value in reference.state_dict().items()})
     assert torch.equal(model.blocks[0].module.attn.qkv.weight, reference.blocks[0].attn.qkv.weight + 1)
+
+
+def test_a_new_shape_on_an_optimized_block_is_refused_naming_optimize_blocks_or_planned() -> None:
+    """By default a block refuses a shape it has no plan for and says to call
+    ``optimize_blocks`` again; with ``on_new_shape="plan"`` it plans it from its own profile
+    (`planner.reuse`) and trains with the plain model's gradients."""
+    model, (idx, targets) = _tiny()
+    shorter = (idx[:, :16].contiguous(), targets[:, :16].contiguous())
+    strict = copy.deepcopy(model)
+    optimize_blocks(strict, 2_500_000, (idx, targets), blocks=strict.blocks, world_size=1, repeats=1)
+    with pytest.raises(PlanMismatchError, match=r"call planner\.fsdp\.optimize_blocks\(\) again"):
+        strict(*shorter)
+    reference = copy.deepcopy(model)
+    optimize_blocks(model, 2_500_000, (idx, targets), blocks=model.blocks, world_size=1, repeats=1,
+                    on_new_shape="plan")
+    for module in (model, reference):
+        torch.manual_seed(5)
+        module(*shorter).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=name)
+    assert [len(block.plans) for block in model.blocks] == [2, 2]
 
 
 def test_a_rank_budget_too_small_for_the_least_plans_names_what_they_need() -> None:
