@@ -3,7 +3,8 @@
     model = planner.optimize(model, budget="6GiB", example_inputs=(x,))
 
 ``planner.capture.capture`` and ``planner.profile.profile`` are the lower-level steps.
-Names are loaded on first use (PEP 562) so that torch-free tools such as ``plan-inspect``
+Every error memsched raises is a ``MemschedError``
+(``except planner.MemschedError``). Names are loaded on first use (PEP 562) so that torch-free tools such as ``plan-inspect``
 start without importing torch.
 """
 
@@ -16,7 +17,9 @@ _EXPORTS = {
     "optimize": "planner.api", "parse_budget": "planner.budget", "resolve_budget": "planner.budget",
     "BudgetError": "planner.errors", "UnsupportedModelError": "planner.errors", "OptionError": "planner.errors",
     "ModelInputError": "planner.errors", "MeasurementError": "planner.errors", "PlanFileError": "planner.errors",
-    "CompiledBudgetError": "planner.errors",
+    "CompiledBudgetError": "planner.errors", "MemschedError": "solvers.errors",
+    "InfeasibleBudgetError": "solvers.errors", "PlanMismatchError": "solvers.errors",
+    "InvalidPlanError": "solvers.errors",
     "pad_to_bucket": "planner.batching",
 }
 

@@ -19,7 +19,7 @@ from planner.errors import OptionError
 from planner.profile import profile, with_released_outputs
 from planner.reuse import ProfileReuse
 from runtime.module import ScheduledModule, describe_signature, StepProgram, checked_plan
-from solvers.errors import format_bytes
+from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import TARGETS, Graph, Transfer
 from solvers.plan import Plan
 from solvers.portfolio import solve
@@ -236,7 +236,17 @@ class OptimizedModule(ScheduledModule):
 
     def _plan_new(self, key: tuple, args: tuple, kwargs: dict) -> tuple[CapturedStep, Graph, Plan, Any]:
         started = time.perf_counter()
-        step, graph, plan = self._planner.plan(self.module, args, kwargs, start=self.plan)
+        try:
+            step, graph, plan = self._planner.plan(self.module, args, kwargs, start=self.plan)
+        except InfeasibleBudgetError as error:
+            budget = self._planner.budget
+            fraction = not isinstance(budget, int) and not (isinstance(budget, str) and budget[-1:].isalpha())
+            why = (f"; the budget {budget!r} is a fraction of each step's own activations: give optimize() a larger "
+                   "one, or bytes to keep one limit for every shape") if fraction else ""
+            raise InfeasibleBudgetError(
+                error.budget_bytes, error.least_feasible_bytes, error.breakdown, solver=error.solver,
+                context=f"planning a new step of {type(self.module).__name__} "
+                        f"{describe_signature(key[1])} in {'train' if key[2] else 'eval'} mode{why}") from error
         if self._planner.compile:
             from planner.compiled import fit_compiled
             checked, program = fit_compiled(self._planner, self.module, step, graph, plan, args, kwargs)

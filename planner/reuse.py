@@ -94,11 +94,12 @@ class _ShapeWalk(GraphBuilder):
         self.roofline: dict[str, tuple[float, int, int]] = {}
         self.real_placeholders = real_placeholders
         self.real_owner: dict[int, str] = {}       # data_ptr of a real placeholder storage -> value
+        self.fake_placeholders: dict[str, torch.Tensor] = {}
         self.isolate = isolate
         self.isolated_ms: dict[str, float] = {}
         self.isolated_workspace: dict[str, int] = {}
-        # runs the isolated ops: time (fastest of 2 after a warm-up run) and CPU scratch
-        self.real = GraphBuilder(step, device, repeats=2)
+        # runs the isolated ops, once each: a repeat would hold a second result beside the first
+        self.real = GraphBuilder(step, device, repeats=1)
 
     @staticmethod
     def _storage_key(storage: torch.UntypedStorage) -> int:
@@ -112,6 +113,8 @@ class _ShapeWalk(GraphBuilder):
         real = self.real_placeholders.get(name)
         if real is None or real.untyped_storage().nbytes() == 0:
             return value
+        if kind in (ValueKind.PARAMETER, ValueKind.INPUT):    # never written; buffers may be (batch-norm
+            self.fake_placeholders[name] = tensor               # statistics, by kernels whose schema hides it)
         owner = self.real_owner.setdefault(real.untyped_storage().data_ptr(), name)
         if owner != name:                          # views of it alias the real owner
             storage = tensor.untyped_storage()
@@ -125,14 +128,30 @@ class _ShapeWalk(GraphBuilder):
         largest = max((t.numel() * t.element_size() for t in tensors), default=0)
         roofline_ms = op_time_ms(target, args, kwargs, result, self.figures)
         self.roofline[name] = (roofline_ms, bytes_moved(args, kwargs, result), largest)
-        if target_name(target) in self.isolate:
+        mutates = isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+        if target_name(target) in self.isolate and not mutates:      # never write to a real placeholder
             self._run_isolated(name, target, args, kwargs)
         return result, roofline_ms, 0
 
+    def _real_argument(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The real tensor behind a fake argument: a parameter's or input's own (or the view
+        of it the op reads), so that the isolated op holds no second copy of them; else a
+        new random one (a buffer too: a kernel may update it in place)."""
+        owner = self._owner(tensor)
+        if owner is None or owner not in self.fake_placeholders:
+            return _random_like(tensor)
+        real, fake = self.real_placeholders[owner], self.fake_placeholders[owner]
+        if self._storage_key(fake.untyped_storage()) != self._storage_key(tensor.untyped_storage()):
+            return _random_like(tensor)            # a second placeholder over the same real storage
+        offset = real.storage_offset() + tensor.storage_offset() - fake.storage_offset()
+        return real.detach().as_strided(tuple(tensor.shape), tuple(tensor.stride()), offset)
+
     def _run_isolated(self, name: str, target: Any, args: tuple, kwargs: dict) -> None:
+        """Run one op alone on real tensors: it holds its inputs that are not placeholders,
+        its outputs and its scratch, which the step holds too whenever it runs that op."""
         with unset_fake_temporarily():
             try:
-                real_args, real_kwargs = pytree.tree_map_only(torch.Tensor, _random_like, (args, kwargs))
+                real_args, real_kwargs = pytree.tree_map_only(torch.Tensor, self._real_argument, (args, kwargs))
                 _, time_ms, workspace_bytes = self.real._timed(name, target, real_args, real_kwargs)
             except (RuntimeError, ValueError, IndexError) as error:   # random values it rejects
                 log.debug("could not run %s (%s) in isolation: %s", name, target, error)

@@ -19,15 +19,17 @@ class InfeasibleBudgetError(MemschedError):
     """
 
     def __init__(self, budget_bytes: int, least_feasible_bytes: int, breakdown: dict[str, int],
-                 solver: str = "") -> None:
+                 solver: str = "", context: str = "") -> None:
         self.budget_bytes = budget_bytes
         self.least_feasible_bytes = least_feasible_bytes
         self.breakdown = dict(breakdown)
         self.solver = solver
+        self.context = context
         parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in breakdown.items())
         by = f" ({solver})" if solver else ""
+        where = f"{context}: " if context else ""
         super().__init__(
-            f"budget {format_bytes(budget_bytes)} < least feasible {format_bytes(least_feasible_bytes)}{by}"
+            f"{where}budget {format_bytes(budget_bytes)} < least feasible {format_bytes(least_feasible_bytes)}{by}"
             f"\n  ({parts}); raise the budget to at least {least_feasible_bytes} bytes")
 
 

@@ -73,3 +73,29 @@ def test_a_warm_started_greedy_fits_and_only_gives_back_drops() -> None:
         assert simulate(graph, from_loose).peak_bytes <= low
     started = solve(graph, high, start=tight.decisions)       # auto from a start
     assert started.predicted_peak_bytes <= high and "ilp" not in started.options["auto_tried"]
+
+
+def test_planning_a_new_shape_stays_within_its_budget_and_leaves_the_model_alone() -> None:
+    """The planning call itself (fake walk, the isolated convolutions and batch norms on
+    real tensors) peaks within the new step's budget, per the allocator's events; batch-norm
+    statistics, which an isolated kernel would update in place, are left as they were, as
+    are the generators: the first step of the new shape equals the plain model's."""
+    import copy
+
+    from planner import optimize, zoo
+    from planner.memory import measure_allocator_peak
+    from helpers import assert_same_training_step
+
+    torch.manual_seed(0)
+    model, (images,) = zoo.make("resnet", size="tiny", seed=0)
+    reference = copy.deepcopy(model)
+    optimized = optimize(model, 0.7, (images,), repeats=1)
+    larger = (torch.cat([images, images]),)
+    buffers = [buffer.clone() for buffer in model.buffers()]
+    rng = torch.get_rng_state()
+    resident = list(model.parameters()) + list(model.buffers()) + list(larger)
+    plan, planning_peak_bytes = measure_allocator_peak(lambda: optimized.prepare(*larger), resident)
+    assert planning_peak_bytes <= plan.budget_bytes
+    assert all(torch.equal(before, after) for before, after in zip(buffers, model.buffers()))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_same_training_step(optimized, model, reference, larger, label="larger batch")
