@@ -13,21 +13,26 @@ plain step, an out-of-memory error. `reused_graph` instead
    shapes (`planner.roofline.op_time_ms` on figures of this kind of device, `roofline_figures`):
    only the roofline's *ratio* is trusted, the measured time carries the kernel's real
    efficiency;
-3. runs *in isolation*, on real tensors of the new shapes filled with random numbers,
-   each op whose aten target held scratch in the reference (CPU kernels' transient
-   memory, CUDA workspace: what only a real run sees) or that the reference never ran
-   (a switch from ``eval()`` to ``train()`` brings dropout and batch-norm statistics): its
-   scratch and time are measured, not guessed. An op alone holds its inputs, outputs and
-   scratch, which every plan holds too while that op runs, so this needs no more memory
-   than the step it plans.
+3. runs *in isolation*, once, each op whose aten target held scratch in the reference
+   (CPU kernels' transient memory, CUDA workspace: what only a real run sees) or that the
+   reference never ran (a switch from ``eval()`` to ``train()`` brings dropout and
+   batch-norm statistics): its scratch and time are measured, not guessed. It reads the
+   real parameters and inputs (views of them as the op reads them) and random tensors of
+   the new shapes for everything else, buffers included, since a kernel may update those
+   in place without its schema saying so; an op whose schema writes an argument is never
+   run. An op alone then holds its non-placeholder inputs, its outputs and its scratch,
+   which every plan holds too while that op runs, so planning needs no more memory than
+   the step it plans.
 
 Where the scratch cannot be measured (another profiler is running, and profilers do not
 nest), an op's reference scratch is carried over scaled up by the larger of its
 bytes-moved and largest-tensor ratios, never down.
 
 Cost: two fake-tensor walks (the reference's is cached by the caller), the isolated ops
-(convolutions and their backward on a ResNet, almost nothing on a transformer), and
-O(ops) arithmetic; about 0.1-0.3 s per walk at 600 nodes on 2 cores.
+(convolutions, batch norms and their backwards on a ResNet; attention and a few
+normalisations on a transformer) and O(ops) arithmetic: about 0.1-0.3 s per walk at 600
+nodes on 2 cores. Times are estimates: `experiments/new_shapes.py` compares the plans they give
+with plans from a real profile of the new step.
 """
 
 from __future__ import annotations
