@@ -28,12 +28,13 @@ class StepProgram:
     """The generated programs of one plan and how to call them."""
 
     def __init__(self, step: CapturedStep, graph: Graph, plan: Plan, device_type: str, *,
-                 compile: bool = False) -> None:
+                 compile: bool = False, inductor_options: dict[str, Any] | None = None) -> None:
         self.step = step
         self.programs: Programs = generate(step, graph, plan, device_type)
         self.compiled = compile
+        self.inductor_options = dict(inductor_options or {})
         if compile:                     # inductor compiles each aten run on its first call
-            self.programs = compile_programs(self.programs)
+            self.programs = compile_programs(self.programs, self.inductor_options)
         tensor_leaves = [leaf for leaf in step.output_leaves if leaf.is_tensor]
         self.differentiable = [leaf.differentiable for leaf in tensor_leaves]
         self.tangent = [leaf.tangent for leaf in tensor_leaves]
