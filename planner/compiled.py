@@ -14,7 +14,10 @@ by the overshoot (the compiled step's excess over the eager plan's prediction is
 independent of the plan) and measured again, up to `MAX_FITS` times; then the call is
 refused with `CompiledBudgetError`, which gives the least peak measured. When a lower plan
 measured no lower (the compiled peak sits where that plan changed nothing), the next
-budget is lowered by twice the last step.
+budget is lowered by twice the last step. Once a lowered plan fits, the tries left bisect
+between it and the least budget that measured over, and the plan solved for the most bytes
+that fits is kept: a step down by the whole excess can cross into plans with much more
+recomputation.
 
 Compile-aware costs (`with_compiled_costs`): inductor fuses a pointwise op into the kernel
 that consumes it, so recomputing it costs about nothing once compiled; the op's eager
@@ -50,6 +53,9 @@ from solvers.plan import Plan
 log = logging.getLogger(__name__)
 
 MAX_FITS = 6      # compiled programs measured per signature and configuration before refusing
+# once a lowered plan fits, bisect between it and the least budget that measured over while
+# their gap is more than this fraction of the budget (within MAX_FITS)
+BISECTION_STOP = 0.01
 # Inductor's channels-last layouts (its default ``layout_optimization``): on the zoo ResNet
 # small at half its activations they made the compiled plan 11 % faster and peak 2.1 MiB
 # (4 %) higher, copies of weights and activations the eager plan never saw; so a model with
@@ -146,6 +152,8 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     tried: list[tuple[int, int]] = []               # (solver budget, measured peak) per fit
     internal_bytes = budget_bytes
+    best: tuple[int, Plan, StepProgram] | None = None   # the fitting plan solved for the most bytes
+    failed_above: int | None = None                  # the least solver budget above it that measured over
     for _ in range(1 if loaded else MAX_FITS):
         checked = checked_plan(graph, plan)
         program = StepProgram(step, graph, checked, device_type, compile=True, inductor_options=inductor_options)
@@ -158,20 +166,33 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
                  peak_bytes, budget_bytes)
         if peak_bytes <= budget_bytes:
             program.solver_budget_bytes = internal_bytes
-            # the plan answers for the caller's budget: its prediction is below the lower one
-            return replace(checked, budget_bytes=budget_bytes), program
-        # lower the solver's budget by the excess; when a lower plan measured no lower (the
-        # compiled peak sits where that plan changed nothing), by twice the last step instead
-        step_bytes = peak_bytes - budget_bytes
-        if len(tried) > 1 and peak_bytes >= tried[-2][1]:
-            step_bytes = max(step_bytes, 2 * (tried[-2][0] - internal_bytes))
-        internal_bytes -= step_bytes
+            if best is None or internal_bytes > best[0]:
+                best = (internal_bytes, checked, program)
+        else:                                        # the lowest failure yet, or above every fit
+            failed_above = internal_bytes
+        if best is not None:
+            # a plan fits: search upward, between it and the least budget that measured over,
+            # while that gap is over `BISECTION_STOP` of the budget (a lower budget may have
+            # forced much more recomputation than the excess needed)
+            if failed_above is None or failed_above - best[0] <= BISECTION_STOP * budget_bytes:
+                break
+            internal_bytes = (best[0] + failed_above) // 2
+        else:
+            # lower the solver's budget by the excess; when a lower plan measured no lower (the
+            # compiled peak sits where that plan changed nothing), by twice the last step instead
+            step_bytes = peak_bytes - budget_bytes
+            if len(tried) > 1 and peak_bytes >= tried[-2][1]:
+                step_bytes = max(step_bytes, 2 * (tried[-2][0] - internal_bytes))
+            internal_bytes -= step_bytes
         try:
             plan = planner.solve(graph, internal_bytes)
         except InfeasibleBudgetError as error:
             log.info("memsched compile: no plan at %s: %s", format_bytes(internal_bytes), str(error).splitlines()[0])
             break
-    raise CompiledBudgetError(budget_bytes, tried, loaded=loaded)
+    if best is None:
+        raise CompiledBudgetError(budget_bytes, tried, loaded=loaded)
+    # the plan answers for the caller's budget: its prediction is below the lower one
+    return replace(best[1], budget_bytes=budget_bytes), best[2]
 
 
 @contextlib.contextmanager
