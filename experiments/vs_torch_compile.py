@@ -239,6 +239,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         method = Method(f"memsched @ {budget / MiB:.2f} MiB", "memsched", step_of(module, workload))
         inductor_s = program.programs.forward.compile_s + program.programs.backward.compile_s
         method.row.update(budget_bytes=budget, at_baseline_peak=budget in reached,
+                          layouts="channels-last" if program.inductor_options.get("layout_optimization") else "plan's",
                           solver_budget_bytes=program.solver_budget_bytes,
                           predicted_peak_bytes=plan.predicted_peak_bytes, fit_peak_bytes=program.measured_peak_bytes,
                           solver=plan.solver, predicted_overhead=plan.overhead, solve_s=solve_s, fit_s=fit_s,

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from planner.benchmark import step_times_ms, training_loss
+from planner.benchmark import training_loss
 from planner.errors import CompiledBudgetError
 from planner.memory import measure_allocator_peak, measure_step_memory
 from runtime.module import ScheduledModule, StepProgram, checked_plan
@@ -59,7 +59,8 @@ BISECTION_STOP = 0.01
 # Inductor's channels-last layouts (its default ``layout_optimization``): on the zoo ResNet
 # small at half its activations they made the compiled plan 11 % faster and peak 2.1 MiB
 # (4 %) higher, copies of weights and activations the eager plan never saw; so a model with
-# convolutions is fitted both ways (`fit_compiled`)
+# convolutions is fitted with them first, the fit lowering the plan by what they add
+# (`fit_compiled`)
 CHANNELS_LAST = {"layout_optimization": True}
 # what a pointwise op costs compiled, as a fraction of its eager time (fused into its
 # consumer, it reads its inputs from registers or cache instead of memory)
@@ -93,55 +94,27 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
                  loaded: bool = False) -> tuple[Plan, StepProgram]:
     """The plan (``plan`` or one solved for a lower budget) whose compiled step measures
     within ``plan.budget_bytes``, and its compiled program (``measured_peak_bytes`` set).
-    On a graph with convolutions, `CHANNELS_LAST` and the plan's own layouts are both
-    fitted, and the faster of the two that fit (steps timed round-robin) is kept. A
-    ``loaded`` plan is run as given: refused if its compiled step is over its budget.
+    On a graph with convolutions, `CHANNELS_LAST` is fitted first and the plan's own
+    layouts only where that finds no plan. A ``loaded`` plan is run as given (its own
+    layouts): refused if its compiled step is over its budget.
 
     Raises:
         CompiledBudgetError: no plan tried measures within the budget (the error of the
             configuration that came closest).
     """
     configurations = [CHANNELS_LAST, {}] if not loaded and _has_convolutions(graph) else [{}]
-    fitted: list[tuple[Plan, StepProgram]] = []
     failures: list[CompiledBudgetError] = []
     for options in configurations:
         try:
-            fitted.append(_fit(planner, model, step, graph, plan, inputs, kwargs, loaded=loaded,
-                               inductor_options=options))
+            return _fit(planner, model, step, graph, plan, inputs, kwargs, loaded=loaded, inductor_options=options)
         except CompiledBudgetError as error:
+            log.info("memsched compile: %s", str(error).splitlines()[0])
             failures.append(error)
-    if not fitted:
-        raise min(failures, key=lambda error: error.least_feasible_bytes)
-    if len(fitted) == 1:
-        return fitted[0]
-    released = bool(graph.released_outputs)
-    with _model_state_kept(model):
-        times_ms = step_times_ms({index: _timed_step(model, step, graph, fitted_plan, program, inputs, kwargs, released)
-                                  for index, (fitted_plan, program) in enumerate(fitted)}, repeats=3, warmup=1)
-    fastest = min(times_ms, key=times_ms.get)
-    log.info("memsched compile: %s", ", ".join(f"{_describe(fitted[index][1])} {time_ms:.1f} ms" for index, time_ms
-                                                in times_ms.items()))
-    return fitted[fastest]
+    raise min(failures, key=lambda error: error.least_feasible_bytes)
 
 
 def _has_convolutions(graph: Graph) -> bool:
     return any(op.target.startswith("aten.convolution") for op in graph.ops)
-
-
-def _describe(program: StepProgram) -> str:
-    layout = "channels-last" if program.inductor_options.get("layout_optimization") else "plan layouts"
-    return f"{layout} at {format_bytes(program.measured_peak_bytes or 0)}"
-
-
-def _timed_step(model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan, program: StepProgram,
-                inputs: Sequence[Any], kwargs: Mapping[str, Any] | None, released: bool):
-    module = ScheduledModule(model, step, graph, plan, program=program)
-
-    def run() -> None:
-        for parameter in model.parameters():
-            parameter.grad = None
-        _step(module, inputs, kwargs, released)
-    return run
 
 
 def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan,
