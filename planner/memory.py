@@ -30,6 +30,7 @@ ops run on other threads, and ``UntypedStorage.resize_`` called directly on a st
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import weakref
@@ -552,6 +553,7 @@ def measure_allocator_peak(step: Callable[[], object], resident: Iterable[torch.
             allocated.
     """
     resident_storages = {s._cdata: s.nbytes() for t in resident for s in _storages_of(t)}
+    gc.collect()     # garbage from before the step, collected inside it, would be a free of an earlier allocation
     with kineto_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         result = step()
     with kineto_quiet():
