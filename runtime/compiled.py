@@ -246,8 +246,12 @@ class CompiledProgram:
         choices = _choices_within(window)
         options["inductor_choices_class"] = choices      # part of the graph cache's key
         with inductor_config.patch(options), V.set_choices_handler(choices()):
-            graph_module, examples = _lowered(run.module, inputs)
-            run.compiled = compile_fx_inner(graph_module, examples)
+            graph_module, examples, fake_mode = _lowered(run.module, inputs)
+            # inside a tracing context whose fake mode has a shape environment, inductor's
+            # FX graph cache serves a run it compiled before ("No shape env" bypasses it):
+            # neighbouring plans that the budget fit tries share most of their runs
+            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+                run.compiled = compile_fx_inner(graph_module, examples)
         run.compile_s = time.perf_counter() - started
         self.compile_s += run.compile_s
         self.compile_count += 1
@@ -301,21 +305,23 @@ def _choices_within(window: int | None):
     return WithinWindow
 
 
-def _lowered(module: fx.GraphModule, inputs: list) -> tuple[fx.GraphModule, list]:
-    """``module`` retraced the way AOTAutograd hands graphs to inductor: on fake tensors,
-    functionalized (an in-place update of an input becomes a trailing ``copy_``, which
-    inductor writes in place), with inductor's decompositions."""
+def _lowered(module: fx.GraphModule, inputs: list) -> tuple[fx.GraphModule, list, Any]:
+    """``module`` retraced the way AOTAutograd hands graphs to inductor: on fake tensors
+    of static shapes (under a shape environment, as AOTAutograd's), functionalized (an
+    in-place update of an input becomes a trailing ``copy_``, which inductor writes in
+    place), with inductor's decompositions; the fake mode too."""
     from torch._inductor.decomposition import select_decomp_table
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
     from torch.func import functionalize
 
-    fake_mode = FakeTensorMode()
-    examples = [fake_mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    examples = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in inputs]
     with fake_mode:
         traced = make_fx(functionalize(module, remove="mutations"), decomposition_table=select_decomp_table())(
             *examples)
-    return traced, examples
+    return traced, examples, fake_mode
 
 
 def _fetch_attr(module: torch.nn.Module, target: str) -> Any:
