@@ -240,9 +240,8 @@ class OptimizedModule(ScheduledModule):
             step, graph, plan = self._planner.plan(self.module, args, kwargs, start=self.plan)
         except InfeasibleBudgetError as error:
             budget = self._planner.budget
-            fraction = not isinstance(budget, int) and not (isinstance(budget, str) and budget[-1:].isalpha())
             why = (f"; the budget {budget!r} is a fraction of each step's own activations: give optimize() a larger "
-                   "one, or bytes to keep one limit for every shape") if fraction else ""
+                   "one, or bytes to keep one limit for every shape") if isinstance(parse_budget(budget), float) else ""
             raise InfeasibleBudgetError(
                 error.budget_bytes, error.least_feasible_bytes, error.breakdown, solver=error.solver,
                 context=f"planning a new step of {type(self.module).__name__} "

@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from planner.budget import parse_budget, resolve_budget
 from planner.capture import CapturedStep, capture, fake_tensor
 from planner.errors import OptionError
-from planner.profile import GraphBuilder, assemble_graph, rng_state_bytes, step_arguments, with_released_outputs
+from planner.profile import FakeGraphBuilder, assemble_graph, rng_state_bytes, step_arguments, with_released_outputs
 from planner.roofline import op_time_ms
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph, Transfer, Value, ValueKind
@@ -204,21 +204,14 @@ def with_resident_bytes(graph: Graph, name: str, size_bytes: int) -> Graph:
     return dataclasses.replace(graph, values=graph.values + (value,), placeholders=graph.placeholders + (name,))
 
 
-class _RooflineWalk(GraphBuilder):
-    """`GraphBuilder` over fake tensors: sizes and aliases as a real run has them, times
-    from the roofline of ``device``. Fake storages have no address, so storage identity is
-    the storage object's."""
+class _RooflineWalk(FakeGraphBuilder):
+    """`FakeGraphBuilder` with times from the roofline of ``device``."""
 
     activity = "estimating"
 
     def __init__(self, step: CapturedStep, device: DeviceTarget) -> None:
-        super().__init__(step, torch.device("cpu"), repeats=1)
-        self.measures_scratch = False
+        super().__init__(step, torch.device("cpu"))
         self.target_device = device
-
-    @staticmethod
-    def _storage_key(storage: torch.UntypedStorage) -> int:
-        return storage._cdata
 
     def _timed(self, name: str, target: Any, args: tuple, kwargs: dict) -> tuple[Any, float, int]:
         result = target(*args, **kwargs)

@@ -321,6 +321,20 @@ class GraphBuilder:
                            module=self.step.modules.get(node.name, "")))
 
 
+class FakeGraphBuilder(GraphBuilder):
+    """`GraphBuilder` over fake tensors (`planner.estimate`, `planner.reuse`): sizes and
+    aliases as a real run has them, no scratch measured (nothing really runs). Fake storages
+    have no address, so storage identity is the storage object's. Subclasses time ops."""
+
+    def __init__(self, step: CapturedStep, device: torch.device) -> None:
+        super().__init__(step, device, repeats=1)
+        self.measures_scratch = False
+
+    @staticmethod
+    def _storage_key(storage: torch.UntypedStorage) -> int:
+        return storage._cdata
+
+
 def target_name(target: Any) -> str:
     """How `solvers.Op.target` names an FX node's target (``"aten.mm.default"``)."""
     if isinstance(target, torch._ops.OpOverload):

@@ -52,7 +52,7 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from planner.capture import CapturedStep, fake_tensor
-from planner.profile import GraphBuilder, assemble_graph, step_arguments, target_name
+from planner.profile import FakeGraphBuilder, GraphBuilder, assemble_graph, step_arguments, target_name
 from planner.roofline import bytes_moved, op_time_ms
 from solvers.graph import Graph, Value, ValueKind
 from solvers.targets import DEVICE_TARGETS, DeviceTarget
@@ -85,7 +85,7 @@ class WalkedStep:
     shapes: Mapping[str, OpShape]
 
 
-class _ShapeWalk(GraphBuilder):
+class _ShapeWalk(FakeGraphBuilder):
     """`GraphBuilder` over fake tensors that records each op's `OpShape` and runs the ops
     whose target is in ``isolate`` on real tensors of the same layout."""
 
@@ -93,8 +93,7 @@ class _ShapeWalk(GraphBuilder):
 
     def __init__(self, step: CapturedStep, device: torch.device, figures: DeviceTarget,
                  real_placeholders: Mapping[str, torch.Tensor], isolate: Collection[str]) -> None:
-        super().__init__(step, device, repeats=1)
-        self.measures_scratch = False
+        super().__init__(step, device)
         self.figures = figures
         self.roofline: dict[str, tuple[float, int, int]] = {}
         self.real_placeholders = real_placeholders
@@ -105,10 +104,6 @@ class _ShapeWalk(GraphBuilder):
         self.isolated_workspace: dict[str, int] = {}
         # runs the isolated ops, once each: a repeat would hold a second result beside the first
         self.real = GraphBuilder(step, device, repeats=1)
-
-    @staticmethod
-    def _storage_key(storage: torch.UntypedStorage) -> int:
-        return storage._cdata                      # fake storages have no address
 
     def _classify(self, name: str, tensor: Any, kind: ValueKind, producer: str | None) -> Value:
         """A placeholder holds its real tensor's whole storage, as a real profile counts it
@@ -179,8 +174,9 @@ def walk_step(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequen
               example_kwargs: Mapping[str, Any] | None, *, name: str, reference: Graph,
               isolate: Collection[str] = (), progress: bool | None = None) -> WalkedStep:
     """``step`` walked on fake tensors made from ``model``'s tensors and the inputs, the ops
-    whose aten target is in ``isolate`` also run alone on real random tensors; the graph
-    takes ``reference``'s device, host link and generator-state size."""
+    whose aten target is in ``isolate`` also run alone on real random tensors, under forked
+    generators (the step that follows draws the numbers it would have); the graph takes
+    ``reference``'s device, host link and generator-state size."""
     device = torch.device(reference.device)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     real = step_arguments(step, model, example_inputs, example_kwargs, tangents=())
@@ -310,13 +306,10 @@ class ProfileReuse:
     def graph_for(self, step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence[Any],
                   example_kwargs: Mapping[str, Any] | None, progress: bool | None = None) -> Graph:
         """``step``'s graph for these inputs, without running the step (module docstring).
-        The generators' states are as they were: the isolated ops' random inputs draw
-        from forked ones, so the step that follows draws the numbers it would have."""
-        device = torch.device(self.graph.device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if self._walk is None:
-                self._walk = walk_reference(self.step, model, self.graph)
-            isolate = ops_to_isolate(step, self.graph, self._walk)
-            walked = walk_step(step, model, example_inputs, example_kwargs, name=self.graph.name,
-                               reference=self.graph, isolate=isolate, progress=progress)
+        The generators' states are as they were (`walk_step` forks them)."""
+        if self._walk is None:
+            self._walk = walk_reference(self.step, model, self.graph)
+        isolate = ops_to_isolate(step, self.graph, self._walk)
+        walked = walk_step(step, model, example_inputs, example_kwargs, name=self.graph.name,
+                           reference=self.graph, isolate=isolate, progress=progress)
         return reused_graph(walked, self.graph, self._walk)
