@@ -217,7 +217,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # memsched at the sweep's budgets and at every peak a baseline reached: the comparison
     # "faster at the same peak" is then measured, not read off neighbouring points
     reached = {method.row["measured_peak_bytes"] for method in methods
-               if method.kind == "compile" and method is not compiled or method is every_block}
+               if (method.kind == "compile" and method is not compiled) or method is every_block}
     budgets = sorted(set(sweep_budgets(floor_bytes, compiled_peak, args.budgets))
                      | {peak for peak in reached if floor_bytes <= peak < compiled_peak}) if args.at_peaks else \
         sweep_budgets(floor_bytes, compiled_peak, args.budgets)
