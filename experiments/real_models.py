@@ -22,7 +22,8 @@ Methods, all on the same parameters in one process:
                            (only with --compile: slow on a CPU)
     memsched               one plan per budget: --budgets points from memsched's floor to
                            0.9 of the plain step's measured peak, and one at the measured
-                           peak of each checkpointing method
+                           peak of each checkpointing method, and one per --fractions
+                           share of the step's activation memory (`planner.budget`)
 
 Peaks are measured from the allocator's events (`planner.memory.measure_allocator_peak`;
 parameters, buffers, inputs and gradients included), after one warm-up step that also
@@ -31,7 +32,7 @@ of steps run round-robin (`planner.benchmark.step_times_ms`); overheads are rati
 plain step of the same rounds.
 
     python experiments/real_models.py [--models gpt2 bert llama vit resnet50] [--repeats 3]
-        [--budgets 6] [--compile] [--small] [--threads 2] [--keep-freed-memory]
+        [--budgets 6] [--fractions 0.2 0.3] [--compile] [--small] [--threads 2] [--keep-freed-memory]
 
 Writes experiments/results/real_models.json (real_models_small.json with --small), one
 entry per model, replacing the entries of the models run and keeping the others (each
@@ -58,6 +59,7 @@ from torch.utils.checkpoint import checkpoint
 
 from common import RESULTS, device_description, git_revision, label_axis, write_results
 from planner.benchmark import step_times_ms
+from planner.budget import resolve_budget
 from planner.capture import capture
 from planner.memory import measure_allocator_peak
 from planner.profile import profile, with_released_outputs
@@ -229,7 +231,7 @@ class Method:
     step: Callable[[], torch.Tensor]        # one training step; gradients set to None before
     plan: Any = None                        # memsched's Plan
     budget_bytes: int | None = None         # memsched's budget
-    budget_source: str = ""                 # "sweep" or the method whose peak it matches
+    budget_source: str = ""                 # "sweep", the method whose peak it matches, or "N% of activations"
     row: dict[str, Any] = field(default_factory=dict)
 
 
@@ -389,6 +391,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     log.info("  memsched floor %.2f MiB (lower bound %.2f MiB)", floor_bytes / MiB, bound_bytes / MiB)
     targets = [(budget, "sweep") for budget in sweep_budgets(floor_bytes, plain_peak, args.budgets)]
     targets += [(m.row["measured_peak_bytes"], m.name) for m in methods if m is not plain]
+    targets += [(resolve_budget(fraction, graph).budget_bytes, f"{fraction:.0%} of activations")
+                for fraction in args.fractions]
     infeasible = []
     solve_wall_s = {}
     for index, (budget, source) in enumerate(targets):
@@ -403,7 +407,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         solved_s = time.perf_counter() - started
         scheduled = ScheduledModule(model, step, graph, plan)
         build_s = time.perf_counter() - started - solved_s
-        label = f"memsched @ {budget / MiB:.2f} MiB" + ("" if source == "sweep" else f" (= {source} peak)")
+        label = f"memsched @ {budget / MiB:.2f} MiB" + (
+            "" if source == "sweep" else f" ({source})" if source.endswith("of activations") else f" (= {source} peak)")
         if label in solve_wall_s:          # two budgets within 0.005 MiB (tiny models)
             label += f" [{index}]"
         solve_wall_s[label] = {"solve_s": solved_s, "build_s": build_s}
@@ -481,7 +486,10 @@ def plot(results: dict[str, Any], stem: str) -> None:
                 continue
             if "budget_bytes" in row:
                 axis.plot(x, y, marker="*", markersize=11, color="C3", linestyle="none")
-                axis.annotate(f"memsched at {row['budget_source'].split(' (')[0]} peak", (x, y), fontsize=7,
+                source = row["budget_source"]
+                text = f"memsched at {source}" if source.endswith("of activations") else \
+                    f"memsched at {source.split(' (')[0]} peak"
+                axis.annotate(text, (x, y), fontsize=7,
                               xytext=(4, 4), textcoords="offset points")
                 continue
             kind = row["method"].split(" (")[0]
@@ -532,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budgets", type=int, default=6)
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.2, 0.3],
+                        help="also plan at these shares of the step's activation memory (memsched's fraction budgets)")
     parser.add_argument("--compile", action="store_true", help="also run torch.compile (slow on CPU)")
     parser.add_argument("--small", action="store_true", help="tiny configs, for a smoke run")
     parser.add_argument("--threads", type=int, default=2)

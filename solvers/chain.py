@@ -104,7 +104,7 @@ from solvers.graph import Graph, Phase
 from solvers.kernel.options import segment_options
 from solvers.kernel.program import delay_frees, insert_frees, plan_from_decisions, saved_roots
 from solvers.kernel.recompute import Seed
-from solvers.kernel.segments import Segment, root_segments, segment_chain
+from solvers.kernel.segments import Segment, root_segments, segment_chain, segmentations
 from solvers.plan import Decision, Plan, Step, StepKind, offload, prefetch, run
 from solvers.simulate import simulate
 
@@ -172,10 +172,28 @@ def solve_chain_dp(graph: Graph, budget_bytes: int, *, resolution: int = 200, ma
     if lowest_peak <= budget_bytes:
         return keep_all
 
-    segments = segment_chain(graph, every_op=every_op)
-    drop_sets = None
     if options_per_segment is None:
         options_per_segment = 1 if every_op else 8
+    candidates: list[tuple[float, int, Plan]] = []   # (time, order of discovery, plan)
+    chains = [segment_chain(graph, every_op=True)] if every_op else segmentations(graph)
+    for segments in chains:
+        lowest_peak = min(lowest_peak, _chain_candidates(graph, segments, budget_bytes, resolution, max_bisections,
+                                                         offload, options_per_segment, seeds, candidates))
+    if not candidates:
+        raise InfeasibleBudgetError(budget_bytes, lowest_peak,
+                                    {f"lowest simulated peak of the chain DP over "
+                                     f"{' or '.join(str(len(segments)) for segments in chains)} segments":
+                                     lowest_peak}, solver=SOLVER)
+    return min(candidates, key=lambda candidate: candidate[:2])[2]
+
+
+def _chain_candidates(graph: Graph, segments: tuple[Segment, ...], budget_bytes: int, resolution: int,
+                      max_bisections: int, offload: bool | None, options_per_segment: int, seeds: Sequence[Seed],
+                      candidates: list[tuple[float, int, Plan]]) -> int:
+    """The DP's plans over one segment chain (and the seeds' decision sets) that fit,
+    appended to ``candidates``; returns the lowest simulated peak among those tried."""
+    lowest_peak = 2**62
+    drop_sets = None
     if options_per_segment > 1:
         drop_sets = [[levels.dropped(level) for level in range(1, len(levels.prefix_lengths))]
                      for levels in segment_options(graph, segments, options_per_segment)]
@@ -183,8 +201,6 @@ def solve_chain_dp(graph: Graph, budget_bytes: int, *, resolution: int = 200, ma
     slot_bytes = max(1, -(-budget_bytes // resolution))
     copy_ms = _copy_times(graph, stages) if (graph.transfer.real if offload is None else offload) else None
     table = _ChainTable(stages, slot_bytes, resolution, copy_ms)
-
-    candidates: list[tuple[float, int, Plan]] = []   # (time, order of discovery, plan)
     for offloading in (False, True) if table.can_offload else (False,):
         low, high = -1, resolution + 1
         memory = max(0, (budget_bytes - constant_bytes) // slot_bytes)   # the model's own guess first
@@ -205,7 +221,6 @@ def solve_chain_dp(graph: Graph, budget_bytes: int, *, resolution: int = 200, ma
             if high - low <= 1:
                 break
             memory = (low + high) // 2
-
     for source, seed in seeds:
         seeded = plan_from_decisions(graph, seed(graph, segments), SOLVER, budget_bytes)
         result = simulate(graph, seeded, check_hash=False)
@@ -213,11 +228,7 @@ def solve_chain_dp(graph: Graph, budget_bytes: int, *, resolution: int = 200, ma
         if result.peak_bytes <= budget_bytes:
             seeded = replace(seeded, options={"source": source, "segments": len(segments)})
             candidates.append((result.time_ms, len(candidates), seeded))
-    if not candidates:
-        raise InfeasibleBudgetError(budget_bytes, lowest_peak,
-                                    {f"lowest simulated peak of the chain DP over {len(segments)} segments":
-                                     lowest_peak}, solver=SOLVER)
-    return min(candidates, key=lambda candidate: candidate[:2])[2]
+    return lowest_peak
 
 
 # -- stages --------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ from solvers.kernel.options import OptionCost, SegmentOptions, option_decisions,
 from solvers.kernel.program import plan_from_decisions, saved_roots
 from solvers.kernel.recompute import Seed, droppable_roots, recompute_time_ms
 from solvers.kernel.replay import Replays
-from solvers.kernel.segments import Segment, segment_chain
+from solvers.kernel.segments import Segment, segmentations
 from solvers.plan import Decision, Plan
 from solvers.simulate import live_roots_at, simulate
 
@@ -117,10 +117,30 @@ def option_dp(graph: Graph, budget_bytes: int, *, options_per_segment: int = 8, 
         return OptionDP(_finish(graph, budget_bytes, keep_all, {"segments": 0}, optimal=True),
                         replays.time_ms(keep_all), (), [], [], resolution, replays)
 
-    segments = segment_chain(graph)
+    found = [_segmentation_candidates(graph, segments, options_per_segment, resolution, max_bisections, seeds,
+                                      replays, budget_bytes)
+             for segments in segmentations(graph)]
+    candidates = [(time_ms, decisions, index) for index, (_, _, _, pairs, _) in enumerate(found)
+                  for time_ms, decisions in pairs]
+    if not candidates:
+        segments, options, costs, _, _ = found[0]
+        return OptionDP(None, None, segments, options, costs, resolution, replays)
+    _, decisions, index = min(candidates, key=lambda candidate: (candidate[0], candidate[2]))   # first wins ties
+    segments, options, costs, _, dp_budget_found = found[index]
+    decisions, restored = restore(graph, decisions, replays)
+    plan = _finish(graph, budget_bytes, decisions,
+                   {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})
+    return OptionDP(plan, replays.time_ms(decisions), segments, options, costs, resolution, replays)
+
+
+def _segmentation_candidates(graph: Graph, segments: tuple[Segment, ...], options_per_segment: int,
+                             resolution: int, max_bisections: int, seeds: Sequence[Seed], replays: Replays,
+                             budget_bytes: int) -> tuple:
+    """Options, probed costs, the replayed (time, decisions) pairs that fit, and the
+    largest DP budget that gave one, for one segmentation. The DP's budget is bisected
+    downwards while its plan's replay does not fit."""
     options = segment_options(graph, segments, options_per_segment)
     costs = probe_costs(graph, segments, options)
-
     candidates: list[tuple[float, dict[str, Decision]]] = []
     dp_budget_found = None
     low, high = 0, budget_bytes
@@ -142,18 +162,11 @@ def option_dp(graph: Graph, budget_bytes: int, *, options_per_segment: int = 8, 
         if high - low <= max(1, budget_bytes // resolution):
             break
         dp_budget = (low + high) // 2
-
     for _, seed in seeds:
         decisions = seed(graph, segments)
         if replays.fits(decisions):
             candidates.append((replays.time_ms(decisions), decisions))
-    if not candidates:
-        return OptionDP(None, None, segments, options, costs, resolution, replays)
-    _, decisions = min(candidates, key=lambda candidate: candidate[0])   # first wins ties: the DP's
-    decisions, restored = restore(graph, decisions, replays)
-    plan = _finish(graph, budget_bytes, decisions,
-                   {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})
-    return OptionDP(plan, replays.time_ms(decisions), segments, options, costs, resolution, replays)
+    return segments, options, costs, candidates, dp_budget_found
 
 
 # -- the DP ------------------------------------------------------------------------------------
@@ -257,21 +270,38 @@ def drop_all_plan(graph: Graph, budget_bytes: int, boundaries: set[str]) -> Plan
     boundaries alive at the replay's peak are dropped too, `DROP_BOUNDARY_ROUNDS` rounds at
     most), the values made only on the way to another
     recomputation freed at once and made again when needed (``free_intermediates``, the
-    pass that reaches lowest). If it does not fit, `_keep_while_peak_falls` keeps storages
-    again where that lowers the peak (a drop can raise it; greedy would undo it). If that
-    fits, `restore` keeps storages again while the time falls.
-    O(LOWER_REPLAYS + RESTORE_REPLAYS) replays; not always as low as greedy.
+    pass that reaches lowest), those the next backward op reads held for it or not
+    (``hold_for_next_op``: both are tried, neither is always lower). If it does not fit,
+    `_keep_while_peak_falls` keeps storages again where that lowers the peak (a drop can
+    raise it; greedy would undo it). If that fits, `restore` keeps storages again while
+    the time falls. The faster plan of the two ways. O(LOWER_REPLAYS + RESTORE_REPLAYS)
+    replays each; not always as low as greedy.
 
     Raises:
-        InfeasibleBudgetError: the all-dropped plan does not fit, with its peak.
+        InfeasibleBudgetError: neither way fits, with the lower peak.
     """
+    found: list[tuple[float, Plan]] = []
+    refusals: list[InfeasibleBudgetError] = []
+    for hold_for_next_op in (False, True):
+        try:
+            found.append(_drop_all(graph, budget_bytes, boundaries, hold_for_next_op))
+        except InfeasibleBudgetError as error:
+            refusals.append(error)
+    if not found:
+        raise min(refusals, key=lambda error: error.least_feasible_bytes)
+    return min(found, key=lambda item: item[0])[1]     # first wins ties: without holding
+
+
+def _drop_all(graph: Graph, budget_bytes: int, boundaries: set[str], hold_for_next_op: bool) -> tuple[float, Plan]:
+    """`drop_all_plan` one way: the replayed time and the plan."""
     droppable = set(droppable_roots(graph))
-    replays = Replays(graph, budget_bytes, free_intermediates=True)
+    replays = Replays(graph, budget_bytes, free_intermediates=True, hold_for_next_op=hold_for_next_op)
     kept = set(boundaries) & set(droppable)
     for _ in range(DROP_BOUNDARY_ROUNDS + 1):
         decisions = {root: Decision.RECOMPUTE if root in droppable and root not in kept else Decision.KEEP
                      for root in saved_roots(graph)}
-        plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True)
+        plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True,
+                                   hold_for_next_op=hold_for_next_op)
         result = simulate(graph, plan, check_hash=False)
         if result.peak_bytes <= budget_bytes or not kept:
             break
@@ -284,8 +314,9 @@ def drop_all_plan(graph: Graph, budget_bytes: int, boundaries: set[str]) -> Plan
                                         {"every droppable storage recomputed": result.peak_bytes,
                                          "then kept again where the peak fell": peak_bytes}, solver=SOLVER)
     decisions, restored = restore(graph, decisions, replays)
-    plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True)
-    return replace(plan, options={**plan.options, "restored": restored})
+    plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True,
+                               hold_for_next_op=hold_for_next_op)
+    return replays.time_ms(decisions), replace(plan, options={**plan.options, "restored": restored})
 
 
 def _keep_while_peak_falls(graph: Graph, decisions: dict[str, Decision],

@@ -39,12 +39,16 @@ def saved_roots(graph: Graph) -> tuple[str, ...]:
 
 
 def plan_from_decisions(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int,
-                        optimal: bool = False, free_intermediates: bool = False) -> Plan:
+                        optimal: bool = False, free_intermediates: bool = False,
+                        hold_for_next_op: bool = False) -> Plan:
     """The `Plan` of ``decisions`` (`build_program`), labelled with ``solver``."""
-    forward, backward = build_program(graph, decisions, free_intermediates=free_intermediates)
+    forward, backward = build_program(graph, decisions, free_intermediates=free_intermediates,
+                                      hold_for_next_op=hold_for_next_op)
+    options = {"free_intermediates": True} if free_intermediates else {}
+    if free_intermediates and hold_for_next_op:
+        options["hold_for_next_op"] = True
     return Plan(graph_hash=graph.hash, solver=solver, budget_bytes=budget_bytes, forward=forward,
-                backward=backward, decisions=dict(decisions), optimal=optimal,
-                options={"free_intermediates": True} if free_intermediates else {})
+                backward=backward, decisions=dict(decisions), optimal=optimal, options=options)
 
 
 def plan_with_offload(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int) -> Plan:
@@ -61,14 +65,18 @@ def decisions_for(graph: Graph, recompute: Iterable[str] = (), offloaded: Iterab
 
 
 def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahead_ops: int = 1,
-                  free_intermediates: bool = False,
+                  free_intermediates: bool = False, hold_for_next_op: bool = False,
                   prefetch_by_transfer_time: bool = False) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
     """Forward and backward steps for the given root decisions (missing roots are kept).
 
     A value recomputed for a backward op stays until its last backward use. With
     ``free_intermediates``, the values recomputed only on the way to it (its dropped
     ancestors) are released right after that op and recomputed again when needed: less
-    memory, more time (Revolve-like multiple recomputation).
+    memory, more time (Revolve-like multiple recomputation). With ``hold_for_next_op`` too,
+    one that the next backward op reads stays for it: releasing it would recompute its
+    whole chain again at once, with the gradients of both ops alive (on ResNet-50, a
+    bottleneck's batch-norm backward and the convolution backward after it both read the
+    block's recomputed input chain). Neither way is always lower.
 
     An offloaded storage is prefetched ``prefetch_ahead_ops`` backward ops before its first
     backward use. With ``prefetch_by_transfer_time``, instead, the copies are timed by the
@@ -153,7 +161,10 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
         backward_core.append(run(op.name))
         live.update(op.outputs)
         if free_intermediates:   # an offloaded value a recomputation remade stays: it is prefetched once at most
-            live.difference_update(intermediates - set(op.inputs) - on_host)
+            held = set(op.inputs)
+            if hold_for_next_op and position + 1 < len(backward_ops):
+                held |= set(backward_ops[position + 1].inputs)
+            live.difference_update(intermediates - held - on_host)
     backward_steps = insert_frees(graph, backward_core, live_out=set(graph.gradients),
                                   live_in=kept_for_backward | set(graph.placeholders))
     return forward_steps, backward_steps
