@@ -244,11 +244,11 @@ def builder_plan(graph: Graph, decisions: dict[str, Decision], **options: Any) -
 
 
 @given(graph=graphs, mode=st.sampled_from(["recompute", "offload", "mixed"]),
-       free_intermediates=st.booleans(), data=st.data())
-def test_builder_replays_every_decision_mix(graph: Graph, mode: str, free_intermediates: bool,
+       free_intermediates=st.booleans(), hold_for_next_op=st.booleans(), data=st.data())
+def test_builder_replays_every_decision_mix(graph: Graph, mode: str, free_intermediates: bool, hold_for_next_op: bool,
                                             data: st.DataObject) -> None:
     decisions = random_decisions(graph, data, mode)
-    plan = builder_plan(graph, decisions, free_intermediates=free_intermediates)
+    plan = builder_plan(graph, decisions, free_intermediates=free_intermediates, hold_for_next_op=hold_for_next_op)
     result = check_program(graph, plan)   # raises if a gradient is never produced
     end_of_forward = [point for point in result.timeline if point.phase is FWD][-1].bytes_in_use
     keep_roots = {root for root, decision in decisions.items() if decision is Decision.KEEP}
@@ -292,6 +292,37 @@ def test_builder_keeps_what_an_unrecomputable_op_feeds_a_recomputation() -> None
             assert error.least_feasible_bytes > budget_bytes
     with pytest.raises(InvalidPlanError, match="'update'.*cannot be recomputed"):
         build_program(graph, {"z": Decision.RECOMPUTE, "y": Decision.RECOMPUTE})
+
+
+@pytest.mark.parametrize("p_bytes, held_is_lower", [(256, True), (16, False)])
+def test_holding_a_recomputed_value_for_the_next_backward_op(p_bytes: int, held_is_lower: bool) -> None:
+    """p = f0(x), a = f1(p), b = f2(a), all dropped; ``b_bw`` reads b (p and a are made on
+    the way) and the op after it, ``a_bw``, reads a and b_bw's 256-byte gradient. Freeing
+    intermediates at once makes p and a again for a_bw, with that gradient alive (as on
+    ResNet-50); holding a for a_bw runs f0 and f1 once, but keeps a through b_bw. With a
+    large p holding is lower, with a small one higher: `hierarchical.drop_all_plan` tries
+    both."""
+    act, work = ValueKind.ACTIVATION, ValueKind.GRADIENT_WORK
+    values = (Value("x", 16, ValueKind.INPUT), Value("t", 16, ValueKind.TANGENT), Value("p", p_bytes, act, "f0"),
+              Value("a", 64, act, "f1"), Value("b", 64, act, "f2"), Value("out", 16, act, "loss"),
+              Value("g_b", 256, work, "b_bw"), Value("g_a", 16, work, "a_bw"))
+    ops = (Op("f0", ("x",), ("p",), FWD, 1.0), Op("f1", ("p",), ("a",), FWD, 1.0), Op("f2", ("a",), ("b",), FWD, 1.0),
+           Op("loss", ("b",), ("out",), FWD, 1.0),
+           Op("b_bw", ("t", "b"), ("g_b",), BWD, 1.0), Op("a_bw", ("g_b", "a"), ("g_a",), BWD, 1.0))
+    graph = Graph(ops=ops, values=values, placeholders=("x", "t"), forward_outputs=("out",), gradients=("g_a",))
+    decisions = decisions_for(graph, recompute=["p", "a", "b"])
+    freed = builder_plan(graph, decisions, free_intermediates=True)
+    held = builder_plan(graph, decisions, free_intermediates=True, hold_for_next_op=True)
+    runs = {name: [step.name for step in plan.backward if step.kind is StepKind.RUN] for name, plan in
+            (("freed", freed), ("held", held))}
+    assert runs == {"freed": ["f0", "f1", "f2", "b_bw", "f0", "f1", "a_bw"], "held": ["f0", "f1", "f2", "b_bw", "a_bw"]}
+    freed_result, held_result = check_program(graph, freed), check_program(graph, held)
+    assert held_result.time_ms == freed_result.time_ms - 2.0
+    # freed: x, t, out (48) and g_b (256) while f1 makes a again from p; held: 48, a held
+    # through b_bw beside b and g_b (384)
+    assert freed_result.peak_bytes == 48 + 256 + p_bytes + 64
+    assert held_result.peak_bytes == 48 + 64 + 64 + 256
+    assert (held_result.peak_bytes < freed_result.peak_bytes) is held_is_lower
 
 
 def dropout_mask_graph() -> Graph:

@@ -12,7 +12,7 @@ from hypothesis import given
 
 from solvers import Graph, InfeasibleBudgetError, Op, Phase, Value, ValueKind, simulate, solve
 from solvers.checkpoint_baselines import sqrt_n_group_size
-from solvers.kernel.segments import Segment, boundary_roots, crossing_bytes, segment_chain
+from solvers.kernel.segments import Segment, boundary_roots, crossing_bytes, segment_chain, segmentations
 from tests.strategies import KEEP_ALL_BUDGET_BYTES, small_graphs
 from helpers import assert_same_training_step
 
@@ -130,6 +130,49 @@ def test_module_paths_keep_repeated_units_whole() -> None:
     segments = segment_chain(graph, min_segment_bytes=0, min_segment_ops=1)
     check_partition(graph, segments)
     assert [seg.forward_ops for seg in segments] == [("f0",), ("f1", "f2"), ("f3",), ("loss",)]
+
+
+def nested_blocks(count: int = 3) -> Graph:
+    """A stem, then ``count`` residual blocks inside one repeated unit, as Hugging Face's
+    ResNet names them (``stages.0.layers.<i>.layer.<j>``), then a head: block i computes
+    c = conv0(h), d = conv1(c), h' = add(d, h) and a 1-byte statistic s (a batch norm's
+    running mean) that the head reads. A cut inside a block is crossed by h and c; a cut
+    between blocks by h' and the statistics before it."""
+    act, work = ValueKind.ACTIVATION, ValueKind.GRADIENT_WORK
+    values = [Value("w", 100, ValueKind.PARAMETER), Value("x", 10, ValueKind.INPUT), Value("t", 4, ValueKind.TANGENT),
+              Value("h0", 64, act, "stem")]
+    forward = [Op("stem", ("x", "w"), ("h0",), FWD, 1.0, module="stem")]
+    for i in range(count):
+        unit = f"stages.0.layers.{i}"
+        h, c, d, s, out = f"h{i}", f"c{i}", f"d{i}", f"s{i}", f"h{i + 1}"
+        values += [Value(c, 64, act, f"conv0_{i}"), Value(s, 1, act, f"conv0_{i}"), Value(d, 64, act, f"conv1_{i}"),
+                   Value(out, 64, act, f"add_{i}")]
+        forward += [Op(f"conv0_{i}", (h, "w"), (c, s), FWD, 1.0, module=f"{unit}.layer.0"),
+                    Op(f"conv1_{i}", (c, "w"), (d,), FWD, 1.0, module=f"{unit}.layer.1"),
+                    Op(f"add_{i}", (d, h), (out,), FWD, 1.0, module=unit)]
+    last = f"h{count}"
+    values += [Value("out", 4, act, "head"), Value("g", 16, work, "head_bw")]
+    forward.append(Op("head", (last, *(f"s{i}" for i in range(count))), ("out",), FWD, 1.0, module="head"))
+    backward = [Op("head_bw", ("t", last), ("g",), BWD, 1.0)]
+    return Graph(ops=tuple(forward + backward), values=tuple(values), placeholders=("w", "x", "t"),
+                 forward_outputs=("out",), gradients=("g",), name="nested_blocks")
+
+
+def test_nested_cuts_split_a_repeated_unit_between_its_blocks_only() -> None:
+    graph = nested_blocks(3)
+    outer = segment_chain(graph, min_segment_bytes=0, min_segment_ops=1)
+    assert [seg.forward_ops for seg in outer] == [
+        ("stem",), tuple(op.name for op in graph.forward_ops[1:-1]), ("head",)]
+    nested = segment_chain(graph, min_segment_bytes=0, min_segment_ops=1, nested_cuts=True)
+    check_partition(graph, nested)
+    assert [seg.forward_ops for seg in nested] == [("stem",)] + [
+        (f"conv0_{i}", f"conv1_{i}", f"add_{i}") for i in range(3)] + [("head",)]
+    fine, coarse = segmentations(graph)      # default knobs merge the small stem and head
+    assert len(fine) > len(coarse)
+    segment_of = {name: seg.index for seg in fine for name in seg.forward_ops}
+    assert all(segment_of[f"conv0_{i}"] == segment_of[f"conv1_{i}"] == segment_of[f"add_{i}"] for i in range(3))
+    plain = skip_chain(("a", "b", "c", "d", "e"))
+    assert len(segmentations(plain)) == 1
 
 
 def test_knobs_merge_small_segments_and_cap_the_count() -> None:
