@@ -66,7 +66,7 @@ from solvers.kernel.recompute import Seed, droppable_roots, recompute_time_ms
 from solvers.kernel.replay import Replays
 from solvers.kernel.segments import Segment, segmentations
 from solvers.plan import Decision, Plan
-from solvers.simulate import live_roots_at, simulate
+from solvers.simulate import SimResult, live_roots_at, simulate
 
 SOLVER = "hierarchical"
 
@@ -271,32 +271,40 @@ def drop_all_plan(graph: Graph, budget_bytes: int, boundaries: set[str]) -> Plan
     most), the values made only on the way to another
     recomputation freed at once and made again when needed (``free_intermediates``, the
     pass that reaches lowest), those the next backward op reads held for it or not
-    (``hold_for_next_op``: both are tried, neither is always lower). If it does not fit,
+    (``hold_for_next_op``: both are tried, neither is always lower). If neither fits,
     `_keep_while_peak_falls` keeps storages again where that lowers the peak (a drop can
-    raise it; greedy would undo it). If that fits, `restore` keeps storages again while
-    the time falls. The faster plan of the two ways. O(LOWER_REPLAYS + RESTORE_REPLAYS)
-    replays each; not always as low as greedy.
+    raise it; greedy would undo it), from the way that starts lower. `restore` then keeps
+    storages again while the time falls, for each way that fits; the faster plan wins.
+    O(LOWER_REPLAYS + 2 * RESTORE_REPLAYS) replays; not always as low as greedy.
 
     Raises:
-        InfeasibleBudgetError: neither way fits, with the lower peak.
+        InfeasibleBudgetError: the plan does not fit, with its peak.
     """
+    droppable = set(droppable_roots(graph))
+    starts = [_all_dropped(graph, budget_bytes, boundaries & droppable, droppable, hold) for hold in (False, True)]
+    fitting = [start for start in starts if start[2].peak_bytes <= budget_bytes]
     found: list[tuple[float, Plan]] = []
-    refusals: list[InfeasibleBudgetError] = []
-    for hold_for_next_op in (False, True):
-        try:
-            found.append(_drop_all(graph, budget_bytes, boundaries, hold_for_next_op))
-        except InfeasibleBudgetError as error:
-            refusals.append(error)
-    if not found:
-        raise min(refusals, key=lambda error: error.least_feasible_bytes)
+    for hold_for_next_op, decisions, result in fitting or [min(starts, key=lambda start: start[2].peak_bytes)]:
+        replays = Replays(graph, budget_bytes, free_intermediates=True, hold_for_next_op=hold_for_next_op)
+        if result.peak_bytes > budget_bytes:
+            decisions, peak_bytes = _keep_while_peak_falls(graph, decisions, replays)
+            if peak_bytes > budget_bytes:
+                raise InfeasibleBudgetError(budget_bytes, peak_bytes,
+                                            {"every droppable storage recomputed": result.peak_bytes,
+                                             "then kept again where the peak fell": peak_bytes}, solver=SOLVER)
+        decisions, restored = restore(graph, decisions, replays)
+        plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True,
+                                   hold_for_next_op=hold_for_next_op)
+        found.append((replays.time_ms(decisions), replace(plan, options={**plan.options, "restored": restored})))
     return min(found, key=lambda item: item[0])[1]     # first wins ties: without holding
 
 
-def _drop_all(graph: Graph, budget_bytes: int, boundaries: set[str], hold_for_next_op: bool) -> tuple[float, Plan]:
-    """`drop_all_plan` one way: the replayed time and the plan."""
-    droppable = set(droppable_roots(graph))
-    replays = Replays(graph, budget_bytes, free_intermediates=True, hold_for_next_op=hold_for_next_op)
-    kept = set(boundaries) & set(droppable)
+def _all_dropped(graph: Graph, budget_bytes: int, kept: set[str], droppable: set[str], hold_for_next_op: bool
+                 ) -> tuple[bool, dict[str, Decision], SimResult]:
+    """Every droppable storage recomputed but the segment boundaries ``kept``, which are
+    dropped too, those alive at the peak first, while that does not fit
+    (`DROP_BOUNDARY_ROUNDS` rounds at most): the way, the decisions and their replay."""
+    kept = set(kept)
     for _ in range(DROP_BOUNDARY_ROUNDS + 1):
         decisions = {root: Decision.RECOMPUTE if root in droppable and root not in kept else Decision.KEEP
                      for root in saved_roots(graph)}
@@ -307,16 +315,7 @@ def _drop_all(graph: Graph, budget_bytes: int, boundaries: set[str], hold_for_ne
             break
         at_peak = live_roots_at(graph, plan, result.peak_phase, result.peak_step_index) & kept
         kept -= at_peak or kept                  # none of them at the peak: drop them all
-    if result.peak_bytes > budget_bytes:
-        decisions, peak_bytes = _keep_while_peak_falls(graph, decisions, replays)
-        if peak_bytes > budget_bytes:
-            raise InfeasibleBudgetError(budget_bytes, peak_bytes,
-                                        {"every droppable storage recomputed": result.peak_bytes,
-                                         "then kept again where the peak fell": peak_bytes}, solver=SOLVER)
-    decisions, restored = restore(graph, decisions, replays)
-    plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True,
-                               hold_for_next_op=hold_for_next_op)
-    return replays.time_ms(decisions), replace(plan, options={**plan.options, "restored": restored})
+    return hold_for_next_op, decisions, result
 
 
 def _keep_while_peak_falls(graph: Graph, decisions: dict[str, Decision],
