@@ -152,12 +152,14 @@ def solve_chain_dp(graph: Graph, budget_bytes: int, *, resolution: int = 200, ma
     """Least-time Rotor schedule over the segment chain that `simulate` fits in the budget;
     with ``offload`` (default: ``graph.transfer.real``) the forward phase's checkpoints may
     be offloaded (module docstring). ``every_op``: one stage per forward op
-    (`kernel.segments.segment_chain`'s ``every_op``) instead of the block chain.
+    (`kernel.segments.segment_chain`'s ``every_op``) instead of the block chains
+    (`kernel.segments.segmentations`: the blocks nested in repeated units, and the outer
+    units where they differ; the fastest plan over both).
     ``options_per_segment``: drop options per stage (module docstring, "Stage options";
     default 8 on the block chain, 1 (keep all only) with ``every_op``). ``seeds``: named
     decision sets over the segments, each one more candidate (``options["source"]`` its name).
-    O(L^3 * U + B * (S + R)) for B bisection steps of one plan and one simulation each
-    (S steps, R saved storages).
+    O(L^3 * U + B * (S + R)) per chain for B bisection steps of one plan and one simulation
+    each (S steps, R saved storages).
 
     Raises:
         InfeasibleBudgetError: neither the DP's plans nor the seeds fit.

@@ -2,7 +2,8 @@
 
 After Rockmate (Zhao, Le Hellard, Eyraud-Dubois, Gusak, Beaumont, ICML 2023) and HiRemate
 (Gusak et al., ICML 2025): the step is cut into a chain of segments
-(`kernel.segments.segment_chain`: transformer blocks, residual stages, U-Net levels), each
+(`kernel.segments.segmentations`: transformer blocks, residual stages or the blocks nested in
+them, U-Net levels; both chains where they differ, each solved below), each
 segment gets a few *options*, and a chain DP in the spirit of Rotor (Beaumont,
 Eyraud-Dubois, Herrmann, Joly, Shilova, 2019; `solvers.chain`) picks one option per
 segment. MONeT (Shah et al., ICLR 2021) also pairs local choices with a global
@@ -46,8 +47,9 @@ solvers' (`chain`'s re-runs, ``greedy``), ``hierarchical`` returns is
 `solvers.portfolio.solve_hierarchical`'s choice.
 
 Complexity, for S segments, L = options_per_segment levels, R saved storages, N program
-steps and U = resolution: L probes and at most ``max_bisections + 1`` checks of O(N) each,
-DP O(S * L * U), restore pass O(R * N), frontiers O(R * graph) once per distinct block.
+steps and U = resolution, per chain (two at most): L probes and at most ``max_bisections + 1``
+checks of O(N) each, DP O(S * L * U); then one restore pass O(R * N); frontiers O(R * graph)
+once per distinct block.
 
 Not optimal: the options are a few prefixes of one heuristic order, and the additive
 memory model is checked, not proved.
