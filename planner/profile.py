@@ -317,7 +317,7 @@ class GraphBuilder:
                            tmp_bytes=int(workspace_bytes),
                            recomputable=role is not Role.BUFFER_UPDATE
                            and not any(self.root_of.get(name) in self.updated_in_place for name in inputs),
-                           random=is_random(node.target), target=target_name(node.target),
+                           random=is_random(node.target, node.args, node.kwargs), target=target_name(node.target),
                            module=self.step.modules.get(node.name, "")))
 
 

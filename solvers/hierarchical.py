@@ -71,6 +71,7 @@ from solvers.plan import Decision, Plan
 from solvers.simulate import SimResult, live_roots_at, simulate
 
 SOLVER = "hierarchical"
+ROUNDING_BISECTIONS = 6   # DP budgets tried above the budget when none at or below it replays within it
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,25 @@ def _segmentation_candidates(graph: Graph, segments: tuple[Segment, ...], option
         if high - low <= max(1, budget_bytes // resolution):
             break
         dp_budget = (low + high) // 2
+    if dp_budget_found is None:
+        # the DP rounds every segment's bytes up to whole units: at a budget with less slack
+        # than that (a budget at the floor of the parameters and all their gradients), it
+        # finds nothing; its choice at a budget a little above may still replay within it
+        # within it: bisect the DP's budget between the budget and the budget plus that rounding
+        low, high = budget_bytes, budget_bytes + 2 * len(segments) * max(1, budget_bytes // resolution)
+        for _ in range(ROUNDING_BISECTIONS):
+            dp_budget = (low + high) // 2
+            levels = choose_levels(costs, dp_budget, resolution)
+            if levels is None:
+                low = dp_budget
+                continue
+            decisions = option_decisions(graph, segments, options, levels)
+            if replays.fits(decisions):
+                candidates.append((replays.time_ms(decisions), decisions))
+                dp_budget_found = dp_budget
+                low = dp_budget
+            else:
+                high = dp_budget
     for _, seed in seeds:
         decisions = seed(graph, segments)
         if replays.fits(decisions):

@@ -69,6 +69,33 @@ def test_roles_buffer_updates_and_random_ops() -> None:
     assert len(graph.gradients) == 6
 
 
+def test_attention_without_dropout_is_not_random() -> None:
+    """SDPA kernels are tagged random for their dropout; called with ``dropout_p=0`` they draw
+    nothing, so recomputing them must not hold a generator state (5,056 B each on CPU)."""
+    class Attention(nn.Module):
+        def __init__(self, dropout_p: float) -> None:
+            super().__init__()
+            self.qkv, self.dropout_p = nn.Linear(8, 24), dropout_p
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).view(2, 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout_p, is_causal=True).sum()
+
+    x = torch.randn(2, 4, 8)
+    model = Attention(0.0)
+    graph = profile(capture(model, (x,)), model, (x,), repeats=1)
+    assert any("scaled_dot_product" in op.target for op in graph.ops)
+    assert not any(op.random for op in graph.ops)
+    model = Attention(0.5)          # on CPU, attention with dropout runs as the math kernels
+    graph = profile(capture(model, (x,)), model, (x,), repeats=1)
+    assert any(op.random for op in graph.ops)
+    state = torch.get_rng_state()
+    q = torch.randn(1, 2, 4, 8)
+    torch.set_rng_state(state)
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(q, q, q, 0.0, True)
+    assert torch.equal(torch.get_rng_state(), state), "the kernel drew numbers at dropout_p=0"
+
+
 def test_views_own_no_storage_and_point_to_their_root() -> None:
     class Views(nn.Module):
         def __init__(self) -> None:
