@@ -141,7 +141,8 @@ def _segmentation_candidates(graph: Graph, segments: tuple[Segment, ...], option
                              budget_bytes: int) -> tuple:
     """Options, probed costs, the replayed (time, decisions) pairs that fit, and the
     largest DP budget that gave one, for one segmentation. The DP's budget is bisected
-    downwards while its plan's replay does not fit."""
+    downwards while its plan's replay does not fit, then, if none did, upwards by at most
+    its rounding (`ROUNDING_BISECTIONS` tries)."""
     options = segment_options(graph, segments, options_per_segment)
     costs = probe_costs(graph, segments, options)
     candidates: list[tuple[float, dict[str, Decision]]] = []
@@ -168,8 +169,8 @@ def _segmentation_candidates(graph: Graph, segments: tuple[Segment, ...], option
     if dp_budget_found is None:
         # the DP rounds every segment's bytes up to whole units: at a budget with less slack
         # than that (a budget at the floor of the parameters and all their gradients), it
-        # finds nothing; its choice at a budget a little above may still replay within it
-        # within it: bisect the DP's budget between the budget and the budget plus that rounding
+        # finds nothing, while its choice at a budget a little above may replay within this
+        # one. Bisect the DP's budget between the budget and the budget plus that rounding.
         low, high = budget_bytes, budget_bytes + 2 * len(segments) * max(1, budget_bytes // resolution)
         for _ in range(ROUNDING_BISECTIONS):
             dp_budget = (low + high) // 2
