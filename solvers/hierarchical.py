@@ -120,53 +120,68 @@ def option_dp(graph: Graph, budget_bytes: int, *, options_per_segment: int = 8, 
         return OptionDP(_finish(graph, budget_bytes, keep_all, {"segments": 0}, optimal=True),
                         replays.time_ms(keep_all), (), [], [], resolution, replays)
 
-    found = [_segmentation_candidates(graph, segments, options_per_segment, resolution, max_bisections, seeds,
-                                      replays, budget_bytes)
-             for segments in segmentations(graph)]
-    candidates = [(time_ms, decisions, index) for index, (_, _, _, pairs, _) in enumerate(found)
-                  for time_ms, decisions in pairs]
+    searches = [_search_chain(graph, segments, options_per_segment, resolution, max_bisections, seeds, replays,
+                              budget_bytes) for segments in segmentations(graph)]
+    candidates = [(time_ms, index, decisions) for index, search in enumerate(searches)
+                  for time_ms, decisions in search.found]
     if not candidates:
-        segments, options, costs, _, _ = found[0]
-        return OptionDP(None, None, segments, options, costs, resolution, replays)
-    _, decisions, index = min(candidates, key=lambda candidate: (candidate[0], candidate[2]))   # first wins ties
-    segments, options, costs, _, dp_budget_found = found[index]
+        first = searches[0]
+        return OptionDP(None, None, first.segments, first.options, first.costs, resolution, replays)
+    _, index, decisions = min(candidates, key=lambda candidate: candidate[:2])   # first wins ties
+    best = searches[index]
     decisions, restored = restore(graph, decisions, replays)
     plan = _finish(graph, budget_bytes, decisions,
-                   {"segments": len(segments), "dp_budget_bytes": dp_budget_found, "restored": restored})
-    return OptionDP(plan, replays.time_ms(decisions), segments, options, costs, resolution, replays)
+                   {"segments": len(best.segments), "dp_budget_bytes": best.dp_budget_bytes, "restored": restored})
+    return OptionDP(plan, replays.time_ms(decisions), best.segments, best.options, best.costs, resolution, replays)
 
 
-def _segmentation_candidates(graph: Graph, segments: tuple[Segment, ...], options_per_segment: int,
-                             resolution: int, max_bisections: int, seeds: Sequence[Seed], replays: Replays,
-                             budget_bytes: int) -> tuple:
-    """Options, probed costs, the replayed (time, decisions) pairs that fit, and the
-    largest DP budget that gave one, for one segmentation. The DP's budget is bisected
-    downwards while its plan's replay does not fit, then, if none did, upwards by at most
-    its rounding (`ROUNDING_BISECTIONS` tries)."""
+@dataclass
+class _ChainSearch:
+    """One segmentation's options, probed costs, the replayed (time, decisions) pairs that
+    fit, in the order found, and the largest DP budget that gave one."""
+
+    segments: tuple[Segment, ...]
+    options: list[SegmentOptions]
+    costs: list[list[OptionCost]]
+    found: list[tuple[float, dict[str, Decision]]]
+    dp_budget_bytes: int | None = None
+
+
+def _search_chain(graph: Graph, segments: tuple[Segment, ...], options_per_segment: int, resolution: int,
+                  max_bisections: int, seeds: Sequence[Seed], replays: Replays, budget_bytes: int) -> _ChainSearch:
+    """The DP over one segmentation: its budget bisected downwards while its plan's replay
+    does not fit, then, if none did, upwards by at most its rounding (`ROUNDING_BISECTIONS`
+    tries); the seeds' decision sets are candidates too."""
     options = segment_options(graph, segments, options_per_segment)
-    costs = probe_costs(graph, segments, options)
-    candidates: list[tuple[float, dict[str, Decision]]] = []
-    dp_budget_found = None
+    search = _ChainSearch(segments, options, probe_costs(graph, segments, options), [])
+
+    def fits_at(dp_budget: int) -> bool | None:
+        """None: the DP has no choice under ``dp_budget``; else whether its choice replays
+        within the budget (recorded when it does)."""
+        levels = choose_levels(search.costs, dp_budget, resolution)
+        if levels is None:
+            return None
+        decisions = option_decisions(graph, segments, options, levels)
+        if not replays.fits(decisions):
+            return False
+        search.found.append((replays.time_ms(decisions), decisions))
+        search.dp_budget_bytes = max(search.dp_budget_bytes or 0, dp_budget)
+        return True
+
     low, high = 0, budget_bytes
     dp_budget = budget_bytes
     for _ in range(max_bisections + 1):
-        levels = choose_levels(costs, dp_budget, resolution)
-        if levels is None:
-            low = dp_budget
+        fits = fits_at(dp_budget)
+        if fits and dp_budget == budget_bytes:
+            break
+        if fits is False:
+            high = dp_budget
         else:
-            decisions = option_decisions(graph, segments, options, levels)
-            if replays.fits(decisions):
-                candidates.append((replays.time_ms(decisions), decisions))
-                dp_budget_found = dp_budget if dp_budget_found is None else max(dp_budget_found, dp_budget)
-                if dp_budget == budget_bytes:
-                    break
-                low = dp_budget
-            else:
-                high = dp_budget
+            low = dp_budget
         if high - low <= max(1, budget_bytes // resolution):
             break
         dp_budget = (low + high) // 2
-    if dp_budget_found is None:
+    if search.dp_budget_bytes is None:
         # the DP rounds every segment's bytes up to whole units: at a budget with less slack
         # than that (a budget at the floor of the parameters and all their gradients), it
         # finds nothing, while its choice at a budget a little above may replay within this
@@ -174,22 +189,15 @@ def _segmentation_candidates(graph: Graph, segments: tuple[Segment, ...], option
         low, high = budget_bytes, budget_bytes + 2 * len(segments) * max(1, budget_bytes // resolution)
         for _ in range(ROUNDING_BISECTIONS):
             dp_budget = (low + high) // 2
-            levels = choose_levels(costs, dp_budget, resolution)
-            if levels is None:
-                low = dp_budget
-                continue
-            decisions = option_decisions(graph, segments, options, levels)
-            if replays.fits(decisions):
-                candidates.append((replays.time_ms(decisions), decisions))
-                dp_budget_found = dp_budget
-                low = dp_budget
-            else:
+            if fits_at(dp_budget) is False:
                 high = dp_budget
+            else:
+                low = dp_budget
     for _, seed in seeds:
         decisions = seed(graph, segments)
         if replays.fits(decisions):
-            candidates.append((replays.time_ms(decisions), decisions))
-    return segments, options, costs, candidates, dp_budget_found
+            search.found.append((replays.time_ms(decisions), decisions))
+    return search
 
 
 # -- the DP ------------------------------------------------------------------------------------
