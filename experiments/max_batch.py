@@ -6,17 +6,24 @@ step fits the target's memory less `planner.estimate.DEVICE_RESERVE_BYTES`, unde
 
 * ``plain``: keep every activation (eager autograd);
 * ``every_block``: checkpoint every block (what HF's ``gradient_checkpointing_enable()`` does);
+* ``every_block + chunked loss``: the same, with the loss chunked as memsched's are below,
+  to show what the chunked loss alone gives;
 * ``memsched <= every_block``: recompute only, predicted overhead at most every_block's;
 * ``memsched <= 10 %``: recompute only, predicted overhead at most +10 %;
 * ``memsched any``: recompute only, any overhead;
 * ``memsched + offload``: recompute and offload over the target's host link, any overhead.
 
-Each batch size is traced and walked once (fake tensors, roofline times) and every method
-solves on that graph; the search doubles the batch, then bisects. Overheads are predicted
-by the roofline time model, relative to keeping everything at the same batch.
+The memsched methods may also plan the step with its loss chunked (``chunked_loss=True``,
+`planner.chunked_loss`: the logits are never whole), unless ``--whole-loss``: a method
+with an overhead limit keeps the first of (chunked, as traced) that fits within it; the
+others plan the chunked step, whose lowest peak is the lower. Each batch size is traced
+once (fake tensors), walked as traced and walked again with the loss chunked (roofline
+times); the search doubles the batch, then bisects. Overheads are predicted by the
+roofline time model, relative to keeping everything of the step as traced (whole loss)
+at the same batch.
 
     python experiments/max_batch.py [--presets gpt2-xl llama-3.2-3b] [--target h100-sxm]
-        [--seq-len N] [--limit 1024]
+        [--seq-len N] [--limit 1024] [--whole-loss]
 
 Writes experiments/results/max_batch.json and max_batch.png.
 """
@@ -31,8 +38,9 @@ import time
 from typing import Any
 
 from common import RESULTS, git_revision, write_results
-from planner.estimate import (OPTIMIZER_STATE_VALUE, estimated_graph, largest_fitting, optimizer_state_bytes,
-                              usable_bytes, with_resident_bytes)
+from planner.chunked_loss import chunk_linear_cross_entropy
+from planner.estimate import (OPTIMIZER_STATE_VALUE, largest_fitting, optimizer_state_bytes, traced_step,
+                              usable_bytes, walked_graph, with_resident_bytes)
 from planner.presets import preset
 from solvers.errors import InfeasibleBudgetError
 from solvers.graph import Graph
@@ -43,8 +51,8 @@ from solvers.targets import device_target
 
 log = logging.getLogger("max_batch")
 
-METHODS = ("plain", "every_block", "memsched <= every_block", "memsched <= 10 %", "memsched any",
-           "memsched + offload")
+METHODS = ("plain", "every_block", "every_block + chunked loss", "memsched <= every_block", "memsched <= 10 %",
+           "memsched any", "memsched + offload")
 
 
 def _nominal(graph: Graph) -> Graph:
@@ -55,12 +63,20 @@ def _nominal(graph: Graph) -> Graph:
 class Probe:
     """One batch size: its graph, then each method's verdict (fits, overhead, peak)."""
 
-    def __init__(self, name: str, batch_size: int, seq_len: int, target_name: str) -> None:
+    def __init__(self, name: str, batch_size: int, seq_len: int, target_name: str, chunked: bool) -> None:
         started = time.perf_counter()
         model, inputs, kwargs = preset(name).build(batch_size, seq_len)
-        _, graph = estimated_graph(model, inputs, target=target_name, example_kwargs=kwargs, autocast="bf16",
-                                   release_outputs=True, progress=False)
-        self.graph = with_resident_bytes(graph, OPTIMIZER_STATE_VALUE, optimizer_state_bytes(model, "adamw"))
+        step = traced_step(model, inputs, target=target_name, example_kwargs=kwargs, autocast="bf16")
+        state_bytes = optimizer_state_bytes(model, "adamw")
+
+        def walked() -> Graph:
+            graph = walked_graph(step, model, inputs, target=target_name, example_kwargs=kwargs, release_outputs=True)
+            return with_resident_bytes(graph, OPTIMIZER_STATE_VALUE, state_bytes)
+        self.graph = walked()
+        self.chunked_graph = self.graph
+        if chunked:
+            chunk_linear_cross_entropy(step)
+            self.chunked_graph = walked()
         self.usable_bytes = usable_bytes(device_target(target_name))
         self.trace_s = time.perf_counter() - started
         self.verdicts: dict[str, dict[str, Any]] = {}
@@ -72,18 +88,36 @@ class Probe:
         return self.verdicts[key]
 
     def _solve(self, method: str, every_block_overhead: float | None) -> dict[str, Any]:
+        """``method``'s verdict on the graphs it may plan (module docstring): the first that fits."""
         started = time.perf_counter()
-        graph = self.graph if method == "memsched + offload" else _nominal(self.graph)
-        solver = {"plain": "none", "every_block": "every_block"}.get(method, "auto")
-        try:
-            plan = solve(graph, self.usable_bytes, solver)
-        except InfeasibleBudgetError as error:
-            return {"fits": False, "why": str(error).splitlines()[0], "solve_s": time.perf_counter() - started}
+        if method in ("plain", "every_block"):
+            graphs = {"whole": self.graph}
+        elif method == "every_block + chunked loss":
+            graphs = {"chunked": self.chunked_graph}
+        elif method in ("memsched <= every_block", "memsched <= 10 %"):
+            graphs = {"chunked": self.chunked_graph, "whole": self.graph}
+        else:
+            graphs = {"chunked": self.chunked_graph}
+        solver = {"plain": "none", "every_block": "every_block", "every_block + chunked loss": "every_block"}.get(
+            method, "auto")
         limit = {"memsched <= 10 %": 0.10, "memsched <= every_block": every_block_overhead}.get(method)
-        fits = simulate(graph, plan).peak_bytes <= self.usable_bytes and (limit is None or plan.overhead <= limit + 1e-9)
-        return {"fits": fits, "overhead": plan.overhead, "peak_bytes": plan.predicted_peak_bytes,
-                "solver": plan.solver, "offloads": sum(step.kind is StepKind.OFFLOAD for step in plan.forward),
-                "solve_s": time.perf_counter() - started}
+        verdicts = []
+        for loss, graph in graphs.items():
+            graph = graph if method == "memsched + offload" else _nominal(graph)
+            try:
+                plan = solve(graph, self.usable_bytes, solver)
+            except InfeasibleBudgetError as error:
+                verdicts.append({"fits": False, "why": str(error).splitlines()[0], "loss": loss})
+                continue
+            overhead = plan.predicted_time_ms / self.graph.total_time_ms - 1.0     # against the whole-loss step
+            fits = (simulate(graph, plan).peak_bytes <= self.usable_bytes
+                    and (limit is None or overhead <= limit + 1e-9))
+            verdicts.append({"fits": fits, "overhead": overhead, "peak_bytes": plan.predicted_peak_bytes,
+                             "solver": plan.solver, "loss": loss,
+                             "offloads": sum(step.kind is StepKind.OFFLOAD for step in plan.forward)})
+            if fits:
+                break
+        return {**verdicts[-1 if verdicts[-1]["fits"] else 0], "solve_s": time.perf_counter() - started}
 
 
 def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -92,7 +126,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def probe(batch_size: int) -> Probe:
         if batch_size not in probes:
-            probes[batch_size] = Probe(name, batch_size, seq_len, args.target)
+            probes[batch_size] = Probe(name, batch_size, seq_len, args.target, chunked=not args.whole_loss)
             log.info("%s batch %d: %d ops, traced in %.0f s", name, batch_size, len(probes[batch_size].graph.ops),
                      probes[batch_size].trace_s)
         return probes[batch_size]
@@ -109,6 +143,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
                            "overhead": verdict["overhead"] if verdict else None,
                            "peak_bytes": verdict["peak_bytes"] if verdict else None,
                            "offloads": verdict["offloads"] if verdict else None,
+                           "loss": verdict["loss"] if verdict else None,
                            "search_s": time.perf_counter() - started}
         log.info("%s %s: batch %d (%d tokens), overhead %s", name, method, batch, batch * seq_len,
                  f"{verdict['overhead']:+.1%}" if verdict else "-")
@@ -141,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="h100-sxm")
     parser.add_argument("--seq-len", type=int, default=None, help="default: each preset's")
     parser.add_argument("--limit", type=int, default=1024, help="largest batch tried")
+    parser.add_argument("--whole-loss", action="store_true", help="plan memsched's methods with the loss as traced")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     results = {"experiment": "max_batch", "git": git_revision(), "target": args.target,
                "target_figures": device_target(args.target).to_json(), "optimizer": "adamw", "autocast": "bf16",
+               "memsched_chunked_loss": not args.whole_loss,
                "command": " ".join(["python", "experiments/max_batch.py",
                                     *(argv if argv is not None else sys.argv[1:])]),
                "presets": [run_preset(name, args) for name in args.presets]}

@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 
 from planner.budget import parse_budget, resolve_budget
 from planner.capture import CapturedStep, capture, input_signature
+from planner.chunked_loss import chunk_linear_cross_entropy, chunk_rows_option
 from planner.errors import OptionError
 from planner.profile import profile, with_released_outputs
 from planner.reuse import ProfileReuse
@@ -37,7 +38,8 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
              target: str | None = None, stages: int | None = None, microbatches: int = 1,
              schedule: str = "1f1b", loss_fn: Callable[..., torch.Tensor] | None = None,
              backward_from: str = "auto", release_outputs: bool = False, on_new_shape: str = "plan",
-             plan_cache_size: int = 8, compile: bool = False) -> "OptimizedModule | PipelinedModel":
+             plan_cache_size: int = 8, compile: bool = False,
+             chunked_loss: bool | int = False) -> "OptimizedModule | PipelinedModel":
     """Return ``model`` wrapped so that one training step (forward + backward) peaks at
     most at ``budget`` with the same gradients, at the least extra time the solver finds.
 
@@ -81,6 +83,11 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             for a lower budget while it is over (`planner.compiled`);
             `CompiledBudgetError` if no plan fits. With ``target=`` (offloading) it needs
             a CUDA model: on a CPU the host copies cannot be told apart from the step.
+        chunked_loss: run the last linear layer and its cross-entropy a chunk of rows at a
+            time (``True``, or the rows per chunk), so that no tensor the size of the
+            logits is alive (`planner.chunked_loss`): a language model's loss then costs
+            one chunk's memory, for one more matmul of the logits. Loss and gradients equal
+            eager's to rounding, not bitwise (the sums over rows are taken in chunks).
 
     Raises:
         UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError,
@@ -90,9 +97,9 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
     if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     if stages is not None:
-        if example_kwargs or target is not None or compile:
-            raise OptionError("optimize(..., stages=K) takes positional tensor inputs, no target= profile and no "
-                              "compile=True")
+        if example_kwargs or target is not None or compile or chunked_loss:
+            raise OptionError("optimize(..., stages=K) takes positional tensor inputs, no target= profile, no "
+                              "compile=True and no chunked_loss")
         from planner.pipeline import optimize_pipeline
         return optimize_pipeline(model, budget, example_inputs, stages=stages, microbatches=microbatches,
                                  schedule=schedule, loss_fn=loss_fn, solver=solver, plan=plan, repeats=repeats,
@@ -109,9 +116,11 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
     if plan_cache_size < 1:
         raise OptionError(f"plan_cache_size={plan_cache_size}; keep at least 1 plan")
     parse_budget(budget)                                  # a bad budget fails before any tracing
+    chunk_rows_option(chunked_loss)
     planner = _StepPlanner(budget=budget, solver=solver, repeats=repeats, solver_options=dict(solver_options or {}),
                            progress=progress, transfer=TARGETS[target] if target is not None else None,
-                           backward_from=backward_from, release_outputs=release_outputs, compile=compile)
+                           backward_from=backward_from, release_outputs=release_outputs, compile=compile,
+                           chunked_loss=chunked_loss)
     loaded = None
     if plan is not None:
         loaded = plan if isinstance(plan, Plan) else Plan.load(os.fspath(plan))
@@ -138,6 +147,7 @@ class _StepPlanner:
     backward_from: str
     release_outputs: bool
     compile: bool = False
+    chunked_loss: bool | int = False
     reuse: ProfileReuse | None = None            # the first step's real profile, for later signatures
 
     def plan(self, model: torch.nn.Module, inputs: Sequence[Any], kwargs: Mapping[str, Any] | None,
@@ -150,6 +160,8 @@ class _StepPlanner:
         plan) as a warm start (`solvers.portfolio.solve`)."""
         started = time.perf_counter()
         step = capture(model, inputs, kwargs, backward_from=self.backward_from)
+        if self.chunked_loss is not False:
+            chunk_linear_cross_entropy(step, chunk_rows_option(self.chunked_loss))
         if self.reuse is not None:
             graph = self.reuse.graph_for(step, model, inputs, kwargs, self.progress)
         else:

@@ -36,9 +36,11 @@ from torch.overrides import TorchFunctionMode
 
 from planner.budget import parse_budget, resolve_budget
 from planner.capture import CapturedStep, capture, fake_tensor
+from planner.chunked_loss import chunk_linear_cross_entropy, chunk_rows_option
 from planner.errors import OptionError
 from planner.profile import FakeGraphBuilder, assemble_graph, rng_state_bytes, step_arguments, with_released_outputs
 from planner.roofline import op_time_ms
+from runtime.chunked_loss import BACKWARD as CHUNKED_BACKWARD, FORWARD as CHUNKED_FORWARD, chunk_scratch_bytes
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph, Transfer, Value, ValueKind
 from solvers.plan import Plan
@@ -108,23 +110,25 @@ def estimate(model: torch.nn.Module, budget: int | float | str, example_inputs: 
              target: str | DeviceTarget, example_kwargs: Mapping[str, Any] | None = None,
              optimizer: str | None = None, autocast: str | torch.dtype | None = None, solver: str = "auto",
              solver_options: Mapping[str, Any] | None = None, backward_from: str = "auto",
-             release_outputs: bool = False, progress: bool | None = None) -> Plan:
+             release_outputs: bool = False, chunked_loss: bool | int = False, progress: bool | None = None) -> Plan:
     """A plan for ``model``'s training step on ``target``, made without running it
     (module docstring). ``budget`` is as `optimize`'s, or ``"device"``: the target's
     memory less `DEVICE_RESERVE_BYTES`. ``optimizer`` (``"adamw"``, ``"adam"``,
     ``"sgd-momentum"``, ``"sgd"`` or None) adds its state to the resident memory;
-    ``autocast`` (``"bf16"``/``"fp16"``) traces the step under autocast.
-    `estimate_step` returns the breakdown beside the plan."""
+    ``autocast`` (``"bf16"``/``"fp16"``) traces the step under autocast; ``chunked_loss``
+    is `planner.optimize`'s. `estimate_step` returns the breakdown beside the plan."""
     return estimate_step(model, budget, example_inputs, target=target, example_kwargs=example_kwargs,
                          optimizer=optimizer, autocast=autocast, solver=solver, solver_options=solver_options,
-                         backward_from=backward_from, release_outputs=release_outputs, progress=progress).plan
+                         backward_from=backward_from, release_outputs=release_outputs, chunked_loss=chunked_loss,
+                         progress=progress).plan
 
 
 def estimate_step(model: torch.nn.Module, budget: int | float | str, example_inputs: Sequence[Any] | Any, *,
                   target: str | DeviceTarget, example_kwargs: Mapping[str, Any] | None = None,
                   optimizer: str | None = None, autocast: str | torch.dtype | None = None, solver: str = "auto",
                   solver_options: Mapping[str, Any] | None = None, backward_from: str = "auto",
-                  release_outputs: bool = False, progress: bool | None = None) -> Estimate:
+                  release_outputs: bool = False, chunked_loss: bool | int = False,
+                  progress: bool | None = None) -> Estimate:
     """`estimate`, with the graph, the memory breakdown and whether it fits."""
     started = time.perf_counter()
     device = device_target(target)
@@ -133,9 +137,10 @@ def estimate_step(model: torch.nn.Module, budget: int | float | str, example_inp
                           f"{', '.join(repr(k) for k in OPTIMIZER_STATE_BYTES_PER_PARAMETER if k)} or None")
     if budget != "device":
         parse_budget(budget)                                   # a bad budget fails before tracing
+    chunk_rows_option(chunked_loss)
     _, graph = estimated_graph(model, example_inputs, target=device, example_kwargs=example_kwargs,
                                autocast=autocast, backward_from=backward_from, release_outputs=release_outputs,
-                               progress=progress)
+                               chunked_loss=chunked_loss, progress=progress)
     state_bytes = optimizer_state_bytes(model, optimizer)
     if state_bytes:
         graph = with_resident_bytes(graph, OPTIMIZER_STATE_VALUE, state_bytes)
@@ -155,18 +160,36 @@ def estimate_step(model: torch.nn.Module, budget: int | float | str, example_inp
 
 def estimated_graph(model: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, target: str | DeviceTarget,
                     example_kwargs: Mapping[str, Any] | None = None, autocast: str | torch.dtype | None = None,
-                    backward_from: str = "auto", release_outputs: bool = False,
+                    backward_from: str = "auto", release_outputs: bool = False, chunked_loss: bool | int = False,
                     progress: bool | None = None) -> tuple[CapturedStep, Graph]:
     """The captured step and its `Graph` with roofline times for ``target``, from fake
-    tensors only: no parameter, activation or input memory is allocated."""
+    tensors only: no parameter, activation or input memory is allocated. ``chunked_loss``
+    is `planner.optimize`'s (`planner.chunked_loss`)."""
+    step = traced_step(model, example_inputs, target=target, example_kwargs=example_kwargs, autocast=autocast,
+                       backward_from=backward_from, progress=progress)
+    if chunked_loss is not False:
+        chunk_linear_cross_entropy(step, chunk_rows_option(chunked_loss))
+    return step, walked_graph(step, model, example_inputs, target=target, example_kwargs=example_kwargs,
+                              release_outputs=release_outputs, progress=progress)
+
+
+def traced_step(model: torch.nn.Module, example_inputs: Sequence[Any] | Any, *, target: str | DeviceTarget,
+                example_kwargs: Mapping[str, Any] | None = None, autocast: str | torch.dtype | None = None,
+                backward_from: str = "auto", progress: bool | None = None) -> CapturedStep:
+    """``model``'s step captured on fake tensors as it runs on ``target`` (`estimated_graph`'s first half)."""
     device = device_target(target)
-    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
     attention = _FusedAttentionDropout() if device.device_type == "cuda" else contextlib.nullcontext()
     with _autocast(autocast), attention, _phase(progress, f"memsched: tracing {type(model).__name__} on fake tensors"):
-        step = capture(model, example_inputs, example_kwargs, backward_from=backward_from)
+        return capture(model, _as_tuple(example_inputs), example_kwargs, backward_from=backward_from)
+
+
+def walked_graph(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence[Any] | Any, *,
+                 target: str | DeviceTarget, example_kwargs: Mapping[str, Any] | None = None,
+                 release_outputs: bool = False, progress: bool | None = None) -> Graph:
+    """``step``'s `Graph`, walked on fake tensors with roofline times (`estimated_graph`'s second half)."""
+    device = device_target(target)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    arguments = _fake_arguments(step, model, example_inputs, example_kwargs, fake_mode)
+    arguments = _fake_arguments(step, model, _as_tuple(example_inputs), example_kwargs, fake_mode)
     walk = _RooflineWalk(step, device)
     with fake_mode, torch.enable_grad():
         walk.run(arguments, progress)
@@ -176,7 +199,13 @@ def estimated_graph(model: torch.nn.Module, example_inputs: Sequence[Any] | Any,
                            rng_state_bytes=rng_state_bytes(torch.device(device.device_type)))
     if release_outputs:
         graph = with_released_outputs(graph, step)
-    return step, graph
+    return graph
+
+
+def _as_tuple(example_inputs: Sequence[Any] | Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor) or not isinstance(example_inputs, (tuple, list)):
+        return (example_inputs,)
+    return tuple(example_inputs)
 
 
 def optimizer_state_bytes(model: torch.nn.Module, optimizer: str | None) -> int:
@@ -215,7 +244,8 @@ class _RooflineWalk(FakeGraphBuilder):
 
     def _timed(self, name: str, target: Any, args: tuple, kwargs: dict) -> tuple[Any, float, int]:
         result = target(*args, **kwargs)
-        return result, op_time_ms(target, args, kwargs, result, self.target_device), 0
+        scratch_bytes = chunk_scratch_bytes(target, args) if target in (CHUNKED_FORWARD, CHUNKED_BACKWARD) else 0
+        return result, op_time_ms(target, args, kwargs, result, self.target_device), scratch_bytes
 
 
 def _fake_arguments(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence[Any],

@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils import flop_counter
 
+from runtime import chunked_loss
 from solvers.targets import DeviceTarget
 
 aten = torch.ops.aten
@@ -43,6 +44,8 @@ _CPU_ATTENTION = {
 def op_flops(target: Any, args: tuple, kwargs: dict, result: Any) -> int:
     """Floating-point operations of one call (a multiply-add is 2); 0 for ops that only
     move data."""
+    if target in (chunked_loss.FORWARD, chunked_loss.BACKWARD):
+        return chunked_loss.chunk_flops(target, args)
     if target in _CPU_ATTENTION:
         return int(_CPU_ATTENTION[target](args))
     packet = getattr(target, "overloadpacket", None)
@@ -71,6 +74,8 @@ def op_time_ms(target: Any, args: tuple, kwargs: dict, result: Any, device: Devi
     """The roofline time of one call on ``device`` (module docstring)."""
     if is_view(target):
         return 0.0
+    if target in (chunked_loss.FORWARD, chunked_loss.BACKWARD):
+        return _chunked_loss_time_ms(target, args, device)
     flops = op_flops(target, args, kwargs, result)
     compute_ms = 0.0
     if flops:
@@ -82,6 +87,18 @@ def op_time_ms(target: Any, args: tuple, kwargs: dict, result: Any, device: Devi
             compute_ms = flops / (peak * device.compute_efficiency) * 1e3
     memory_ms = bytes_moved(args, kwargs, result) / (device.memory_bytes_per_s * device.memory_efficiency) * 1e3
     return device.launch_ms + max(compute_ms, memory_ms)
+
+
+def _chunked_loss_time_ms(target: Any, args: tuple, device: DeviceTarget) -> float:
+    """A chunked loss call runs its kernels one after another, each chunk's matmuls
+    (compute-bound) then its upcast, log-softmax and loss (memory-bound): the sum of its
+    compute and memory times, and one launch per kernel."""
+    hidden = args[0] if target is chunked_loss.FORWARD else args[1]
+    peak = device.flops_for(_dtype_name(hidden.dtype)) or device.flops_for("float32")
+    compute_ms = chunked_loss.chunk_flops(target, args) / (peak * device.compute_efficiency) * 1e3 if peak else 0.0
+    memory_ms = (chunked_loss.chunk_bytes_moved(target, args)
+                 / (device.memory_bytes_per_s * device.memory_efficiency) * 1e3)
+    return chunked_loss.chunk_kernels(target, args) * device.launch_ms + compute_ms + memory_ms
 
 
 def measure_cpu_target(*, matmul_size: int = 1024, copy_bytes: int = 64 * 2**20, repeats: int = 5) -> DeviceTarget:
