@@ -24,6 +24,12 @@ Methods, all on the same parameters in one process:
                            0.9 of the plain step's measured peak, and one at the measured
                            peak of each checkpointing method, and one per --fractions
                            share of the step's activation memory (`planner.budget`)
+    memsched+chunked loss  with --chunked-loss, on the language models: the step with its
+                           head and cross-entropy chunked (`planner.chunked_loss`), planned
+                           at its own floor, at the checkpointing methods' peaks, at the
+                           --fractions budgets above (the same bytes) and at --budgets
+                           points between its floor and memsched's; its overheads are
+                           against the plain step as every other's
 
 Peaks are measured from the allocator's events (`planner.memory.measure_allocator_peak`;
 parameters, buffers, inputs and gradients included), after one warm-up step that also
@@ -32,7 +38,8 @@ of steps run round-robin (`planner.benchmark.step_times_ms`); overheads are rati
 plain step of the same rounds.
 
     python experiments/real_models.py [--models gpt2 bert llama vit resnet50] [--repeats 3]
-        [--budgets 6] [--fractions 0.2 0.3] [--compile] [--small] [--threads 2] [--keep-freed-memory]
+        [--budgets 6] [--fractions 0.2 0.3] [--compile] [--chunked-loss] [--small] [--threads 2]
+        [--keep-freed-memory]
 
 Writes experiments/results/real_models.json (real_models_small.json with --small), one
 entry per model, replacing the entries of the models run and keeping the others (each
@@ -61,6 +68,8 @@ from common import RESULTS, device_description, git_revision, label_axis, write_
 from planner.benchmark import step_times_ms
 from planner.budget import resolve_budget
 from planner.capture import capture
+from planner.chunked_loss import chunk_linear_cross_entropy
+from planner.errors import OptionError
 from planner.memory import measure_allocator_peak
 from planner.profile import profile, with_released_outputs
 from runtime.module import ScheduledModule
@@ -413,10 +422,18 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             label += f" [{index}]"
         solve_wall_s[label] = {"solve_s": solved_s, "build_s": build_s}
         methods.append(Method(label, partial(train_step, scheduled, batch), plan, budget, source))
+    chunked = {}
+    if args.chunked_loss:
+        chunked = chunked_loss_methods(model, batch, graph, floor_bytes, methods, targets, skipped)
+        solve_wall_s.update({label: times for label, (_, times) in chunked.items()})
+        methods += [method for method, _ in chunked.values()]
     for method in methods:
         if method.plan is not None:
             measure(model, resident, buffers, reference, method)
             method.row.update(solve_wall_s[method.name])
+            if method.name in chunked:
+                method.row.update(chunked_loss=True,
+                                  predicted_overhead=method.plan.predicted_time_ms / graph.total_time_ms - 1)
 
     log.info("  timing %d methods round-robin, %d repeats", len(methods), args.repeats)
 
@@ -459,6 +476,44 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def chunked_loss_methods(model: torch.nn.Module, batch: dict[str, torch.Tensor], graph: Any, floor_bytes: int,
+                         methods: list[Method], targets: list[tuple[int, str]],
+                         skipped: dict[str, str]) -> dict[str, tuple[Method, dict[str, float]]]:
+    """memsched with the loss chunked (module docstring): its methods by label, each with its
+    solve and build times. A model whose step has no linear + cross-entropy region is
+    noted in ``skipped``."""
+    step = capture(model, (), batch)
+    try:
+        chunk_linear_cross_entropy(step)
+    except OptionError as error:
+        skipped["memsched+chunked loss"] = str(error)
+        return {}
+    chunked_graph = with_released_outputs(profile(step, model, (), batch, progress=False), step)
+    chunked_floor, _, _ = solvers_floor(chunked_graph)
+    log.info("  memsched+chunked loss: floor %.2f MiB", chunked_floor / MiB)
+    budgets = [(chunked_floor, "floor")]
+    budgets += [(budget, source) for budget, source in targets if source != "sweep"]
+    budgets += [(chunked_floor + (floor_bytes - chunked_floor) * share // 3, "sweep") for share in (1, 2)
+                if floor_bytes > chunked_floor]
+    found: dict[str, tuple[Method, dict[str, float]]] = {}
+    for budget, source in budgets:
+        started = time.perf_counter()
+        try:
+            plan = solve(chunked_graph, budget, "auto")
+        except InfeasibleBudgetError as error:
+            log.info("  memsched+chunked loss at %.2f MiB (%s): infeasible: %s", budget / MiB, source,
+                     str(error).splitlines()[0])
+            continue
+        solved_s = time.perf_counter() - started
+        scheduled = ScheduledModule(model, step, chunked_graph, plan)
+        label = f"memsched+chunked loss @ {budget / MiB:.2f} MiB" + (
+            "" if source == "sweep" else f" ({source})" if source in ("floor",) or source.endswith("of activations")
+            else f" (= {source} peak)")
+        found[label] = (Method(label, partial(train_step, scheduled, batch), plan, budget, source),
+                        {"solve_s": solved_s, "build_s": time.perf_counter() - started - solved_s})
+    return found
+
+
 def _transformers_version() -> str:
     import transformers
     return transformers.__version__
@@ -474,15 +529,20 @@ def plot(results: dict[str, Any], stem: str) -> None:
     markers = {"plain": "o", "hf-checkpointing": "s", "torch-checkpoint": "D", "compile-0.5": "^", "compile-0.1": "v"}
     for name, entry in results["models"].items():
         figure, axis = plt.subplots(figsize=(6, 4))
-        sweep = sorted((r for r in entry["rows"] if r.get("budget_source") == "sweep"),
+        sweep = sorted((r for r in entry["rows"] if r.get("budget_source") == "sweep" and not r.get("chunked_loss")),
                        key=lambda r: r["measured_peak_bytes"])
+        chunked = sorted((r for r in entry["rows"] if r.get("chunked_loss")), key=lambda r: r["measured_peak_bytes"])
+        if chunked:
+            axis.plot([r["measured_peak_bytes"] / MiB for r in chunked],
+                      [100 * r["measured_overhead"] for r in chunked], marker="P", color="C2",
+                      label="memsched, loss chunked")
         axis.plot([r["measured_peak_bytes"] / MiB for r in sweep], [100 * r["measured_overhead"] for r in sweep],
                   marker=".", color="C3", label="memsched (budget sweep)")
         axis.plot([r["measured_peak_bytes"] / MiB for r in sweep], [100 * r["predicted_overhead"] for r in sweep],
                   linestyle="--", color="C3", alpha=0.5, label="memsched, predicted overhead")
         for row in entry["rows"]:
             x, y = row["measured_peak_bytes"] / MiB, 100 * row["measured_overhead"]
-            if row.get("budget_source") == "sweep":
+            if row.get("budget_source") == "sweep" or row.get("chunked_loss"):
                 continue
             if "budget_bytes" in row:
                 axis.plot(x, y, marker="*", markersize=11, color="C3", linestyle="none")
@@ -543,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.2, 0.3],
                         help="also plan at these shares of the step's activation memory (memsched's fraction budgets)")
     parser.add_argument("--compile", action="store_true", help="also run torch.compile (slow on CPU)")
+    parser.add_argument("--chunked-loss", action="store_true",
+                        help="also plan the language models with their loss chunked (planner.chunked_loss)")
     parser.add_argument("--small", action="store_true", help="tiny configs, for a smoke run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep-freed-memory", action="store_true",

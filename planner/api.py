@@ -87,7 +87,9 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             time (``True``, or the rows per chunk), so that no tensor the size of the
             logits is alive (`planner.chunked_loss`): a language model's loss then costs
             one chunk's memory, for one more matmul of the logits. Loss and gradients equal
-            eager's to rounding, not bitwise (the sums over rows are taken in chunks).
+            eager's to rounding, not bitwise (the sums over rows are taken in chunks). The
+            model returns None for its logits (as Liger-Kernel's fused loss does), and a
+            fractional budget is of the chunked step's activations.
 
     Raises:
         UnsupportedModelError, InfeasibleBudgetError, PlanMismatchError, BudgetError,

@@ -116,7 +116,9 @@ def estimate(model: torch.nn.Module, budget: int | float | str, example_inputs: 
     memory less `DEVICE_RESERVE_BYTES`. ``optimizer`` (``"adamw"``, ``"adam"``,
     ``"sgd-momentum"``, ``"sgd"`` or None) adds its state to the resident memory;
     ``autocast`` (``"bf16"``/``"fp16"``) traces the step under autocast; ``chunked_loss``
-    is `planner.optimize`'s. `estimate_step` returns the breakdown beside the plan."""
+    is `planner.optimize`'s (the plan's overhead is then over keeping all of the chunked
+    step, which computes the logits' matmul once more than eager). `estimate_step`
+    returns the breakdown beside the plan."""
     return estimate_step(model, budget, example_inputs, target=target, example_kwargs=example_kwargs,
                          optimizer=optimizer, autocast=autocast, solver=solver, solver_options=solver_options,
                          backward_from=backward_from, release_outputs=release_outputs, chunked_loss=chunked_loss,
