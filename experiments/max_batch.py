@@ -13,6 +13,14 @@ step fits the target's memory less `planner.estimate.DEVICE_RESERVE_BYTES`, unde
 * ``memsched any``: recompute only, any overhead;
 * ``memsched + offload``: recompute and offload over the target's host link, any overhead.
 
+Each solve runs in a forked process for at most ``--solve-timeout`` seconds: a step with no
+plan in that time counts as not fitting (refusing a budget on 7,000 ops can take minutes),
+so a method's batch is one for which a plan was found. The bisection stops within
+``--resolution`` of the largest fitting batch; the JSON gives the least failing batch tried
+beside it. ``memsched any`` starts from the largest batch of the memsched methods before it,
+and ``memsched + offload`` from ``memsched any``'s (a plan with offload allowed may offload
+nothing: where the solve with the host link finds no plan, ``memsched any``'s verdict holds).
+
 The memsched methods may also plan the step with its loss chunked (``chunked_loss=True``,
 `planner.chunked_loss`: the logits are never whole), unless ``--whole-loss``: a method
 with an overhead limit keeps the first of (chunked, as traced) that fits within it; the
@@ -23,7 +31,7 @@ roofline time model, relative to keeping everything of the step as traced (whole
 at the same batch.
 
     python experiments/max_batch.py [--presets gpt2-xl llama-3.2-3b] [--target h100-sxm]
-        [--seq-len N] [--limit 1024] [--whole-loss]
+        [--seq-len N] [--limit 1024] [--whole-loss] [--solve-timeout 120] [--resolution 0.05]
 
 Writes experiments/results/max_batch.json and max_batch.png.
 """
@@ -32,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import multiprocessing
 import sys
 import time
 from typing import Any
@@ -63,7 +73,8 @@ def _nominal(graph: Graph) -> Graph:
 class Probe:
     """One batch size: its graph, then each method's verdict (fits, overhead, peak)."""
 
-    def __init__(self, name: str, batch_size: int, seq_len: int, target_name: str, chunked: bool) -> None:
+    def __init__(self, name: str, batch_size: int, seq_len: int, target_name: str, chunked: bool,
+                 solve_timeout_s: float) -> None:
         started = time.perf_counter()
         model, inputs, kwargs = preset(name).build(batch_size, seq_len)
         step = traced_step(model, inputs, target=target_name, example_kwargs=kwargs, autocast="bf16")
@@ -78,6 +89,7 @@ class Probe:
             chunk_linear_cross_entropy(step)
             self.chunked_graph = walked()
         self.usable_bytes = usable_bytes(device_target(target_name))
+        self.solve_timeout_s = solve_timeout_s
         self.trace_s = time.perf_counter() - started
         self.verdicts: dict[str, dict[str, Any]] = {}
 
@@ -90,6 +102,11 @@ class Probe:
     def _solve(self, method: str, every_block_overhead: float | None) -> dict[str, Any]:
         """``method``'s verdict on the graphs it may plan (module docstring): the first that fits."""
         started = time.perf_counter()
+        if method == "memsched + offload":
+            verdict = self._verdicts_on({"chunked": self.chunked_graph}, method, "auto", None)
+            if not verdict["fits"]:
+                verdict = {**self.verdict("memsched any", every_block_overhead), "offload_solve": verdict}
+            return {**verdict, "solve_s": time.perf_counter() - started}
         if method in ("plain", "every_block"):
             graphs = {"whole": self.graph}
         elif method == "every_block + chunked loss":
@@ -101,23 +118,46 @@ class Probe:
         solver = {"plain": "none", "every_block": "every_block", "every_block + chunked loss": "every_block"}.get(
             method, "auto")
         limit = {"memsched <= 10 %": 0.10, "memsched <= every_block": every_block_overhead}.get(method)
+        verdict = self._verdicts_on({loss: _nominal(graph) for loss, graph in graphs.items()}, method, solver, limit)
+        return {**verdict, "solve_s": time.perf_counter() - started}
+
+    def _verdicts_on(self, graphs: dict[str, Graph], method: str, solver: str, limit: float | None) -> dict[str, Any]:
         verdicts = []
         for loss, graph in graphs.items():
-            graph = graph if method == "memsched + offload" else _nominal(graph)
-            try:
-                plan = solve(graph, self.usable_bytes, solver)
-            except InfeasibleBudgetError as error:
-                verdicts.append({"fits": False, "why": str(error).splitlines()[0], "loss": loss})
-                continue
-            overhead = plan.predicted_time_ms / self.graph.total_time_ms - 1.0     # against the whole-loss step
-            fits = (simulate(graph, plan).peak_bytes <= self.usable_bytes
-                    and (limit is None or overhead <= limit + 1e-9))
-            verdicts.append({"fits": fits, "overhead": overhead, "peak_bytes": plan.predicted_peak_bytes,
-                             "solver": plan.solver, "loss": loss,
-                             "offloads": sum(step.kind is StepKind.OFFLOAD for step in plan.forward)})
-            if fits:
+            verdicts.append({**_solve_within(graph, self.usable_bytes, solver, self.graph.total_time_ms, limit,
+                                             self.solve_timeout_s), "loss": loss})
+            if verdicts[-1]["fits"]:
                 break
-        return {**verdicts[-1 if verdicts[-1]["fits"] else 0], "solve_s": time.perf_counter() - started}
+        return verdicts[-1 if verdicts[-1]["fits"] else 0]
+
+
+def _solve_within(graph: Graph, budget_bytes: int, solver: str, plain_time_ms: float, limit: float | None,
+                  timeout_s: float) -> dict[str, Any]:
+    """The verdict of one solve, run in a forked process for at most ``timeout_s``: fits
+    (peak within the budget, overhead within ``limit`` against ``plain_time_ms``),
+    overhead, peak, solver and offloads; without a plan in time, it does not fit."""
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            plan = solve(graph, budget_bytes, solver)
+        except InfeasibleBudgetError as error:
+            sender.send({"fits": False, "why": str(error).splitlines()[0]})
+            return
+        overhead = plan.predicted_time_ms / plain_time_ms - 1.0
+        sender.send({"fits": simulate(graph, plan).peak_bytes <= budget_bytes
+                     and (limit is None or overhead <= limit + 1e-9),
+                     "overhead": overhead, "peak_bytes": plan.predicted_peak_bytes, "solver": plan.solver,
+                     "offloads": sum(step.kind is StepKind.OFFLOAD for step in plan.forward)})
+
+    process = context.Process(target=child, daemon=True)
+    process.start()
+    sender.close()
+    verdict = receiver.recv() if receiver.poll(timeout_s) else None
+    process.kill()
+    process.join()
+    return verdict if verdict is not None else {"fits": False, "why": f"no plan within {timeout_s:.0f} s of solving"}
 
 
 def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -126,7 +166,8 @@ def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     def probe(batch_size: int) -> Probe:
         if batch_size not in probes:
-            probes[batch_size] = Probe(name, batch_size, seq_len, args.target, chunked=not args.whole_loss)
+            probes[batch_size] = Probe(name, batch_size, seq_len, args.target, chunked=not args.whole_loss,
+                                       solve_timeout_s=args.solve_timeout)
             log.info("%s batch %d: %d ops, traced in %.0f s", name, batch_size, len(probes[batch_size].graph.ops),
                      probes[batch_size].trace_s)
         return probes[batch_size]
@@ -135,8 +176,17 @@ def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     every_block_overhead = None
     for method in METHODS:
         started = time.perf_counter()
-        batch = largest_fitting(lambda b: probe(b).verdict(method, every_block_overhead)["fits"], args.limit)
+        known = 0
+        if method == "memsched any":
+            known = max(results[m]["batch_size"] for m in ("every_block + chunked loss", "memsched <= every_block",
+                                                           "memsched <= 10 %"))
+        elif method == "memsched + offload":
+            known = results["memsched any"]["batch_size"]
+        batch = largest_fitting(lambda b: probe(b).verdict(method, every_block_overhead)["fits"], args.limit,
+                                known_fitting=known, relative_gap=args.resolution)
         verdict = probe(batch).verdict(method, every_block_overhead) if batch else None
+        key = f"{method}@{every_block_overhead}"
+        failing = [b for b, p in probes.items() if key in p.verdicts and not p.verdicts[key]["fits"]]
         if method == "every_block" and verdict:
             every_block_overhead = verdict["overhead"]
         results[method] = {"batch_size": batch, "tokens_per_step": batch * seq_len,
@@ -144,6 +194,7 @@ def run_preset(name: str, args: argparse.Namespace) -> dict[str, Any]:
                            "peak_bytes": verdict["peak_bytes"] if verdict else None,
                            "offloads": verdict["offloads"] if verdict else None,
                            "loss": verdict["loss"] if verdict else None,
+                           "least_failing_batch": min(failing, default=None),
                            "search_s": time.perf_counter() - started}
         log.info("%s %s: batch %d (%d tokens), overhead %s", name, method, batch, batch * seq_len,
                  f"{verdict['overhead']:+.1%}" if verdict else "-")
@@ -177,15 +228,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="default: each preset's")
     parser.add_argument("--limit", type=int, default=1024, help="largest batch tried")
     parser.add_argument("--whole-loss", action="store_true", help="plan memsched's methods with the loss as traced")
+    parser.add_argument("--solve-timeout", type=float, default=120, help="seconds per solve (module docstring)")
+    parser.add_argument("--resolution", type=float, default=0.05,
+                        help="stop bisecting within this fraction of the largest fitting batch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    results = {"experiment": "max_batch", "git": git_revision(), "target": args.target,
-               "target_figures": device_target(args.target).to_json(), "optimizer": "adamw", "autocast": "bf16",
-               "memsched_chunked_loss": not args.whole_loss,
-               "command": " ".join(["python", "experiments/max_batch.py",
-                                    *(argv if argv is not None else sys.argv[1:])]),
-               "presets": [run_preset(name, args) for name in args.presets]}
-    write_results("max_batch", results, plot)
+    command = " ".join(["python", "experiments/max_batch.py", *(argv if argv is not None else sys.argv[1:])])
+    revision = git_revision()
+    for name in args.presets:
+        entry = {**run_preset(name, args), "command": command, "git": revision, "target": args.target,
+                 "memsched_chunked_loss": not args.whole_loss}
+        # each preset's entry replaces its earlier one and keeps the others (presets may run apart)
+        path = RESULTS / "max_batch.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        presets = [p for p in results.get("presets", []) if p["preset"] != name] + [entry]
+        results = {"experiment": "max_batch", "target": args.target,
+                   "target_figures": device_target(args.target).to_json(), "optimizer": "adamw", "autocast": "bf16",
+                   "presets": sorted(presets, key=lambda p: p["preset"])}
+        write_results("max_batch", results, plot)
     return 0
 
 

@@ -7,6 +7,7 @@ Each model is built from its transformers config (random weights, no download, d
 in transformers' Trainer; memsched plans with ``release_outputs=True``):
 
     gpt2      GPT2LMHeadModel (124 M)                 input_ids, labels [2, 256]
+    gpt2-2k   the same at [4, 512], where the loss sets the floor (not in the default list)
     bert      BertForMaskedLM (110 M)                 input_ids, labels [2, 256]
     llama     LlamaForCausalLM, 12 x 768, GQA 12/4    input_ids, labels [2, 256]
     vit       ViTForImageClassification (ViT-B/16)    pixel_values [4, 3, 224, 224], labels [4]
@@ -113,14 +114,19 @@ def _image_batch(num_labels: int, batch: int, size: int) -> dict[str, torch.Tens
             "labels": torch.randint(0, num_labels, (batch,), generator=generator)}
 
 
-def build_gpt2(small: bool) -> Workload:
+def build_gpt2(small: bool, batch_size: int = 2, tokens: int = 256) -> Workload:
     from transformers import GPT2Config, GPT2LMHeadModel
     sizes = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64) if small else {}
     config = GPT2Config(resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, use_cache=False, **sizes)
     model = GPT2LMHeadModel(config)
-    tokens = 32 if small else 256
-    return Workload(model, _token_batch(config.vocab_size, 2, tokens), list(model.transformer.h),
-                    f"GPT2LMHeadModel {config.n_layer} x {config.n_embd}, batch 2 x {tokens} tokens")
+    tokens = 32 if small else tokens
+    return Workload(model, _token_batch(config.vocab_size, batch_size, tokens), list(model.transformer.h),
+                    f"GPT2LMHeadModel {config.n_layer} x {config.n_embd}, batch {batch_size} x {tokens} tokens")
+
+
+def build_gpt2_2k(small: bool) -> Workload:
+    """GPT-2 small at 4 x 512 tokens, where the loss's logits-sized tensors set the floor."""
+    return build_gpt2(small, batch_size=4, tokens=512)
 
 
 def build_bert(small: bool) -> Workload:
@@ -172,7 +178,9 @@ def build_resnet50(small: bool) -> Workload:
 
 
 BUILDERS: dict[str, Callable[[bool], Workload]] = {
-    "gpt2": build_gpt2, "bert": build_bert, "llama": build_llama, "vit": build_vit, "resnet50": build_resnet50}
+    "gpt2": build_gpt2, "bert": build_bert, "llama": build_llama, "vit": build_vit, "resnet50": build_resnet50,
+    "gpt2-2k": build_gpt2_2k}
+DEFAULT_MODELS = ["gpt2", "bert", "llama", "vit", "resnet50"]
 
 
 # --------------------------------------------------------------------------- steps and methods
@@ -597,7 +605,7 @@ def keep_freed_memory() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(BUILDERS), default=list(BUILDERS))
+    parser.add_argument("--models", nargs="+", choices=list(BUILDERS), default=DEFAULT_MODELS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budgets", type=int, default=6)
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.2, 0.3],

@@ -344,14 +344,18 @@ def largest_batch(build: Callable[[int], tuple[torch.nn.Module, tuple, dict]], *
     return BatchSearch(batch_size=batch_size, estimate=found.get(batch_size), probes=tuple(probes))
 
 
-def largest_fitting(fits: Callable[[int], bool], limit: int) -> int:
+def largest_fitting(fits: Callable[[int], bool], limit: int, *, known_fitting: int = 0,
+                    relative_gap: float = 0.0) -> int:
     """The largest size in [0, ``limit``] for which ``fits`` holds, assuming it holds up to
-    some size and not above: doubling from 1, then bisection, O(log limit) calls."""
-    low, high = 0, 1                               # low fits (0 trivially), high is the next to try
+    some size and not above: doubling from ``known_fitting`` (a size known to fit; 0: from
+    1), then bisection, O(log limit) calls. With ``relative_gap``, the bisection stops once
+    the largest fitting size and the least failing one are within that fraction of the
+    former: the result is then a size that fits, not necessarily the largest."""
+    low, high = known_fitting, max(1, 2 * known_fitting)   # low fits (0 trivially), high is the next to try
     while high <= limit and fits(high):
         low, high = high, high * 2
     high = min(high, limit + 1)
-    while high - low > 1:
+    while high - low > max(1, int(low * relative_gap)):
         middle = (low + high) // 2
         if fits(middle):
             low = middle
