@@ -213,11 +213,9 @@ def _rewrite(step: CapturedStep, region: _Region, chunk_rows: int | None) -> Non
     _stop_returning(step, region.returned_logits)
     region.grad_hidden.replace_all_uses_with(grad_hidden)
     region.grad_weight.replace_all_uses_with(grad_weight)
-    values = lambda *nodes: [node.meta["val"] if isinstance(node, fx.Node) else node for node in nodes]  # noqa: E731
-    with fake_mode:
-        forward.meta["val"] = chunked_loss_ops.FORWARD(*values(region.hidden, region.weight_t, region.target), *options)
-        backward.meta["val"] = chunked_loss_ops.BACKWARD(*values(grad_loss, region.hidden, region.weight_t, region.target,
-                                                            total_weight), *options)
+    with fake_mode:                              # each new node's value, from its arguments' traced values
+        for node in (forward, backward):
+            node.meta["val"] = node.target(*fx.node.map_arg(node.args, lambda argument: argument.meta["val"]))
     grad_hidden.meta["val"], grad_weight.meta["val"] = backward.meta["val"]
     for new, old, role in ((forward, region.loss, Role.FORWARD), (backward, region.loss_backward, Role.BACKWARD),
                            (grad_hidden, region.grad_hidden, Role.BACKWARD),

@@ -139,8 +139,8 @@ def chunk_scratch_bytes(target, args: tuple) -> int:
     backward's float32 accumulator of the weight's gradient and each chunk's 16-bit product."""
     rows, width, vocabulary, hidden_dtype, logits_dtype, chunk_rows = _shapes(target, args)
     chunk = min(rows, chunk_rows) * vocabulary
-    hidden_size = torch.empty((), dtype=hidden_dtype).element_size()
-    logits_size = torch.empty((), dtype=logits_dtype).element_size()
+    hidden_size = hidden_dtype.itemsize
+    logits_size = logits_dtype.itemsize
     if target is FORWARD:
         return chunk * max(hidden_size + logits_size, 2 * logits_size) + 2 * logits_size   # + the sums
     accumulator = vocabulary * width * (4 + hidden_size) if hidden_size < 4 else 0
@@ -159,8 +159,8 @@ def chunk_bytes_moved(target, args: tuple) -> int:
     """Memory traffic of a call: the operands, and each chunk's logits written and read
     by the upcast, the log-softmax and the loss (forward; twice as many in the backward)."""
     rows, width, vocabulary, hidden_dtype, logits_dtype, _ = _shapes(target, args)
-    hidden_size = torch.empty((), dtype=hidden_dtype).element_size()
-    logits_size = torch.empty((), dtype=logits_dtype).element_size()
+    hidden_size = hidden_dtype.itemsize
+    logits_size = logits_dtype.itemsize
     operands = (rows + vocabulary) * width * hidden_size
     per_pass = rows * vocabulary * (2 * hidden_size + 4 * logits_size)
     return operands + (per_pass if target is FORWARD else 2 * per_pass + vocabulary * width * 8)
