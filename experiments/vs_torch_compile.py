@@ -72,7 +72,7 @@ from planner import zoo  # noqa: E402
 from planner.api import _StepPlanner  # noqa: E402
 from planner.benchmark import step_times_ms, training_loss  # noqa: E402
 from planner.capture import capture  # noqa: E402
-from planner.compiled import fit_compiled  # noqa: E402
+from planner.compiled import decompose_for_inductor, fit_compiled, with_compiled_costs  # noqa: E402
 from planner.memory import measure_allocator_peak  # noqa: E402
 from planner.profile import profile, with_released_outputs  # noqa: E402
 from real_models import build_gpt2, inductor_at_budget, solvers_floor, sweep_budgets  # noqa: E402
@@ -197,21 +197,30 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         methods.append(method)
     compiled_peak = compiled.row["measured_peak_bytes"]
 
-    # memsched compile=True: what optimize() does, with one capture and profile for every budget
+    # checkpointing every block, eager (torch.utils.checkpoint's schedule, as `every_block` plans it)
+    eager_step = capture(model, workload.args, workload.kwargs)
+    eager_graph = profile(eager_step, model, workload.args, workload.kwargs, progress=False)
+    if workload.released:
+        eager_graph = with_released_outputs(eager_graph, eager_step)
+    every_block = Method("checkpoint every block (eager)", "eager",
+                         step_of(ScheduledModule(model, eager_step, eager_graph,
+                                                 solve(eager_graph, 2**62, "every_block")), workload))
+    # memsched compile=True: what optimize() does (`planner.api._StepPlanner.plan`: layer norms
+    # decomposed as inductor lowers them, pointwise ops priced as fused), with one capture
+    # and profile for every budget
     started = time.perf_counter()
     step = capture(model, workload.args, workload.kwargs)
+    decompose_for_inductor(step)
     capture_s = time.perf_counter() - started
     started = time.perf_counter()
     graph = profile(step, model, workload.args, workload.kwargs, progress=False)
     if workload.released:
         graph = with_released_outputs(graph, step)
+    graph = with_compiled_costs(graph, step)
     profile_s = time.perf_counter() - started
     floor_bytes, bound_bytes, _ = solvers_floor(graph)
     log.info("  memsched: %d ops traced in %.1f s, profiled in %.1f s, floor %.2f MiB", len(graph.ops), capture_s,
              profile_s, floor_bytes / MiB)
-    # checkpointing every block, eager (torch.utils.checkpoint's schedule, as `every_block` plans it)
-    every_block = Method("checkpoint every block (eager)", "eager",
-                         step_of(ScheduledModule(model, step, graph, solve(graph, 2**62, "every_block")), workload))
     measure(workload, resident, buffers, references, every_block)
     methods.append(every_block)
     # memsched at the sweep's budgets and at every peak a baseline reached: the comparison
@@ -240,6 +249,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         inductor_s = program.programs.forward.compile_s + program.programs.backward.compile_s
         method.row.update(budget_bytes=budget, at_baseline_peak=budget in reached,
                           layouts="channels-last" if program.inductor_options.get("layout_optimization") else "plan's",
+                          inductor_reorders=bool(program.inductor_options.get("reorder_for_peak_memory")),
                           solver_budget_bytes=program.solver_budget_bytes,
                           predicted_peak_bytes=plan.predicted_peak_bytes, fit_peak_bytes=program.measured_peak_bytes,
                           solver=plan.solver, predicted_overhead=plan.overhead, solve_s=solve_s, fit_s=fit_s,

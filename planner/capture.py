@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import operator
 import sys
@@ -28,6 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.func import functional_call, functionalize
 
 from planner.errors import ModelInputError, UnsupportedModelError
@@ -131,11 +133,13 @@ def capture(model: torch.nn.Module, example_inputs: Sequence[Any],
         functional = make_fx(functionalize(_meta_preserving_runner(autograd_graph), remove="mutations"))(*fake_flat)
     _eliminate_dead_code(functional)
     _random_fills_in_eager_layout(functional)
+    masks = _dropout_masks_in_one_byte(functional)
     modules = _module_paths(autograd_graph, functional, scopes, type(model).__name__)
     placeholders = [n for n in functional.graph.nodes if n.op == "placeholder"]
     assert len(placeholders) == n_params + n_buffers + n_inputs + tangent_count
     roles = _assign_roles(functional, n_params, n_buffers, n_inputs, num_tensor_outputs=sum(
         leaf.is_tensor for leaf in output_leaves))
+    _dropout_noise_made_in_backward(functional, masks, roles, modules)
     _accumulate_gradients_in_place(functional, roles)
     buffer_updates = {}
     for node in functional.graph.nodes:
@@ -280,6 +284,129 @@ def _random_fills_in_eager_layout(graph_module: fx.GraphModule) -> None:
             node.args = (_IN_PLACE_RANDOM[node.target], *node.args)
             node.target = random_fill_like
     graph_module.recompile()
+
+
+def _dropout_masks_in_one_byte(graph_module: fx.GraphModule) -> list[fx.Node]:
+    """Draw each dropout mask as a bool tensor and convert it to the floating dtype after;
+    returns how many masks.
+
+    On a CPU, eager dropout is ``noise = empty_like(x).bernoulli_(1 - p)`` in ``x``'s dtype,
+    then ``noise / (1 - p)`` and ``x * noise``: the mask is 4 bytes an element in float32, and
+    a plan can only keep it that size or replay the draw. The same ``bernoulli_`` into a bool
+    tensor draws the same elements from the same generator state and leaves the generator
+    where the float draw leaves it (`_bool_draw_matches` checks this for each shape, dtype
+    and device), so ``_to_copy(mask_bool) / (1 - p)`` is bitwise eager's noise. A plan can
+    then keep the 1-byte mask and recompute the cheap conversion and division, which is what
+    CUDA's ``native_dropout`` saves and what ``torch.compile``'s partitioner keeps. On the zoo
+    GPT small (9 masks of 1 MiB) that is 6.75 MiB a plan may keep for a quarter of the bytes.
+
+    A fill whose floating ``like`` comes from an ``empty_like`` read by nothing else is
+    drawn like that ``empty_like``'s input, so the float buffer is never allocated. O(nodes)
+    plus one pair of draws per distinct mask signature. Returns the masks.
+    """
+    graph = graph_module.graph
+    masks: list[fx.Node] = []
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is random_fill_like and not node.kwargs
+                and len(node.args) == 3 and node.args[0] is aten.bernoulli_.float
+                and isinstance(node.args[2], (int, float)) and isinstance(node.args[1], fx.Node)):
+            continue
+        value = node.meta.get("val")
+        probability = float(node.args[2])
+        if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point or \
+                not _bool_draw_matches(tuple(value.shape), tuple(value.stride()), value.dtype, value.device, probability):
+            continue
+        like = node.args[1]
+        source = like
+        if (like.op == "call_function" and like.target is aten.empty_like.default and not like.kwargs
+                and len(like.args) == 1 and isinstance(like.args[0], fx.Node) and len(like.users) == 1):
+            source = like.args[0]
+        with graph.inserting_after(node):
+            as_float = graph.call_function(aten._to_copy.default, (node,), {"dtype": value.dtype})
+        node.replace_all_uses_with(as_float, delete_user_cb=lambda user: user is not as_float)
+        node.args = (aten.bernoulli_.float, source, probability)
+        node.kwargs = {"dtype": torch.bool}
+        with value.fake_mode:
+            node.meta["val"] = torch.empty_like(source.meta["val"], dtype=torch.bool)
+            as_float.meta["val"] = aten._to_copy.default(node.meta["val"], dtype=value.dtype)
+        for new in (node, as_float):
+            new.meta["tensor_meta"] = _extract_tensor_metadata(new.meta["val"])
+        for key in ("from_node", "seq_nr"):
+            if key in node.meta:
+                as_float.meta[key] = node.meta[key]
+        if source is not like and not like.users:
+            graph.erase_node(like)
+        masks.append(node)
+    graph_module.recompile()
+    return masks
+
+
+def _dropout_noise_made_in_backward(graph_module: fx.GraphModule, masks: list[fx.Node], roles: dict[str, Role],
+                                    modules: dict[str, str]) -> int:
+    """Have the backward read each one-byte mask (`_dropout_masks_in_one_byte`) instead of
+    the float noise made from it: the noise's conversion and scaling (``_to_copy``, then a
+    pointwise op by a constant, ``div(noise, 1 - p)``) are made again in the backward, before
+    their first backward reader. Returns how many noises.
+
+    The solvers decide about the values the backward reads; a forward value read only by
+    forward ops cannot be kept to make a recomputation cheap. So without this the backward
+    reads the float noise and a plan keeps it (4 bytes an element) or replays the draw (an
+    eager random fill). With it, what a plan keeps is the mask (1 byte), and the backward
+    pays two pointwise passes over it, which inductor fuses into the gradient's kernel, as
+    CUDA's ``native_dropout`` backward and ``torch.compile``'s partitioner do. The values
+    are bitwise those of the forward's noise. O(nodes).
+    """
+    graph = graph_module.graph
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    made = 0
+    for mask in masks:
+        (as_float,) = mask.users
+        chain = [as_float]
+        (scaled,) = as_float.users if len(as_float.users) == 1 else (None,)
+        if scaled is not None and scaled.op == "call_function" and isinstance(scaled.target, torch._ops.OpOverload) \
+                and torch.Tag.pointwise in scaled.target.tags and scaled.all_input_nodes == [as_float] \
+                and roles.get(scaled.name) is Role.FORWARD:
+            chain.append(scaled)
+        noise = chain[-1]
+        readers = sorted((user for user in noise.users if roles.get(user.name) is Role.BACKWARD), key=order.__getitem__)
+        if not readers or any(roles.get(user.name) is not Role.FORWARD for user in chain[-1:]):
+            continue
+        copies: dict[fx.Node, fx.Node] = {mask: mask}
+        with graph.inserting_before(readers[0]):
+            for node in chain:
+                copy = graph.node_copy(node, lambda argument: copies.get(argument, argument))
+                copy.meta = {key: node.meta[key] for key in ("val", "tensor_meta") if key in node.meta}
+                copies[node] = copy
+                roles[copy.name] = Role.BACKWARD
+                modules[copy.name] = modules.get(node.name, "")
+        for reader in readers:
+            reader.replace_input_with(noise, copies[noise])
+        made += 1
+    graph_module.recompile()
+    return made
+
+
+@functools.lru_cache(maxsize=None)
+def _bool_draw_matches(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                       probability: float) -> bool:
+    """Does ``bernoulli_(probability)`` draw the same elements into a bool tensor as into one
+    of ``dtype`` from the same generator state, and leave the generator in the same state?
+    Checked on a generator of its own (the caller's random state is untouched). A device
+    this process cannot draw on (a GPU traced for an estimate on a CPU machine, ``meta``)
+    answers no: its masks stay in their floating dtype, as eager draws them."""
+    if device.type == "meta" or (device.type == "cuda" and not torch.cuda.is_available()):
+        return False
+    draws = []
+    try:
+        for draw_dtype in (dtype, torch.bool):
+            generator = torch.Generator(device=device).manual_seed(0x5EED)
+            out = torch.empty_strided(shape, stride, dtype=draw_dtype, device=device)
+            out.bernoulli_(probability, generator=generator)
+            draws.append((out.to(dtype), generator.get_state()))
+    except RuntimeError:                  # no generator or kernel for this device here
+        return False
+    (floating, state), (boolean, bool_state) = draws
+    return torch.equal(floating, boolean) and torch.equal(state, bool_state)
 
 
 def _accumulate_gradients_in_place(graph_module: fx.GraphModule, roles: dict[str, Role]) -> int:

@@ -9,15 +9,16 @@ the allocator's own events on a CPU (`planner.memory.measure_allocator_peak`) or
 CUDA caching allocator's statistics on a GPU (`planner.memory.measure_step_memory`), with
 the model's gradients, buffers and random generators put back afterwards.
 
-If the measured peak is above the budget, the plan is solved again for a budget lowered
-by the overshoot (the compiled step's excess over the eager plan's prediction is mostly
-independent of the plan) and measured again, up to `MAX_FITS` times; then the call is
-refused with `CompiledBudgetError`, which gives the least peak measured. When a lower plan
-measured no lower (the compiled peak sits where that plan changed nothing), the next
-budget is lowered by twice the last step. Once a lowered plan fits, the tries left bisect
-between it and the least budget that measured over, and the plan solved for the most bytes
-that fits is kept: a step down by the whole excess can cross into plans with much more
-recomputation.
+If the measured peak is above the budget, the plan is solved again for the budget less
+what compiling added to that plan (its measured peak less its eager prediction, mostly
+independent of the plan: channels-last copies, fused temporaries) and measured again, up
+to `MAX_FITS` times; then the call is refused with `CompiledBudgetError`, which gives the
+least peak measured. The next solver budget is below the failed plan's own prediction,
+so every try is a different plan. Once a lowered plan fits with more than
+`RAISE_STOP` of the budget to spare, one plan solved for the budget less the fitting
+plan's excess is tried, below the least solver budget that measured over, and the plan
+solved for the most bytes that fits is kept. The solver's budget never goes above the
+caller's.
 
 Compile-aware costs (`with_compiled_costs`): inductor fuses a pointwise op into the kernel
 that consumes it, so recomputing it costs about nothing once compiled; the op's eager
@@ -35,17 +36,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from dataclasses import replace
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from planner.benchmark import training_loss
 from planner.errors import CompiledBudgetError
 from planner.memory import measure_allocator_peak, measure_step_memory
 from runtime.module import ScheduledModule, StepProgram, checked_plan
-from runtime.step import CapturedStep
+from runtime.step import CapturedStep, Role
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph
 from solvers.plan import Plan
@@ -53,15 +56,19 @@ from solvers.plan import Plan
 log = logging.getLogger(__name__)
 
 MAX_FITS = 6      # compiled programs measured per signature and configuration before refusing
-# once a lowered plan fits, bisect between it and the least budget that measured over while
-# their gap is more than this fraction of the budget (within MAX_FITS)
-BISECTION_STOP = 0.01
+# once a lowered plan fits, a plan solved for more is tried only if that is more by this
+# fraction of the budget
+RAISE_STOP = 0.01
 # Inductor's channels-last layouts (its default ``layout_optimization``): on the zoo ResNet
 # small at half its activations they made the compiled plan 11 % faster and peak 2.1 MiB
 # (4 %) higher, copies of weights and activations the eager plan never saw; so a model with
 # convolutions is fitted with them first, the fit lowering the plan by what they add
 # (`fit_compiled`)
 CHANNELS_LAST = {"layout_optimization": True}
+# Inductor's own reordering for peak memory, which `runtime.compiled.INDUCTOR_OPTIONS` turns
+# off to keep the plan's order: tried last, where no plan fits in the plan's order (on the
+# zoo GPT small at memsched's floor it measured 1 MiB lower)
+REORDERED = {"reorder_for_peak_memory": True}
 # what a pointwise op costs compiled, as a fraction of its eager time (fused into its
 # consumer, it reads its inputs from registers or cache instead of memory)
 FUSED_POINTWISE_COST = 0.1
@@ -82,6 +89,77 @@ def with_compiled_costs(graph: Graph, step: CapturedStep) -> Graph:
     return replace(graph, ops=tuple(ops))
 
 
+# forward ops a ``compile=True`` plan sees decomposed as inductor lowers them
+# (`decompose_for_inductor`)
+DECOMPOSED_FOR_INDUCTOR = (torch.ops.aten.native_layer_norm.default,)
+
+
+def decompose_for_inductor(step: CapturedStep) -> int:
+    """Replace each forward op of `DECOMPOSED_FOR_INDUCTOR` in ``step``'s joint graph by
+    inductor's own decomposition of it, in place; returns how many.
+
+    A plan decides what to keep and recompute per op of the graph it is given. Layer norm is
+    one op there (``native_layer_norm``: statistics, then normalisation, scale and shift),
+    so recomputing its output re-runs the reduction over the row. Inductor lowers it as
+    ``var_mean`` and four pointwise ops and fuses the pointwise ones into their consumer;
+    ``torch.compile``'s partitioner therefore keeps the mean and reciprocal deviation
+    (which the backward reads anyway) and recomputes the normalised output for almost
+    nothing. Given the same decomposed ops, with their pointwise ones priced as fused
+    (`with_compiled_costs`), the solver can make that choice too. The compiled step then
+    computes what compiled plain computes (the same decomposition), not eager's bits, which
+    is why this is for ``compile=True`` only. The backward op (``native_layer_norm_backward``)
+    is kept: it reads the decomposition's mean and reciprocal deviation. O(nodes).
+    """
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    table = select_decomp_table()
+    graph = step.joint.graph
+    decomposed = 0
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target in DECOMPOSED_FOR_INDUCTOR
+                and node.target in table and step.roles.get(node.name) is Role.FORWARD):
+            continue
+        readers = list(node.users)
+        if not all(reader.target is operator.getitem for reader in readers):
+            continue
+        arguments = node.all_input_nodes
+        decomposition = table[node.target]
+
+        def traced(*tensors: torch.Tensor, node: fx.Node = node, arguments: list = arguments,
+                   decomposition: Any = decomposition) -> tuple:
+            values = dict(zip(arguments, tensors))
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+            return tuple(decomposition(*args, **kwargs))
+
+        examples = [argument.meta["val"] for argument in arguments]
+        with examples[0].fake_mode:
+            inner = make_fx(traced)(*examples)
+        values: dict[fx.Node, Any] = {}
+        placeholders = iter(arguments)
+        outputs: tuple = ()
+        with graph.inserting_before(node):
+            for inner_node in inner.graph.nodes:
+                if inner_node.op == "placeholder":
+                    values[inner_node] = next(placeholders)
+                elif inner_node.op == "output":
+                    outputs = tuple(fx.node.map_arg(inner_node.args[0], values.__getitem__))
+                else:
+                    new = graph.node_copy(inner_node, values.__getitem__)
+                    new.meta = {key: inner_node.meta[key] for key in ("val", "tensor_meta") if key in inner_node.meta}
+                    step.roles[new.name] = Role.FORWARD
+                    step.modules[new.name] = step.modules.get(node.name, "")
+                    values[inner_node] = new
+        for reader in readers:
+            reader.replace_all_uses_with(outputs[reader.args[1]])
+            graph.erase_node(reader)
+        graph.erase_node(node)
+        decomposed += 1
+    graph.lint()
+    step.joint.recompile()
+    return decomposed
+
+
 class Solves(Protocol):
     """What re-solves a graph for a lower budget, the way the first plan was solved
     (`planner.api`'s step planner)."""
@@ -95,7 +173,7 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
     """The plan (``plan`` or one solved for a lower budget) whose compiled step measures
     within ``plan.budget_bytes``, and its compiled program (``measured_peak_bytes`` set).
     On a graph with convolutions, `CHANNELS_LAST` is fitted first and the plan's own
-    layouts only where that finds no plan. A ``loaded`` plan is run as given (its own
+    layouts only where that finds no plan; `REORDERED` is the last resort. A ``loaded`` plan is run as given (its own
     layouts): refused if its compiled step is over its budget.
 
     Raises:
@@ -103,6 +181,8 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
             configuration that came closest).
     """
     configurations = [CHANNELS_LAST, {}] if not loaded and _has_convolutions(graph) else [{}]
+    if not loaded:
+        configurations.append(REORDERED)
     failures: list[CompiledBudgetError] = []
     for options in configurations:
         try:
@@ -126,7 +206,7 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     tried: list[tuple[int, int]] = []               # (solver budget, measured peak) per fit
     internal_bytes = budget_bytes
     best: tuple[int, Plan, StepProgram] | None = None   # the fitting plan solved for the most bytes
-    failed_above: int | None = None                  # the least solver budget above it that measured over
+    failed_above: int | None = None                  # the least solver budget that measured over
     for _ in range(1 if loaded else MAX_FITS):
         checked = checked_plan(graph, plan)
         program = StepProgram(step, graph, checked, device_type, compile=True, inductor_options=inductor_options)
@@ -137,26 +217,25 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
         log.info("memsched compile (%s): plan solved for %d bytes predicts %d (eager); the compiled step measures %d; "
                  "budget %d", inductor_options or "plan layouts", internal_bytes, checked.predicted_peak_bytes,
                  peak_bytes, budget_bytes)
+        # what compiling added to this plan's peak; the next plan is solved for the budget less it
+        excess_bytes = peak_bytes - checked.predicted_peak_bytes
+        target_bytes = budget_bytes - excess_bytes
         if peak_bytes <= budget_bytes:
             program.solver_budget_bytes = internal_bytes
             if best is None or internal_bytes > best[0]:
                 best = (internal_bytes, checked, program)
-        else:                                        # the lowest failure yet, or above every fit
-            failed_above = internal_bytes
-        if best is not None:
-            # a plan fits: search upward, between it and the least budget that measured over,
-            # while that gap is over `BISECTION_STOP` of the budget (a lower budget may have
-            # forced much more recomputation than the excess needed)
-            if failed_above is None or failed_above - best[0] <= BISECTION_STOP * budget_bytes:
+            # raise toward the budget only below a solver budget that measured over (else the
+            # caller's budget is the plan's), and only by more than `RAISE_STOP`
+            ceiling_bytes = failed_above if failed_above is not None else budget_bytes + 1
+            target_bytes = min(target_bytes, ceiling_bytes - 1)
+            if target_bytes - best[0] <= RAISE_STOP * budget_bytes:
                 break
-            internal_bytes = (best[0] + failed_above) // 2
         else:
-            # lower the solver's budget by the excess; when a lower plan measured no lower (the
-            # compiled peak sits where that plan changed nothing), by twice the last step instead
-            step_bytes = peak_bytes - budget_bytes
-            if len(tried) > 1 and peak_bytes >= tried[-2][1]:
-                step_bytes = max(step_bytes, 2 * (tried[-2][0] - internal_bytes))
-            internal_bytes -= step_bytes
+            failed_above = internal_bytes if failed_above is None else min(failed_above, internal_bytes)
+            if best is not None:                     # an upward try failed: keep the plan that fits
+                break
+            # below this plan's own prediction (the excess is positive), so the next plan differs
+        internal_bytes = target_bytes
         try:
             plan = planner.solve(graph, internal_bytes)
         except InfeasibleBudgetError as error:

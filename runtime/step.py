@@ -20,9 +20,11 @@ import torch.utils._pytree as pytree
 aten = torch.ops.aten
 
 
-def random_fill_like(in_place_op: torch._ops.OpOverload, like: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``in_place_op(torch.empty_like(like), *args)``: a random fill with eager's layout."""
-    out = torch.empty_like(like)
+def random_fill_like(in_place_op: torch._ops.OpOverload, like: torch.Tensor, *args: Any,
+                     dtype: torch.dtype | None = None, **kwargs: Any) -> torch.Tensor:
+    """``in_place_op(torch.empty_like(like, dtype=dtype), *args)``: a random fill with
+    eager's layout (``like``'s dtype unless ``dtype`` is given)."""
+    out = torch.empty_like(like, dtype=dtype)
     in_place_op(out, *args, **kwargs)
     return out
 

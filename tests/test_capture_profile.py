@@ -220,3 +220,64 @@ def test_cpu_op_time_is_the_fastest_repeat_after_the_first(monkeypatch: pytest.M
     result, time_ms, workspace_bytes = builder._timed("add", torch.add, (torch.ones(2), 1), {})
     assert torch.equal(result, torch.full((2,), 2.0)) and workspace_bytes == 0
     assert time_ms == pytest.approx(expected_ms)
+
+
+class Dropouts(nn.Module):
+    """Two dropouts whose noise the backward reads (through ``x * noise``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.dropout(torch.tanh(self.fc1(x)), 0.3, training=self.training)
+        return F.dropout(self.fc2(hidden), 0.1, training=self.training)
+
+
+def test_dropout_masks_are_one_byte_and_the_backward_reads_them() -> None:
+    """Each mask is drawn into a bool tensor; the backward makes the float noise from it
+    again instead of reading the forward's (4 bytes an element). The keep-all plan keeps the
+    bool masks, computes bitwise eager's gradients and peaks no higher than eager (here
+    131 KiB above eager before the masks were one byte: the forward's float noise and the
+    functional graph's out-of-place division)."""
+    from planner.benchmark import allocator_step_peak
+    from runtime.step import random_fill_like
+
+    torch.manual_seed(0)
+    model, x = Dropouts(), torch.randn(512, 64)
+    step = capture(model, (x,))
+    nodes = list(step.joint.graph.nodes)
+    fills = [node for node in nodes if node.target is random_fill_like]
+    assert len(fills) == 2
+    assert all(node.kwargs == {"dtype": torch.bool} and node.meta["val"].dtype == torch.bool for node in fills)
+    forward_floats = {node for node in nodes if step.roles.get(node.name) is Role.FORWARD
+                      and isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].dtype == torch.float32}
+    for fill in fills:                 # the backward reads the mask, and no float made from it in the forward
+        made_from_mask = {user for user in fill.users} | {u for user in fill.users for u in user.users}
+        assert any(step.roles.get(user.name) is Role.BACKWARD for user in fill.users)
+        backward_reads = {argument for node in nodes if step.roles.get(node.name) is Role.BACKWARD
+                          for argument in node.all_input_nodes}
+        assert not (made_from_mask & forward_floats & backward_reads)
+
+    kept = optimize(model, 1.0, (x,), solver="none", progress=False)
+    peaks, gradients = {}, {}
+    for name, module in (("eager", model), ("memsched", kept)):
+        torch.manual_seed(3)
+        peaks[name] = allocator_step_peak(module, (x,))
+        torch.manual_seed(3)
+        model.zero_grad(set_to_none=True)
+        module(x).sum().backward()
+        gradients[name] = [p.grad.clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(gradients["memsched"], gradients["eager"]))
+    kept_masks = [name for name, decision in kept.plan.decisions.items()
+                  if kept.graph.value(name).dtype == "bool" and decision.value == "keep"]
+    assert len(kept_masks) == 2
+    assert peaks["memsched"] <= peaks["eager"] + 64        # a scalar's worth, not a mask's
+
+
+def test_bool_draw_check_answers_no_where_it_cannot_draw() -> None:
+    from planner.capture import _bool_draw_matches
+
+    assert _bool_draw_matches((4, 5), (5, 1), torch.float32, torch.device("cpu"), 0.9)
+    assert not _bool_draw_matches((4, 5), (5, 1), torch.float32, torch.device("meta"), 0.9)
