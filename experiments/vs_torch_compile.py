@@ -18,7 +18,9 @@ Methods:
                            keeps them apart)
     checkpoint every block (eager)
                            the `every_block` plan (torch.utils.checkpoint on every block), eager
-    memsched <budget>      memsched ``compile=True`` (`planner.compiled.fit_compiled`) at
+    memsched <budget>      memsched ``compile=True`` as `optimize` plans it (layer and batch norms
+                           decomposed as inductor lowers them, pointwise ops priced as fused;
+                           `planner.compiled`) and fitted (`planner.compiled.fit_compiled`) at
                            ``--budgets`` budgets from memsched's floor to 0.9 of compiled
                            plain's measured peak, and at each peak a compile budget or
                            every-block checkpointing measured (one capture and profile for
@@ -39,8 +41,13 @@ ratios to compiled plain's. Compile time is the first step's wall time for torch
 each aten run, and two steps per plan tried) plus its solve, with the one-off capture and
 profile reported apart.
 
+Then each baseline that memsched was planned at the peak of is timed against that plan alone
+(``--pair-repeats`` rounds of the pair, alternating which runs first), and the median of the
+per-round ratios is reported with its quartiles (``head_to_head``): closer than the medians
+of the long round-robin, whose noise is 1-3 points.
+
     python experiments/vs_torch_compile.py [--models gpt resnet gpt2] [--budgets 6] [--repeats 5]
-        [--threads 1]
+        [--pair-repeats 20] [--threads 1]
 
 Writes experiments/results/vs_torch_compile.json (one entry per model, replacing the
 entries of the models run) and vs_torch_compile.png (one Pareto panel per model), and
@@ -59,6 +66,7 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -269,6 +277,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         method.row.update(time_ms=times[method.name], time_vs_compiled_plain=times[method.name] / times["compile plain"],
                           peak_vs_compiled_plain=method.row["measured_peak_bytes"] / compiled_peak)
     rows = [m.row for m in methods]
+    head_to_head = paired_comparisons(methods, args.pair_repeats) if args.pair_repeats else []
     return {"model": name, "description": workload.description,
             "parameters": sum(p.numel() for p in model.parameters()),
             "command": " ".join(["python", "experiments/vs_torch_compile.py", *sys.argv[1:]]),
@@ -280,6 +289,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "rows": rows, "memsched_infeasible": infeasible,
             "every_block_target": every_block_target(rows, every_block.row),
             "compile_budget_not_monotone": not_monotone(rows), "memsched_vs_compile": dominance(rows),
+            "head_to_head": head_to_head, "pair_repeats": args.pair_repeats,
             "violations": sum(1 for r in rows if r.get("within_budget") is False),
             "gradient_mismatches": [r["method"] for r in rows if r.get("allclose_vs_compiled_plain") is False]}
 
@@ -305,6 +315,42 @@ def not_monotone(rows: list[dict]) -> list[str]:
                          f"MiB, above budget {higher['activation_memory_budget']}'s "
                          f"{higher['measured_peak_bytes'] / MiB:.2f} MiB")
     return notes
+
+
+def paired_comparisons(methods: list[Method], repeats: int) -> list[dict[str, Any]]:
+    """Each baseline whose peak memsched was also planned at (compile's budgets, every-block
+    checkpointing) timed against that memsched plan alone, ``repeats`` rounds of the two
+    steps in alternating order (A B, then B A: a drift in the machine's speed hits both
+    alike), after one warm-up round. Reports the median of the per-round ratios memsched /
+    baseline, their quartiles, and in how many rounds memsched was faster: a difference of
+    a point is then read from paired samples, not from two medians of a long round-robin."""
+    by_budget = {m.row["budget_bytes"]: m for m in methods if m.kind == "memsched" and m.row.get("at_baseline_peak")}
+    results = []
+    for baseline in methods:
+        if baseline.kind == "memsched" or baseline.name in ("eager plain", "compile plain"):
+            continue
+        ours = by_budget.get(baseline.row["measured_peak_bytes"])
+        if ours is None:
+            continue
+        ratios = []
+        for round_index in range(repeats + 1):
+            order = (baseline, ours) if round_index % 2 == 0 else (ours, baseline)
+            elapsed = {}
+            for method in order:
+                started = time.perf_counter()
+                method.step()
+                elapsed[method.name] = time.perf_counter() - started
+            if round_index:
+                ratios.append(elapsed[ours.name] / elapsed[baseline.name])
+        quartiles = statistics.quantiles(ratios, n=4)
+        results.append({"baseline": baseline.name, "baseline_peak_bytes": baseline.row["measured_peak_bytes"],
+                        "memsched": ours.name, "memsched_peak_bytes": ours.row["measured_peak_bytes"],
+                        "median_time_ratio": statistics.median(ratios), "quartiles": [quartiles[0], quartiles[2]],
+                        "rounds_memsched_faster": sum(r < 1 for r in ratios), "rounds": len(ratios)})
+        log.info("  %-32s vs %s: memsched / baseline %.3f (quartiles %.3f-%.3f), faster in %d of %d rounds",
+                 baseline.name, ours.name, results[-1]["median_time_ratio"], quartiles[0], quartiles[2],
+                 results[-1]["rounds_memsched_faster"], len(ratios))
+    return results
 
 
 def dominance(rows: list[dict]) -> list[dict]:
@@ -376,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-at-peaks", dest="at_peaks", action="store_false",
                         help="plan memsched at the sweep's budgets only, not also at each peak a baseline reached")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pair-repeats", type=int, default=20,
+                        help="rounds of each baseline against memsched at its peak, timed in pairs (0: none)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

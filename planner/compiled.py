@@ -91,7 +91,7 @@ def with_compiled_costs(graph: Graph, step: CapturedStep) -> Graph:
 
 # forward ops a ``compile=True`` plan sees decomposed as inductor lowers them
 # (`decompose_for_inductor`)
-DECOMPOSED_FOR_INDUCTOR = (torch.ops.aten.native_layer_norm.default,)
+DECOMPOSED_FOR_INDUCTOR = (torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_batch_norm.default)
 
 
 def decompose_for_inductor(step: CapturedStep) -> int:
@@ -108,13 +108,18 @@ def decompose_for_inductor(step: CapturedStep) -> int:
     (`with_compiled_costs`), the solver can make that choice too. The compiled step then
     computes what compiled plain computes (the same decomposition), not eager's bits, which
     is why this is for ``compile=True`` only. The backward op (``native_layer_norm_backward``)
-    is kept: it reads the decomposition's mean and reciprocal deviation. O(nodes).
+    is kept: it reads the decomposition's mean and reciprocal deviation. Batch norm in the
+    same way: its running statistics' in-place update becomes the decomposition's ``copy_``
+    into the buffer, a buffer update that runs once in the forward (never recomputed),
+    and a recomputed output is the normalisation from the kept statistics, not a re-run
+    (`runtime.step.native_batch_norm_rerun`) that reduces the batch again. O(nodes).
     """
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
 
     table = select_decomp_table()
     graph = step.joint.graph
+    buffers = dict(zip(step.placeholder_names[len(step.param_names):], step.buffer_names))
     decomposed = 0
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target in DECOMPOSED_FOR_INDUCTOR
@@ -150,6 +155,9 @@ def decompose_for_inductor(step: CapturedStep) -> int:
                     step.roles[new.name] = Role.FORWARD
                     step.modules[new.name] = step.modules.get(node.name, "")
                     values[inner_node] = new
+                    if new.target is torch.ops.aten.copy_.default:       # a running statistic's update
+                        step.roles[new.name] = Role.BUFFER_UPDATE
+                        step.buffer_updates[new.name] = buffers[new.args[0].name]
         for reader in readers:
             reader.replace_all_uses_with(outputs[reader.args[1]])
             graph.erase_node(reader)

@@ -74,10 +74,11 @@ def _compiled_plan_matches_compiled_plain_within_budget(name: str) -> None:
     budget_bytes = resolve_budget(0.5, optimized.graph).budget_bytes
     assert optimized.plan.budget_bytes == budget_bytes
     assert optimized.compile_count > 0                       # compiled while fitting the budget
-    targets = [node.target for node in optimized.step.joint.graph.nodes]
-    if name == "gpt":                                        # layer norms planned as inductor lowers them
-        assert torch.ops.aten.native_layer_norm.default not in targets
-        assert torch.ops.aten.var_mean.correction in targets
+    targets = [node.target for node in optimized._program.step.joint.graph.nodes]
+    # layer and batch norms planned as inductor lowers them
+    assert torch.ops.aten.native_layer_norm.default not in targets
+    assert torch.ops.aten.native_batch_norm.default not in targets
+    assert torch.ops.aten.var_mean.correction in targets
     assert model.state_dict().keys() == start.keys()
     for key, value in model.state_dict().items():            # fitting left the buffers as they were
         torch.testing.assert_close(value, start[key], msg=f"{name}: optimize changed {key}")
