@@ -258,6 +258,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         method.row.update(budget_bytes=budget, at_baseline_peak=budget in reached,
                           layouts="channels-last" if program.inductor_options.get("layout_optimization") else "plan's",
                           inductor_reorders=bool(program.inductor_options.get("reorder_for_peak_memory")),
+                          fit_tries=program.fit_tries,
                           solver_budget_bytes=program.solver_budget_bytes,
                           predicted_peak_bytes=plan.predicted_peak_bytes, fit_peak_bytes=program.measured_peak_bytes,
                           solver=plan.solver, predicted_overhead=plan.overhead, solve_s=solve_s, fit_s=fit_s,

@@ -194,7 +194,10 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
     failures: list[CompiledBudgetError] = []
     for options in configurations:
         try:
-            return _fit(planner, model, step, graph, plan, inputs, kwargs, loaded=loaded, inductor_options=options)
+            fitted, program = _fit(planner, model, step, graph, plan, inputs, kwargs, loaded=loaded,
+                                   inductor_options=options)
+            program.fit_tries += sum(len(error.tried) for error in failures)
+            return fitted, program
         except CompiledBudgetError as error:
             log.info("memsched compile: %s", str(error).splitlines()[0])
             failures.append(error)
@@ -251,6 +254,7 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
             break
     if best is None:
         raise CompiledBudgetError(budget_bytes, tried, loaded=loaded)
+    best[2].fit_tries = len(tried)
     # the plan answers for the caller's budget: its prediction is below the lower one
     return replace(best[1], budget_bytes=budget_bytes), best[2]
 

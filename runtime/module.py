@@ -48,6 +48,7 @@ class StepProgram:
         # budget the plan was solved for (below the caller's when compiling overshot)
         self.measured_peak_bytes: int | None = None
         self.solver_budget_bytes: int | None = None
+        self.fit_tries = 0             # compiled steps measured to fit the budget (`planner.compiled`)
 
     @property
     def compile_count(self) -> int:
