@@ -78,9 +78,11 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             plan on first use, logged; ``"error"``: it is refused with `PlanMismatchError`.
         plan_cache_size: how many plans `OptimizedModule` keeps (least recently used out).
         compile: run the plan's forward and backward programs compiled by inductor
-            (`runtime.compiled`; the first step compiles), planned with pointwise ops
-            priced as fused. The compiled step's peak is measured, and the plan re-solved
-            for a lower budget while it is over (`planner.compiled`);
+            (`runtime.compiled`; the first step compiles), planned over the step as
+            inductor lowers it (layer and batch norms decomposed, pointwise ops priced as
+            fused), so a plan saved without ``compile`` does not load with it. The
+            compiled step's peak is measured, and the plan re-solved for the budget less
+            what compiling added while it is over (`planner.compiled`);
             `CompiledBudgetError` if no plan fits. With ``target=`` (offloading) it needs
             a CUDA model: on a CPU the host copies cannot be told apart from the step.
         chunked_loss: run the last linear layer and its cross-entropy a chunk of rows at a

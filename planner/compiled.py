@@ -20,6 +20,10 @@ plan's excess is tried, below the least solver budget that measured over, and th
 solved for the most bytes that fits is kept. The solver's budget never goes above the
 caller's.
 
+The step a ``compile=True`` plan is solved over is inductor's granularity
+(`decompose_for_inductor`): layer and batch norms are decomposed as inductor lowers them,
+so a plan can keep their statistics and recompute the normalised output pointwise.
+
 Compile-aware costs (`with_compiled_costs`): inductor fuses a pointwise op into the kernel
 that consumes it, so recomputing it costs about nothing once compiled; the op's eager
 time is mostly a memory round trip that the fused kernel does not make. The planner
@@ -140,6 +144,10 @@ def decompose_for_inductor(step: CapturedStep) -> int:
         examples = [argument.meta["val"] for argument in arguments]
         with examples[0].fake_mode:
             inner = make_fx(traced)(*examples)
+        placeholder_of = dict(zip((n for n in inner.graph.nodes if n.op == "placeholder"), arguments))
+        mutated = [placeholder_of.get(n.args[0]) for n in inner.graph.nodes if n.target is torch.ops.aten.copy_.default]
+        if any(argument is None or argument.name not in buffers for argument in mutated):
+            continue                      # it would write something other than a buffer: left whole
         values: dict[fx.Node, Any] = {}
         placeholders = iter(arguments)
         outputs: tuple = ()
@@ -162,6 +170,9 @@ def decompose_for_inductor(step: CapturedStep) -> int:
             reader.replace_all_uses_with(outputs[reader.args[1]])
             graph.erase_node(reader)
         graph.erase_node(node)
+        for erased in (*readers, node):
+            step.roles.pop(erased.name, None)
+            step.modules.pop(erased.name, None)
         decomposed += 1
     graph.lint()
     step.joint.recompile()
