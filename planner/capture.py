@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import operator
 import sys
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -287,8 +288,7 @@ def _random_fills_in_eager_layout(graph_module: fx.GraphModule) -> None:
 
 
 def _dropout_masks_in_one_byte(graph_module: fx.GraphModule) -> list[fx.Node]:
-    """Draw each dropout mask as a bool tensor and convert it to the floating dtype after;
-    returns how many masks.
+    """Draw each dropout mask as a bool tensor and convert it to the floating dtype after.
 
     On a CPU, eager dropout is ``noise = empty_like(x).bernoulli_(1 - p)`` in ``x``'s dtype,
     then ``noise / (1 - p)`` and ``x * noise``: the mask is 4 bytes an element in float32, and
@@ -369,7 +369,7 @@ def _dropout_noise_made_in_backward(graph_module: fx.GraphModule, masks: list[fx
             chain.append(scaled)
         noise = chain[-1]
         readers = sorted((user for user in noise.users if roles.get(user.name) is Role.BACKWARD), key=order.__getitem__)
-        if not readers or any(roles.get(user.name) is not Role.FORWARD for user in chain[-1:]):
+        if not readers or roles.get(noise.name) is not Role.FORWARD:
             continue
         copies: dict[fx.Node, fx.Node] = {mask: mask}
         with graph.inserting_before(readers[0]):
@@ -386,16 +386,26 @@ def _dropout_noise_made_in_backward(graph_module: fx.GraphModule, masks: list[fx
     return made
 
 
+# the most elements `_bool_draw_matches` draws: a larger mask is checked on a flat one of
+# this many (an estimate traces batches whose masks would take gigabytes)
+BOOL_DRAW_CHECK_ELEMENTS = 1 << 22
+
+
 @functools.lru_cache(maxsize=None)
 def _bool_draw_matches(shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                        probability: float) -> bool:
     """Does ``bernoulli_(probability)`` draw the same elements into a bool tensor as into one
     of ``dtype`` from the same generator state, and leave the generator in the same state?
-    Checked on a generator of its own (the caller's random state is untouched). A device
-    this process cannot draw on (a GPU traced for an estimate on a CPU machine, ``meta``)
+    Checked on a generator of its own (the caller's random state is untouched), with the
+    mask's shape and strides up to `BOOL_DRAW_CHECK_ELEMENTS` elements, else on a flat
+    tensor of that many (the same kernel, dtype and device; on a CPU the draw of each
+    element depends only on the generator's seed and the element's index). A device this
+    process cannot draw on (a GPU traced for an estimate on a CPU machine, ``meta``)
     answers no: its masks stay in their floating dtype, as eager draws them."""
     if device.type == "meta" or (device.type == "cuda" and not torch.cuda.is_available()):
         return False
+    if math.prod(shape) > BOOL_DRAW_CHECK_ELEMENTS:
+        shape, stride = (BOOL_DRAW_CHECK_ELEMENTS,), (1,)
     draws = []
     try:
         for draw_dtype in (dtype, torch.bool):

@@ -281,3 +281,5 @@ def test_bool_draw_check_answers_no_where_it_cannot_draw() -> None:
 
     assert _bool_draw_matches((4, 5), (5, 1), torch.float32, torch.device("cpu"), 0.9)
     assert not _bool_draw_matches((4, 5), (5, 1), torch.float32, torch.device("meta"), 0.9)
+    # a mask of 2**33 elements (an estimate's batch) is checked on a flat sample, not drawn
+    assert _bool_draw_matches((1 << 20, 1 << 13), (1 << 13, 1), torch.bfloat16, torch.device("cpu"), 0.9)
