@@ -166,7 +166,7 @@ class _StepPlanner:
         step = capture(model, inputs, kwargs, backward_from=self.backward_from)
         if self.chunked_loss is not False:
             chunk_linear_cross_entropy(step, chunk_rows_option(self.chunked_loss))
-        if self.compile:                  # layer norms as inductor lowers them
+        if self.compile:                  # layer and batch norms as inductor lowers them
             from planner.compiled import decompose_for_inductor
             decompose_for_inductor(step)
         if self.reuse is not None:

@@ -60,8 +60,8 @@ INDUCTOR_OPTIONS: dict[str, Any] = {
     # a pointwise result read by several kernels is stored once, not recomputed in each
     # reader (which keeps all of its inputs alive until the last reader)
     "realize_reads_threshold": 1,
-    # keep the plan's order: inductor's own reordering for peak memory (its default since
-    # PyTorch 2.6) moved the zoo GPT's one-graph backward so that it peaked 6.3 MiB (13 %)
+    # keep the plan's order: inductor's own reordering for peak memory (on by default in
+    # torch 2.13) moved the zoo GPT's one-graph backward so that it peaked 6.3 MiB (13 %)
     # above the eager program at every-block checkpointing's peak; without it, 0.05 MiB below
     "reorder_for_peak_memory": False,
 }
