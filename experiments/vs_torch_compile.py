@@ -427,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="rounds of each baseline against memsched at its peak, timed in pairs (0: none)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.pair_repeats == 1:
+        parser.error("--pair-repeats: 0 (no paired timing) or at least 2 (quartiles need two rounds)")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)

@@ -192,8 +192,8 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
     """The plan (``plan`` or one solved for a lower budget) whose compiled step measures
     within ``plan.budget_bytes``, and its compiled program (``measured_peak_bytes`` set).
     On a graph with convolutions, `CHANNELS_LAST` is fitted first and the plan's own
-    layouts only where that finds no plan; `REORDERED` is the last resort. A ``loaded`` plan is run as given (its own
-    layouts): refused if its compiled step is over its budget.
+    layouts only where that finds no plan; `REORDERED` is the last resort. A ``loaded``
+    plan is run as given (its own layouts): refused if its compiled step is over its budget.
 
     Raises:
         CompiledBudgetError: no plan tried measures within the budget (the error of the
@@ -256,7 +256,8 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
             failed_above = internal_bytes if failed_above is None else min(failed_above, internal_bytes)
             if best is not None:                     # an upward try failed: keep the plan that fits
                 break
-            # below this plan's own prediction (the excess is positive), so the next plan differs
+        # after a failure this is below the failed plan's own prediction (its excess is
+        # positive), so the next plan differs
         internal_bytes = target_bytes
         try:
             plan = planner.solve(graph, internal_bytes)
