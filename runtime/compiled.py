@@ -313,8 +313,18 @@ def _lowered(module: fx.GraphModule, inputs: list) -> tuple[fx.GraphModule, list
     """``module`` retraced the way AOTAutograd hands graphs to inductor: on fake tensors
     of static shapes (under a shape environment, as AOTAutograd's), functionalized (an
     in-place update of an input becomes a trailing ``copy_``, which inductor writes in
-    place), with inductor's decompositions; the fake mode too."""
+    place), with inductor's decompositions, then rewritten by the passes ``torch.compile``
+    runs on its joint graph before partitioning; the fake mode too.
+
+    The joint-graph passes are pattern rewrites that keep what a graph computes, so they
+    apply to a run as to a joint graph. One of them matters to memory: the cross-entropy
+    backward (``nll_loss_backward``) scatters into a logits-sized buffer of zeros, which
+    the pass turns into a pointwise ``where`` that fuses into the softmax backward.
+    Measured on a linear head of GPT-2's size with its loss (512 tokens, vocabulary
+    50,257), keep-all plan: the compiled step peaked at 444.7 MiB without the passes,
+    395.6 MiB with them, as compiled plain does."""
     from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.fx_passes.joint_graph import joint_graph_passes
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -325,6 +335,8 @@ def _lowered(module: fx.GraphModule, inputs: list) -> tuple[fx.GraphModule, list
     with fake_mode:
         traced = make_fx(functionalize(module, remove="mutations"), decomposition_table=select_decomp_table())(
             *examples)
+        device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), None)
+        traced = joint_graph_passes(traced, device)
     return traced, examples, fake_mode
 
 

@@ -25,6 +25,7 @@ from planner import optimize, zoo
 from planner.benchmark import allocator_step_peak, train_step
 from planner.budget import resolve_budget
 from planner.errors import CompiledBudgetError, OptionError
+from planner.memory import measure_allocator_peak
 from runtime.compiled import CompiledProgram
 from runtime.step import random_fill_like
 from solvers.errors import InfeasibleBudgetError
@@ -181,3 +182,32 @@ def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
     assert arguments == [] and program.compile_count == 2          # boxed: the list is cleared
     for a, b in zip(actual, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_cross_entropy_backward_fuses_without_a_buffer_of_zeros() -> None:
+    """The cross-entropy backward scatters into a logits-sized buffer of zeros; inductor's
+    joint-graph passes, which the program applies to each run as torch.compile applies
+    them to its joint graph, make that a ``where`` fused into the softmax backward, so the
+    compiled run holds one logits-sized buffer (its result), not two."""
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    grad_loss, log_probs, target = (graph.placeholder(name) for name in ("grad_loss", "log_probs", "target"))
+    total_weight = graph.placeholder("total_weight")
+    grad_log_probs = graph.call_function(aten.nll_loss_backward.default,
+                                         (grad_loss, log_probs, target, None, 1, -100, total_weight))
+    grad_logits = graph.call_function(aten._log_softmax_backward_data.default,
+                                      (grad_log_probs, log_probs, 1, torch.float32))
+    graph.output((grad_logits,))
+    module = fx.GraphModule(torch.nn.Module(), graph)
+    program = CompiledProgram(module, boxed=True)
+    tokens, vocabulary = 256, 4096
+    logits_bytes = tokens * vocabulary * 4
+    inputs = [torch.tensor(1.0), torch.randn(tokens, vocabulary).log_softmax(1),
+              torch.randint(0, vocabulary, (tokens,)), torch.tensor(float(tokens))]
+    expected = module(*inputs)
+    program(list(inputs))                                          # compiles
+    actual, peak_bytes = measure_allocator_peak(lambda: program(list(inputs)), inputs)
+    torch.testing.assert_close(actual[0], expected[0])
+    resident_bytes = sum(t.untyped_storage().nbytes() for t in inputs)
+    assert peak_bytes - resident_bytes < 1.5 * logits_bytes, \
+        f"{(peak_bytes - resident_bytes) / logits_bytes:.2f} logits-sized buffers held"
