@@ -14,11 +14,14 @@ what compiling added to that plan (its measured peak less its eager prediction, 
 independent of the plan: channels-last copies, fused temporaries) and measured again, up
 to `MAX_FITS` times; then the call is refused with `CompiledBudgetError`, which gives the
 least peak measured. The next solver budget is below the failed plan's own prediction,
-so every try is a different plan. Once a lowered plan fits with more than
-`RAISE_STOP` of the budget to spare, one plan solved for the budget less the fitting
-plan's excess is tried, below the least solver budget that measured over, and the plan
-solved for the most bytes that fits is kept. The solver's budget never goes above the
-caller's.
+so every try is a different plan. Once a plan fits with more than `RAISE_STOP` of the
+budget to spare, a plan solved for the budget less the fitting plan's excess is tried,
+below the least solver budget that measured over, and the plan solved for the most bytes
+that fits is kept. That solver budget may be above the caller's: a compiled step often
+measures below its eager prediction (a fused chain never holds the temporaries the eager
+program does; on the zoo GPT small, 3-4 MiB below at every budget, the cross-entropy
+backward's logits-sized buffer of zeros). Such a plan records the budget its eager replay
+was solved within (`runtime.module.EAGER_BUDGET_OPTION`) and runs only compiled.
 
 The step a ``compile=True`` plan is solved over is inductor's granularity
 (`decompose_for_inductor`): layer and batch norms are decomposed as inductor lowers them,
@@ -51,7 +54,7 @@ import torch.utils._pytree as pytree
 from planner.benchmark import training_loss
 from planner.errors import CompiledBudgetError
 from planner.memory import measure_allocator_peak, measure_step_memory
-from runtime.module import ScheduledModule, StepProgram, checked_plan
+from runtime.module import EAGER_BUDGET_OPTION, ScheduledModule, StepProgram, checked_plan
 from runtime.step import CapturedStep, Role
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph
@@ -230,7 +233,7 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     best: tuple[int, Plan, StepProgram] | None = None   # the fitting plan solved for the most bytes
     failed_above: int | None = None                  # the least solver budget that measured over
     for _ in range(1 if loaded else MAX_FITS):
-        checked = checked_plan(graph, plan)
+        checked = checked_plan(graph, plan, compiled=True)
         program = StepProgram(step, graph, checked, device_type, compile=True, inductor_options=inductor_options)
         peak_bytes = measure_compiled_peak(model, step, graph, checked, program, inputs, kwargs,
                                            released=bool(graph.released_outputs))
@@ -246,10 +249,11 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
             program.solver_budget_bytes = internal_bytes
             if best is None or internal_bytes > best[0]:
                 best = (internal_bytes, checked, program)
-            # raise toward the budget only below a solver budget that measured over (else the
-            # caller's budget is the plan's), and only by more than `RAISE_STOP`
-            ceiling_bytes = failed_above if failed_above is not None else budget_bytes + 1
-            target_bytes = min(target_bytes, ceiling_bytes - 1)
+            # raise only below a solver budget that measured over, and only by more than
+            # `RAISE_STOP`; above the caller's budget where the compiled step measured below
+            # the eager prediction (fused temporaries the eager program holds)
+            if failed_above is not None:
+                target_bytes = min(target_bytes, failed_above - 1)
             if target_bytes - best[0] <= RAISE_STOP * budget_bytes:
                 break
         else:
@@ -266,9 +270,15 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
             break
     if best is None:
         raise CompiledBudgetError(budget_bytes, tried, loaded=loaded)
-    best[2].fit_tries = len(tried)
-    # the plan answers for the caller's budget: its prediction is below the lower one
-    return replace(best[1], budget_bytes=budget_bytes), best[2]
+    solver_bytes, fitted, program = best
+    program.fit_tries = len(tried)
+    # the plan answers for the caller's budget, which its compiled step measured within; a
+    # plan solved above it records the budget its eager replay keeps (`checked_plan`)
+    options = dict(fitted.options)
+    options.pop(EAGER_BUDGET_OPTION, None)
+    if solver_bytes > budget_bytes:
+        options[EAGER_BUDGET_OPTION] = solver_bytes
+    return replace(fitted, budget_bytes=budget_bytes, options=options), program
 
 
 @contextlib.contextmanager

@@ -124,21 +124,33 @@ class _ScheduledStep(torch.autograd.Function):
         return (None, *result)
 
 
-def checked_plan(graph: Graph, plan: Plan) -> Plan:
+# A compiled plan's option: the budget its eager replay was solved within, when that is
+# above the caller's budget because the compiled step measured below the eager prediction
+# (`planner.compiled`); the caller's budget is then kept by measurement.
+EAGER_BUDGET_OPTION = "eager_budget_bytes"
+
+
+def checked_plan(graph: Graph, plan: Plan, *, compiled: bool = False) -> Plan:
     """``plan`` with its predictions replaced by `simulate`'s replay on ``graph``, which
     refuses a plan made for another graph (`PlanMismatchError`) or one that cannot run
     (`InvalidPlanError`, naming the step and the value); `InvalidPlanError` too when the
-    replay peaks above the plan's own budget. Nothing runs a plan this did not accept:
-    a saved plan may have been edited."""
+    replay peaks above the plan's own budget, or, for a plan that runs ``compiled``, above
+    its `EAGER_BUDGET_OPTION` (whoever compiles it measures the caller's budget). Nothing
+    runs a plan this did not accept: a saved plan may have been edited."""
     result = simulate(graph, plan)
-    if result.peak_bytes > plan.budget_bytes:
+    limit_bytes = plan.budget_bytes
+    if compiled:
+        limit_bytes = max(limit_bytes, int(plan.options.get(EAGER_BUDGET_OPTION, 0)))
+    if result.peak_bytes > limit_bytes:
         steps = plan.steps(result.peak_phase)
         at = steps[result.peak_step_index] if 0 <= result.peak_step_index < len(steps) else "the start"
         raise InvalidPlanError(
             f"plan by {plan.solver!r} peaks at {format_bytes(result.peak_bytes)} ({result.peak_bytes} bytes) at "
             f"{result.peak_phase.value} step {result.peak_step_index} {at}, above its budget of "
-            f"{format_bytes(plan.budget_bytes)}; re-plan with optimize(model, budget, example_inputs) "
-            "without plan=, or give the plan a budget it meets")
+            f"{format_bytes(limit_bytes)}; re-plan with optimize(model, budget, example_inputs) "
+            "without plan=, or give the plan a budget it meets"
+            + ("; this plan was fitted to its budget compiled: load it with compile=True"
+               if not compiled and EAGER_BUDGET_OPTION in plan.options else ""))
     return replace(plan, predicted_peak_bytes=result.peak_bytes, predicted_time_ms=result.time_ms)
 
 
@@ -171,7 +183,7 @@ class ScheduledModule(torch.nn.Module):
                  compile: bool = False, program: StepProgram | None = None) -> None:
         super().__init__()
         self.module = model
-        self.plan = checked_plan(graph, plan)
+        self.plan = checked_plan(graph, plan, compiled=compile or (program is not None and program.compiled))
         self.graph = graph
         self._step = step
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

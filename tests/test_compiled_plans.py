@@ -14,6 +14,7 @@ Each compiled model costs ~20 s on 2 cores with a cold inductor cache: marked sl
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,8 +28,9 @@ from planner.budget import resolve_budget
 from planner.errors import CompiledBudgetError, OptionError
 from planner.memory import measure_allocator_peak
 from runtime.compiled import CompiledProgram
+from runtime.module import EAGER_BUDGET_OPTION, ScheduledModule, checked_plan
 from runtime.step import random_fill_like
-from solvers.errors import InfeasibleBudgetError
+from solvers.errors import InfeasibleBudgetError, InvalidPlanError
 
 SEED = 7
 
@@ -153,6 +155,33 @@ def test_fit_solves_again_for_the_budget_less_the_plans_excess(monkeypatch) -> N
     assert len(predicted) == 2 and optimized._program.fit_tries == 2
     assert optimized._program.solver_budget_bytes == budget_bytes - excess_bytes
     assert optimized._program.measured_peak_bytes == predicted[1] + excess_bytes <= budget_bytes
+
+
+def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch) -> None:
+    """Every compiled step measures a tenth of the budget below its eager prediction: the
+    plan is solved again for that much more than the budget, kept (its compiled step fits),
+    and records the budget its eager replay was solved within; it runs only compiled."""
+    model, inputs = zoo.make("gpt", "tiny")
+    predicted = []
+    slack = {}
+
+    def below(model, step, graph, plan, program, inputs, kwargs, *, released=False):
+        predicted.append(plan.predicted_peak_bytes)
+        slack.setdefault("bytes", plan.budget_bytes // 10)
+        return plan.predicted_peak_bytes - slack["bytes"]
+
+    monkeypatch.setattr(planner.compiled, "measure_compiled_peak", below)
+    optimized = optimize(model, 0.6, inputs, compile=True, progress=False)
+    plan = optimized.plan
+    assert len(predicted) == 2 and optimized._program.fit_tries == 2
+    assert plan.options[EAGER_BUDGET_OPTION] == optimized._program.solver_budget_bytes > plan.budget_bytes
+    assert predicted[1] > plan.budget_bytes, "the second plan must use the room above the budget"
+    assert optimized._program.measured_peak_bytes == predicted[1] - slack["bytes"] <= plan.budget_bytes
+    train_step(optimized, inputs)
+    with pytest.raises(InvalidPlanError, match="compile=True"):
+        ScheduledModule(model, optimized._step, optimized.graph, plan)
+    with pytest.raises(InvalidPlanError):
+        checked_plan(optimized.graph, replace(plan, options={}), compiled=True)
 
 
 def test_simulated_offload_on_a_cpu_is_refused() -> None:
