@@ -16,7 +16,8 @@ to `MAX_FITS` times; then the call is refused with `CompiledBudgetError`, which 
 least peak measured. The next solver budget is below the failed plan's own prediction,
 so every try is a different plan. Once a plan fits with more than `RAISE_STOP` of the
 budget to spare, a plan solved for the budget less the fitting plan's excess is tried,
-below the least solver budget that measured over, and the plan solved for the most bytes
+below the least solver budget that measured over, if the solver predicts it faster than
+the fitting plan by more than `RAISE_GAIN` of the step; the plan solved for the most bytes
 that fits is kept. That solver budget may be above the caller's: a compiled step often
 measures below its eager prediction (a fused chain never holds the temporaries the eager
 program does; on the zoo GPT small, 3-4 MiB below at every budget, the cross-entropy
@@ -66,6 +67,10 @@ MAX_FITS = 6      # compiled programs measured per signature and configuration b
 # once a lowered plan fits, a plan solved for more is tried only if that is more by this
 # fraction of the budget
 RAISE_STOP = 0.01
+# ... and is compiled and measured only if the solver predicts it faster than the fitting
+# plan by more than this fraction of the step: on the zoo GPT small every such try cost a
+# compilation (9-38 s in all per budget instead of 6-27 s) for times within 1 % of before
+RAISE_GAIN = 0.01
 # Inductor's channels-last layouts (its default ``layout_optimization``): on the zoo ResNet
 # small at half its activations they made the compiled plan 11 % faster and peak 2.1 MiB
 # (4 %) higher, copies of weights and activations the eager plan never saw; so a model with
@@ -245,7 +250,8 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
         # what compiling added to this plan's peak; the next plan is solved for the budget less it
         excess_bytes = peak_bytes - checked.predicted_peak_bytes
         target_bytes = budget_bytes - excess_bytes
-        if peak_bytes <= budget_bytes:
+        raising = peak_bytes <= budget_bytes
+        if raising:
             program.solver_budget_bytes = internal_bytes
             if best is None or internal_bytes > best[0]:
                 best = (internal_bytes, checked, program)
@@ -268,6 +274,10 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
         except InfeasibleBudgetError as error:
             log.info("memsched compile: no plan at %s: %s", format_bytes(internal_bytes), str(error).splitlines()[0])
             break
+        if raising and not _predicted_faster(checked_plan(graph, plan, compiled=True), best[1]):
+            log.info("memsched compile: the plan for %s is not predicted faster by %.0f %%; kept the fitting one",
+                     format_bytes(internal_bytes), 100 * RAISE_GAIN)
+            break
     if best is None:
         raise CompiledBudgetError(budget_bytes, tried, loaded=loaded)
     solver_bytes, fitted, program = best
@@ -279,6 +289,13 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     if solver_bytes > budget_bytes:
         options[EAGER_BUDGET_OPTION] = solver_bytes
     return replace(fitted, budget_bytes=budget_bytes, options=options), program
+
+
+def _predicted_faster(candidate: Plan, fitting: Plan) -> bool:
+    """Whether ``candidate`` is predicted faster than ``fitting`` by more than `RAISE_GAIN`
+    of the step (its keep-all time), so that compiling and measuring it may pay."""
+    step_ms = fitting.baseline_time_ms or fitting.predicted_time_ms
+    return fitting.predicted_time_ms - candidate.predicted_time_ms > RAISE_GAIN * step_ms
 
 
 @contextlib.contextmanager
