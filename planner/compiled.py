@@ -22,7 +22,7 @@ that fits is kept. That solver budget may be above the caller's: a compiled step
 measures below its eager prediction (a fused chain never holds the temporaries the eager
 program does; on the zoo GPT small, 3-4 MiB below at every budget, the cross-entropy
 backward's logits-sized buffer of zeros). Such a plan records the budget its eager replay
-was solved within (`runtime.module.EAGER_BUDGET_OPTION`) and runs only compiled.
+was solved within (`solvers.plan.EAGER_BUDGET_OPTION`) and runs only compiled.
 
 The step a ``compile=True`` plan is solved over is inductor's granularity
 (`decompose_for_inductor`): layer and batch norms are decomposed as inductor lowers them,
@@ -55,11 +55,11 @@ import torch.utils._pytree as pytree
 from planner.benchmark import training_loss
 from planner.errors import CompiledBudgetError
 from planner.memory import measure_allocator_peak, measure_step_memory
-from runtime.module import EAGER_BUDGET_OPTION, ScheduledModule, StepProgram, checked_plan
+from runtime.module import ScheduledModule, StepProgram, checked_plan
 from runtime.step import CapturedStep, Role
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph
-from solvers.plan import Plan
+from solvers.plan import EAGER_BUDGET_OPTION, Plan
 
 log = logging.getLogger(__name__)
 

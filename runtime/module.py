@@ -20,7 +20,7 @@ from runtime.codegen import Programs, generate
 from runtime.compiled import compile_programs
 from solvers.errors import InvalidPlanError, PlanMismatchError, UnsupportedUseError, format_bytes
 from solvers.graph import Graph
-from solvers.plan import Plan
+from solvers.plan import EAGER_BUDGET_OPTION, Plan
 from solvers.simulate import simulate
 
 
@@ -122,12 +122,6 @@ class _ScheduledStep(torch.autograd.Function):
             slot = next(slots)
             result[program.num_params + program.num_buffers + position] = None if slot is None else gradients[slot]
         return (None, *result)
-
-
-# A compiled plan's option: the budget its eager replay was solved within, when that is
-# above the caller's budget because the compiled step measured below the eager prediction
-# (`planner.compiled`); the caller's budget is then kept by measurement.
-EAGER_BUDGET_OPTION = "eager_budget_bytes"
 
 
 def checked_plan(graph: Graph, plan: Plan, *, compiled: bool = False) -> Plan:

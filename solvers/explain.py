@@ -20,7 +20,7 @@ from solvers.errors import PlanFormatError, format_bytes
 from solvers.graph import Graph
 from solvers.kernel.program import saved_roots
 from solvers.kernel.recompute import recompute_time_ms
-from solvers.plan import Decision, Plan, StepKind
+from solvers.plan import EAGER_BUDGET_OPTION, Decision, Plan, StepKind
 from solvers.simulate import SimResult, live_roots_at, simulate
 
 EXPLANATION_FORMAT = "memsched.explanation/1"
@@ -208,7 +208,13 @@ def _prediction_warnings(plan: Plan, sim: SimResult) -> tuple[str, ...]:
     if plan.predicted_time_ms and not math.isclose(plan.predicted_time_ms, sim.time_ms, rel_tol=1e-6, abs_tol=1e-9):
         warnings.append(f"the plan records a time of {format_ms(plan.predicted_time_ms)} but its replay gives "
                         f"{format_ms(sim.time_ms)}; the figures shown are the replay's")
-    if sim.peak_bytes > plan.budget_bytes:
+    eager_budget_bytes = int(plan.options.get(EAGER_BUDGET_OPTION, 0))
+    if sim.peak_bytes > plan.budget_bytes and sim.peak_bytes <= eager_budget_bytes:
+        warnings.append(f"the replayed (eager) peak {format_bytes(sim.peak_bytes)} is above the budget "
+                        f"{format_bytes(plan.budget_bytes)}: the plan was fitted compiled, solved within "
+                        f"{format_bytes(eager_budget_bytes)}, and its compiled step measured within the budget; "
+                        "it runs only with compile=True")
+    elif sim.peak_bytes > plan.budget_bytes:
         warnings.append(f"the replayed peak {format_bytes(sim.peak_bytes)} exceeds the budget "
                         f"{format_bytes(plan.budget_bytes)}; re-plan with solvers.solve")
     return tuple(warnings)

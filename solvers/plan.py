@@ -95,6 +95,13 @@ def check_plan_graph(kind: str, plan_graph_hash: str, graph: Graph, replan: str)
             f"the model, its input shapes or dtypes changed since the plan was saved. Re-plan with {replan}")
 
 
+# An option of a plan fitted compiled (`planner.compiled`): the budget its eager replay was
+# solved within, when that is above ``budget_bytes`` because the compiled step measured
+# below the eager prediction. ``budget_bytes`` is then kept by measurement, and the plan
+# runs only compiled (`runtime.module.checked_plan`).
+EAGER_BUDGET_OPTION = "eager_budget_bytes"
+
+
 @dataclass(frozen=True)
 class Plan:
     """An executable schedule for one `Graph`, with what was decided and predicted."""

@@ -28,9 +28,11 @@ from planner.budget import resolve_budget
 from planner.errors import CompiledBudgetError, OptionError
 from planner.memory import measure_allocator_peak
 from runtime.compiled import CompiledProgram
-from runtime.module import EAGER_BUDGET_OPTION, ScheduledModule, checked_plan
+from runtime.module import ScheduledModule, checked_plan
 from runtime.step import random_fill_like
 from solvers.errors import InfeasibleBudgetError, InvalidPlanError
+from solvers.explain import explain
+from solvers.plan import EAGER_BUDGET_OPTION
 
 SEED = 7
 
@@ -182,6 +184,8 @@ def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch)
         ScheduledModule(model, optimized._step, optimized.graph, plan)
     with pytest.raises(InvalidPlanError):
         checked_plan(optimized.graph, replace(plan, options={}), compiled=True)
+    (warning,) = explain(optimized.graph, plan).summary.warnings
+    assert "fitted compiled" in warning and "compile=True" in warning
 
 
 def test_simulated_offload_on_a_cpu_is_refused() -> None:
