@@ -88,7 +88,7 @@ from planner import zoo  # noqa: E402
 from planner.api import _StepPlanner  # noqa: E402
 from planner.benchmark import step_times_ms, training_loss  # noqa: E402
 from planner.capture import capture  # noqa: E402
-from planner.compiled import decompose_for_inductor, fit_compiled, with_compiled_costs  # noqa: E402
+from planner.compiled import decompose_for_inductor, fit_compiled, solve_compiled, with_compiled_costs  # noqa: E402
 from planner.memory import measure_allocator_peak  # noqa: E402
 from planner.profile import profile, with_released_outputs  # noqa: E402
 from real_models import (KEEP_FREED_MEMORY_ENV, build_gpt2, inductor_at_budget, keep_freed_memory,  # noqa: E402
@@ -245,7 +245,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     reached = {method.row["measured_peak_bytes"] for method in methods
                if (method.kind == "compile" and method is not compiled) or method is every_block}
     budgets = sorted(set(sweep_budgets(floor_bytes, compiled_peak, args.budgets))
-                     | {peak for peak in reached if floor_bytes <= peak < compiled_peak}) if args.at_peaks else \
+                     | {peak for peak in reached if peak < compiled_peak}) if args.at_peaks else \
         sweep_budgets(floor_bytes, compiled_peak, args.budgets)
     infeasible = []
     for budget in budgets:
@@ -253,7 +253,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                                transfer=None, backward_from="auto", release_outputs=workload.released, compile=True)
         started = time.perf_counter()
         try:
-            plan = planner.solve(graph, budget)
+            plan = solve_compiled(lambda budget_bytes: planner.solve(graph, budget_bytes), budget)
             solve_s = time.perf_counter() - started
             plan, program = fit_compiled(planner, model, step, graph, plan, workload.args, workload.kwargs)
         except InfeasibleBudgetError as error:     # CompiledBudgetError too: the measured peaks

@@ -187,6 +187,10 @@ class _StepPlanner:
             loaded.check_graph(graph)
             return step, graph, loaded
         breakdown = resolve_budget(self.budget, graph)
+        if self.compile:                  # below the eager floor, the floor plan may fit compiled
+            from planner.compiled import solve_compiled
+            return step, graph, solve_compiled(lambda budget_bytes: self.solve(graph, budget_bytes, start),
+                                               breakdown.budget_bytes)
         return step, graph, self.solve(graph, breakdown.budget_bytes, start)
 
     def solve(self, graph: Graph, budget_bytes: int, start: Plan | None = None) -> Plan:

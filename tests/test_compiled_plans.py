@@ -188,6 +188,29 @@ def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch)
     assert "fitted compiled" in warning and "compile=True" in warning
 
 
+def test_below_the_eager_floor_the_floor_plan_is_fitted_compiled(monkeypatch) -> None:
+    """A budget below the least the solver meets for the eager step is not refused before
+    compiling: the floor plan is compiled and measured, and kept where it fits."""
+    model, inputs = zoo.make("gpt", "tiny")
+    slack_bytes = 2**13
+
+    def below(model, step, graph, plan, program, inputs, kwargs, *, released=False):
+        return plan.predicted_peak_bytes - slack_bytes
+
+    monkeypatch.setattr(planner.compiled, "measure_compiled_peak", below)
+    with pytest.raises(CompiledBudgetError) as raised:      # far below: the floor plan measures over
+        optimize(model, 2**10, inputs, compile=True, progress=False)
+    ((floor_bytes, measured_bytes),) = raised.value.tried
+    assert measured_bytes > 2**10
+    budget_bytes = floor_bytes - slack_bytes // 2
+    optimized = optimize(model, budget_bytes, inputs, compile=True, progress=False)
+    plan = optimized.plan
+    assert plan.budget_bytes == budget_bytes < plan.predicted_peak_bytes
+    assert plan.options[EAGER_BUDGET_OPTION] >= floor_bytes
+    assert optimized._program.measured_peak_bytes <= budget_bytes
+    train_step(optimized, inputs)
+
+
 def test_simulated_offload_on_a_cpu_is_refused() -> None:
     model, inputs = zoo.make("mlp", "tiny")
     with pytest.raises(OptionError, match="target="):
