@@ -20,8 +20,8 @@ below the least solver budget that measured over, if the solver predicts it fast
 the fitting plan by more than `RAISE_GAIN` of the step; the plan solved for the most bytes
 that fits is kept. That solver budget may be above the caller's: a compiled step often
 measures below its eager prediction (a fused chain never holds the temporaries the eager
-program does; on the zoo GPT small, 3-4 MiB below at every budget, the cross-entropy
-backward's logits-sized buffer of zeros). Such a plan records the budget its eager replay
+program does; on the zoo GPT small, 2.3-3.3 MiB below at every budget above its floor, the
+cross-entropy backward's logits-sized buffer of zeros). Such a plan records the budget its eager replay
 was solved within (`solvers.plan.EAGER_BUDGET_OPTION`) and runs only compiled.
 
 The step a ``compile=True`` plan is solved over is inductor's granularity
