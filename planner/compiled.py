@@ -215,7 +215,7 @@ def solve_compiled(solve_for: Callable[[int], Plan], budget_bytes: int) -> Plan:
     # higher one, up to `FLOOR_SOLVES` times
     floor_bytes = refusal.least_feasible_bytes
     for _ in range(FLOOR_SOLVES):
-        if not budget_bytes < floor_bytes:
+        if budget_bytes >= floor_bytes:
             break
         try:
             floor_plan = solve_for(floor_bytes)
@@ -289,8 +289,8 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
         # what compiling added to this plan's peak; the next plan is solved for the budget less it
         excess_bytes = peak_bytes - checked.predicted_peak_bytes
         target_bytes = budget_bytes - excess_bytes
-        raising = peak_bytes <= budget_bytes
-        if raising:
+        fits = peak_bytes <= budget_bytes
+        if fits:
             program.solver_budget_bytes = internal_bytes
             if best is None or internal_bytes > best[0]:
                 best = (internal_bytes, checked, program)
@@ -313,7 +313,7 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
         except InfeasibleBudgetError as error:
             log.info("memsched compile: no plan at %s: %s", format_bytes(internal_bytes), str(error).splitlines()[0])
             break
-        if raising and not _predicted_faster(checked_plan(graph, plan, compiled=True), best[1]):
+        if fits and not _predicted_faster(checked_plan(graph, plan, compiled=True), best[1]):
             log.info("memsched compile: the plan for %s is not predicted faster by %.0f %%; kept the fitting one",
                      format_bytes(internal_bytes), 100 * RAISE_GAIN)
             break
