@@ -23,7 +23,8 @@ Methods:
                            `planner.compiled`) and fitted (`planner.compiled.fit_compiled`) at
                            ``--budgets`` budgets from memsched's floor to 0.9 of compiled
                            plain's measured peak, and at each peak a compile budget or
-                           every-block checkpointing measured (one capture and profile for
+                           every-block checkpointing measured, below memsched's eager floor
+                           too (`planner.compiled.solve_compiled`) (one capture and profile for
                            all of them)
 
 Every compiled method runs with ``torch._inductor.config.fallback_random = True``, so dropout

@@ -82,8 +82,9 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
             inductor lowers it (layer and batch norms decomposed, pointwise ops priced as
             fused), so a plan saved without ``compile`` does not load with it. The
             compiled step's peak is measured, and the plan re-solved for the budget less
-            what compiling added while it is over (`planner.compiled`);
-            `CompiledBudgetError` if no plan fits. With ``target=`` (offloading) it needs
+            what compiling added while it is over, or once for more where compiling saved
+            memory (such a plan runs only compiled; below the eager floor the floor plan
+            is tried) (`planner.compiled`); `CompiledBudgetError` if no plan fits. With ``target=`` (offloading) it needs
             a CUDA model: on a CPU the host copies cannot be told apart from the step.
         chunked_loss: run the last linear layer and its cross-entropy a chunk of rows at a
             time (``True``, or the rows per chunk), so that no tensor the size of the
