@@ -173,6 +173,8 @@ def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch)
         return plan.predicted_peak_bytes - slack["bytes"]
 
     monkeypatch.setattr(planner.compiled, "measure_compiled_peak", below)
+    # the gate on the predicted gain reads profiled times, which move under load
+    monkeypatch.setattr(planner.compiled, "_predicted_faster", lambda candidate, fitting: True)
     optimized = optimize(model, 0.6, inputs, compile=True, progress=False)
     plan = optimized.plan
     assert len(predicted) == 2 and optimized._program.fit_tries == 2
@@ -209,6 +211,37 @@ def test_below_the_eager_floor_the_floor_plan_is_fitted_compiled(monkeypatch) ->
     assert plan.options[EAGER_BUDGET_OPTION] >= floor_bytes
     assert optimized._program.measured_peak_bytes <= budget_bytes
     train_step(optimized, inputs)
+
+
+def test_channels_last_starts_with_room_for_the_weights_copies(monkeypatch) -> None:
+    """On a model with convolutions the first compiled plan, in channels-last layouts, is
+    solved for the budget less the convolution weights' bytes, so it fits at the first try
+    where the copies come to less; where no plan leaves that room (at the floor),
+    channels-last is not tried and the plan's own layouts are."""
+    model, inputs = zoo.make("resnet", "tiny")
+    tried = []
+
+    def copies_added(model, step, graph, plan, program, inputs, kwargs, *, released=False):
+        layouts = program.inductor_options.get("layout_optimization", False)
+        tried.append((layouts, plan.predicted_peak_bytes))
+        return plan.predicted_peak_bytes + (planner.compiled.convolution_weight_bytes(graph) * 3 // 4 if layouts else 0)
+
+    monkeypatch.setattr(planner.compiled, "measure_compiled_peak", copies_added)
+    monkeypatch.setattr(planner.compiled, "_predicted_faster", lambda candidate, fitting: False)   # no raise
+    optimized = optimize(model, 0.7, inputs, compile=True, progress=False)
+    weight_bytes = planner.compiled.convolution_weight_bytes(optimized.graph)
+    assert weight_bytes == sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 4)
+    ((layouts, predicted_bytes),) = tried
+    assert layouts and predicted_bytes <= optimized.plan.budget_bytes - weight_bytes
+    assert optimized._program.fit_tries == 1 and optimized._program.measured_peak_bytes <= optimized.plan.budget_bytes
+    tried.clear()
+    with pytest.raises(CompiledBudgetError) as raised:        # far below: the floor plan measures over
+        optimize(model, 2**10, inputs, compile=True, progress=False)
+    ((floor_bytes, _),) = raised.value.tried
+    assert tried and not any(layouts for layouts, _ in tried)
+    tried.clear()
+    floor = optimize(model, floor_bytes, inputs, compile=True, progress=False)
+    assert [layouts for layouts, _ in tried] == [False] and floor._program.fit_tries == 1
 
 
 def test_simulated_offload_on_a_cpu_is_refused() -> None:
