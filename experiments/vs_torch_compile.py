@@ -246,7 +246,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     reached = {method.row["measured_peak_bytes"] for method in methods
                if (method.kind == "compile" and method is not compiled) or method is every_block}
     budgets = sorted(set(sweep_budgets(floor_bytes, compiled_peak, args.budgets))
-                     | {peak for peak in reached if peak < compiled_peak}) if args.at_peaks else \
+                     | {peak for peak in reached if peak <= compiled_peak}) if args.at_peaks else \
         sweep_budgets(floor_bytes, compiled_peak, args.budgets)
     infeasible = []
     for budget in budgets:
