@@ -475,8 +475,9 @@ def _accumulate_gradients_in_place(graph_module: fx.GraphModule, roles: dict[str
             continue
         first, second = node.args
         if _embedding_rows_added_in_place(node, roles, modules, writable_into):
-            pass
-        elif writable_into(first, node):
+            rewritten += 1
+            continue
+        if writable_into(first, node):
             node.target = aten.add_.Tensor
         elif writable_into(second, node):
             node.args, node.target = (second, first), aten.add_.Tensor
