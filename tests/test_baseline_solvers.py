@@ -248,7 +248,12 @@ def builder_plan(graph: Graph, decisions: dict[str, Decision], **options: Any) -
 def test_builder_replays_every_decision_mix(graph: Graph, mode: str, free_intermediates: bool, hold_for_next_op: bool,
                                             data: st.DataObject) -> None:
     decisions = random_decisions(graph, data, mode)
-    plan = builder_plan(graph, decisions, free_intermediates=free_intermediates, hold_for_next_op=hold_for_next_op)
+    activations = [value.name for value in graph.values if value.kind is ValueKind.ACTIVATION]
+    hold_remade = frozenset(data.draw(st.lists(st.sampled_from(activations), unique=True), label="hold_remade")
+                            if activations else ())
+    hold_remade_from = data.draw(st.integers(0, len(graph.backward_ops)), label="hold_remade_from")
+    plan = builder_plan(graph, decisions, free_intermediates=free_intermediates, hold_for_next_op=hold_for_next_op,
+                        hold_remade=hold_remade, hold_remade_from=hold_remade_from)
     result = check_program(graph, plan)   # raises if a gradient is never produced
     end_of_forward = [point for point in result.timeline if point.phase is FWD][-1].bytes_in_use
     keep_roots = {root for root, decision in decisions.items() if decision is Decision.KEEP}
@@ -323,6 +328,38 @@ def test_holding_a_recomputed_value_for_the_next_backward_op(p_bytes: int, held_
     assert freed_result.peak_bytes == 48 + 256 + p_bytes + 64
     assert held_result.peak_bytes == 48 + 64 + 64 + 256
     assert (held_result.peak_bytes < freed_result.peak_bytes) is held_is_lower
+
+
+def test_remade_boundaries_are_held_from_the_given_backward_op() -> None:
+    """a0 = f0(x), a1 = f1(a0), a2 = f2(a1), all dropped; b2, b1, b0 read a2, a1, a0.
+    Freeing intermediates at once re-runs the chain from x for every backward op (f0 three
+    times); holding the remade boundaries a0 and a1 runs each forward op once; holding them
+    from b1 on releases what b2's recomputation made and keeps what b1's makes."""
+    act, work = ValueKind.ACTIVATION, ValueKind.GRADIENT_WORK
+    values = (Value("x", 16, ValueKind.INPUT), Value("t", 16, ValueKind.TANGENT), Value("a0", 64, act, "f0"),
+              Value("a1", 64, act, "f1"), Value("a2", 64, act, "f2"), Value("out", 16, act, "loss"),
+              Value("g2", 16, work, "b2"), Value("g1", 16, work, "b1"), Value("g0", 16, work, "b0"))
+    ops = (Op("f0", ("x",), ("a0",), FWD, 1.0), Op("f1", ("a0",), ("a1",), FWD, 1.0),
+           Op("f2", ("a1",), ("a2",), FWD, 1.0), Op("loss", ("a2",), ("out",), FWD, 1.0),
+           Op("b2", ("t", "a2"), ("g2",), BWD, 1.0), Op("b1", ("g2", "a1"), ("g1",), BWD, 1.0), Op("b0", ("g1", "a0"), ("g0",), BWD, 1.0))
+    graph = Graph(ops=ops, values=values, placeholders=("x", "t"), forward_outputs=("out",), gradients=("g0",))
+    decisions = decisions_for(graph, recompute=["a0", "a1", "a2"])
+    boundaries = frozenset({"a0", "a1"})
+    plans = {"freed": builder_plan(graph, decisions, free_intermediates=True),
+             "held": builder_plan(graph, decisions, free_intermediates=True, hold_remade=boundaries),
+             "held from b1": builder_plan(graph, decisions, free_intermediates=True, hold_remade=boundaries,
+                                          hold_remade_from=1)}
+    runs = {name: [step.name for step in plan.backward if step.kind is StepKind.RUN] for name, plan in plans.items()}
+    assert runs == {"freed": ["f0", "f1", "f2", "b2", "f0", "f1", "b1", "f0", "b0"],
+                    "held": ["f0", "f1", "f2", "b2", "b1", "b0"],
+                    "held from b1": ["f0", "f1", "f2", "b2", "f0", "f1", "b1", "b0"]}
+    results = {name: check_program(graph, plan) for name, plan in plans.items()}
+    assert results["held"].time_ms == results["freed"].time_ms - 3.0
+    # x, t and out are 48 bytes throughout. Freed: a0 and a1 remade for b1 beside g2;
+    # held: a0, a1 and a2 during b2 beside g2; held from b1: a0 held through b1 (a1, g2, g1)
+    assert results["freed"].peak_bytes == 48 + 64 + 64 + 16
+    assert results["held"].peak_bytes == 48 + 3 * 64 + 16
+    assert results["held from b1"].peak_bytes == 48 + 64 + 64 + 16 + 16
 
 
 def dropout_mask_graph() -> Graph:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections import Counter
 
 import pytest
+import torch
 from hypothesis import given, strategies as st
 
 from planner.budget import resolve_budget
 from runtime.module import ScheduledModule
-from solvers import (Decision, Graph, InfeasibleBudgetError, Op, OptionError, Phase, Value, ValueKind, simulate,
-                     solve)
+from solvers import (Decision, Graph, InfeasibleBudgetError, Op, OptionError, Phase, Plan, Value, ValueKind,
+                     least_feasible_lower_bound, simulate, solve)
 from solvers import hierarchical
 from solvers import portfolio
 from solvers.hierarchical import choose_levels, restore
@@ -219,6 +221,53 @@ def test_drop_all_fallback_below_every_dp(monkeypatch) -> None:
     scheduled_model, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(scheduled_model, step, graph, plan)
     assert_same_training_step(scheduled, scheduled_model, reference, inputs, label="drop-all fallback")
+
+
+def test_drop_all_remakes_each_boundary_once_where_the_loss_leaves_no_room_for_one() -> None:
+    """A language model whose loss sets the floor (vocabulary 4,096 against width 32; GPT-2
+    at 4 x 512 tokens is the real case): at the floor no block boundary fits beside the
+    loss. Released after each use, the dropped boundaries are remade from the tokens for
+    every backward op, O(blocks^2) block runs; `drop_all_plan` holds them once remade from
+    the backward op after the loss's peak on. Its plan fits, runs each forward op a few
+    times instead of dozens, and trains with the plain model's gradients within its budget
+    by the tracker."""
+    from planner.capture import capture
+    from planner.memory import measure_step_memory
+    from planner.profile import profile
+    from planner.zoo import GPT
+    from solvers.kernel.program import plan_from_decisions
+    from solvers.kernel.segments import segmentations
+    from solvers.plan import StepKind
+
+    torch.manual_seed(0)
+    model = GPT(n_layer=6, n_head=2, d_model=32, seq_len=64, vocab_size=4096, dropout=0.0)
+    stream = torch.randint(4096, (4, 65))
+    inputs = (stream[:, :-1].contiguous(), stream[:, 1:].contiguous())
+    step = capture(model, inputs)
+    graph = profile(step, model, inputs, repeats=1)
+    boundaries = {name for segment in segmentations(graph)[0] for name in segment.crossing_in}
+    block_output_bytes = 4 * 64 * 32 * 4
+    budget_bytes = least_feasible_lower_bound(graph).total + block_output_bytes // 4
+    plan = hierarchical.drop_all_plan(graph, budget_bytes, boundaries)
+    assert plan.options.get("hold_remade") and plan.options["hold_remade_from"] > 0, plan.options
+    released = plan_from_decisions(graph, dict(plan.decisions), "released", budget_bytes, free_intermediates=True,
+                                   hold_for_next_op=bool(plan.options.get("hold_for_next_op")))
+    forward_ops = {op.name for op in graph.forward_ops}
+
+    def most_runs(of: Plan) -> int:
+        return max(Counter(s.name for s in of.backward if s.kind is StepKind.RUN and s.name in forward_ops).values())
+
+    held_result, released_result = simulate(graph, plan), simulate(graph, released)
+    assert held_result.peak_bytes <= budget_bytes
+    assert most_runs(plan) * 3 < most_runs(released)
+    assert held_result.time_ms * 2 < released_result.time_ms
+    scheduled_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    scheduled = ScheduledModule(scheduled_model, step, graph, plan)
+    assert_same_training_step(scheduled, scheduled_model, reference, inputs, label="drop-all at the loss's floor")
+    scheduled_model.zero_grad(set_to_none=True)
+    resident = [*scheduled_model.parameters(), *scheduled_model.buffers(), *inputs]
+    _, report = measure_step_memory(lambda: scheduled(*inputs).backward(), "cpu", resident)
+    assert report.peak_bytes <= budget_bytes
 
 
 def kept_output_raises_the_peak_by_more_than_its_size() -> tuple[Graph, dict[str, Decision]]:

@@ -40,13 +40,18 @@ def saved_roots(graph: Graph) -> tuple[str, ...]:
 
 def plan_from_decisions(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int,
                         optimal: bool = False, free_intermediates: bool = False,
-                        hold_for_next_op: bool = False) -> Plan:
+                        hold_for_next_op: bool = False, hold_remade: frozenset[str] = frozenset(),
+                        hold_remade_from: int = 0) -> Plan:
     """The `Plan` of ``decisions`` (`build_program`), labelled with ``solver``."""
     forward, backward = build_program(graph, decisions, free_intermediates=free_intermediates,
-                                      hold_for_next_op=hold_for_next_op)
-    options = {"free_intermediates": True} if free_intermediates else {}
+                                      hold_for_next_op=hold_for_next_op, hold_remade=hold_remade,
+                                      hold_remade_from=hold_remade_from)
+    options: dict[str, object] = {"free_intermediates": True} if free_intermediates else {}
     if free_intermediates and hold_for_next_op:
         options["hold_for_next_op"] = True
+    if free_intermediates and hold_remade:
+        options["hold_remade"] = len(hold_remade)
+        options["hold_remade_from"] = hold_remade_from
     return Plan(graph_hash=graph.hash, solver=solver, budget_bytes=budget_bytes, forward=forward,
                 backward=backward, decisions=dict(decisions), optimal=optimal, options=options)
 
@@ -66,6 +71,7 @@ def decisions_for(graph: Graph, recompute: Iterable[str] = (), offloaded: Iterab
 
 def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahead_ops: int = 1,
                   free_intermediates: bool = False, hold_for_next_op: bool = False,
+                  hold_remade: frozenset[str] = frozenset(), hold_remade_from: int = 0,
                   prefetch_by_transfer_time: bool = False) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
     """Forward and backward steps for the given root decisions (missing roots are kept).
 
@@ -76,7 +82,14 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
     one that the next backward op reads stays for it: releasing it would recompute its
     whole chain again at once, with the gradients of both ops alive (on ResNet-50, a
     bottleneck's batch-norm backward and the convolution backward after it both read the
-    block's recomputed input chain). Neither way is always lower.
+    block's recomputed input chain). Neither way is always lower. The values in
+    ``hold_remade`` (segment boundaries) are not released that way from backward op
+    ``hold_remade_from`` on: once a recomputation there remakes one it stays until its last
+    backward use, so the segments before it are re-run once, not once per later segment
+    (with every boundary dropped: one forward re-run in all, as Chen et al.'s sqrt(n)
+    schedule re-runs it, instead of O(segments) of them). Before that op they are released
+    as the others are, so that where the backward peaks (a loss's working set) they need
+    not fit beside it.
 
     An offloaded storage is prefetched ``prefetch_ahead_ops`` backward ops before its first
     backward use. With ``prefetch_by_transfer_time``, instead, the copies are timed by the
@@ -164,6 +177,8 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
             held = set(op.inputs)
             if hold_for_next_op and position + 1 < len(backward_ops):
                 held |= set(backward_ops[position + 1].inputs)
+            if position >= hold_remade_from:
+                held |= hold_remade
             live.difference_update(intermediates - held - on_host)
     backward_steps = insert_frees(graph, backward_core, live_out=set(graph.gradients),
                                   live_in=kept_for_backward | set(graph.placeholders))
