@@ -58,7 +58,7 @@ memory model is checked, not proved.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from solvers.errors import InfeasibleBudgetError, OptionError
 from solvers.graph import Graph, Phase
@@ -294,39 +294,46 @@ def _restore_pass(graph: Graph, decisions: dict[str, Decision], replays: Replays
     return decisions, restored
 
 
-def drop_all_plan(graph: Graph, budget_bytes: int, boundaries: set[str]) -> Plan:
+def drop_all_plan(graph: Graph, budget_bytes: int, segments: Sequence[Segment]) -> Plan:
     """Near where ``greedy``'s lowest pass ends, in a few replays instead of O(R): every
-    storage greedy may drop is dropped and recomputed (the segment ``boundaries`` kept
+    storage greedy may drop is dropped and recomputed (the ``segments``' boundaries kept
     first, so that recomputations stay inside a segment; while that does not fit, the
     boundaries alive at the replay's peak are dropped too), the values made only on the way
     to another recomputation freed at once and made again when needed
-    (``free_intermediates``, the pass that reaches lowest). Four ways of doing that are
+    (``free_intermediates``, the pass that reaches lowest). Six ways of doing that are
     replayed: those the next backward op reads held for it or not (``hold_for_next_op``:
-    neither is always lower), and each with the boundaries held once a recomputation
-    remakes them (``hold_remade``: the segments before a dropped boundary re-run once in the
-    backward, not once per later segment), from the backward op after the replay's peak
-    on while holding them from the start does not fit (``hold_remade_from``). On GPT-2 at
-    4 x 512 tokens, whose loss leaves room for no boundary beside it, the floor plan's
-    predicted step (H100 roofline times) fell from 17.9x to 2.3x the plain step's that way,
-    and its solve from 58 s to 14 s. For each
-    ``hold_for_next_op``, the way with held boundaries is taken where it fits (it never
-    recomputes more), the other where not. If no way fits, `_keep_while_peak_falls` keeps
-    storages again where that lowers the peak (a drop can raise it; greedy would undo it),
-    from the way that starts lowest. `restore` then keeps storages again while the time
-    falls, for each way taken; the faster plan wins. O(8 * DROP_BOUNDARY_ROUNDS +
-    LOWER_REPLAYS + 2 * RESTORE_REPLAYS) replays; not always as low as greedy.
+    neither is always lower), each releasing everything else, or holding the boundaries
+    once a recomputation remakes them (``hold_remade``: the segments before a dropped
+    boundary re-run once in the backward, not once per later segment), or those and what a
+    backward op's own segment remakes for it (``hold_remade_for``: the segment re-runs
+    about once for its backward ops, not once per op). Held values are held from the
+    backward op after the replay's peak on while holding them from the start does not fit
+    (``hold_remade_from``). On GPT-2 at 4 x 512 tokens, whose loss leaves room for no
+    boundary beside it, the floor plan's predicted step (H100 roofline times) fell from
+    17.9x the plain step's to 2.3x by holding boundaries and to 1.5x by holding both, and
+    its solve from 58 s to under 15 s. For each ``hold_for_next_op``, the fitting way with the
+    fastest replay is taken. If no way fits, `_keep_while_peak_falls` keeps storages again
+    where that lowers the peak (a drop can raise it; greedy would undo it), from the way
+    that starts lowest. `restore` then keeps storages again while the time falls, for each
+    way taken; the faster plan wins. O(12 * DROP_BOUNDARY_ROUNDS + LOWER_REPLAYS +
+    2 * RESTORE_REPLAYS) replays; not always as low as greedy.
 
     Raises:
         InfeasibleBudgetError: the plan does not fit, with its peak.
     """
     droppable = set(droppable_roots(graph))
+    boundaries = {root for segment in segments for root in segment.crossing_in}
+    own_values = {}
+    for segment in segments:
+        made = frozenset(name for op in segment.forward_ops for name in graph.op(op).outputs)
+        own_values.update(dict.fromkeys(segment.backward_ops, made))
     held = frozenset(boundaries)
-    starts = [_all_dropped(graph, budget_bytes, boundaries & droppable, droppable, way)
-              for way in (Way(False), Way(True), Way(False, held), Way(True, held))]
+    ways = [Way(hold_for_next_op, *holding) for holding in ((), (held,), (held, own_values))
+            for hold_for_next_op in (False, True)]
+    starts = [_all_dropped(graph, budget_bytes, boundaries & droppable, droppable, way) for way in ways]
     fitting = [start for start in starts if start[2].peak_bytes <= budget_bytes]
-    taken = [next(start for start in reversed(fitting) if start[0].hold_for_next_op is hold_for_next_op)
-             for hold_for_next_op in (False, True) if any(start[0].hold_for_next_op is hold_for_next_op
-                                                          for start in fitting)]
+    taken = [min(candidates, key=lambda start: start[2].time_ms) for candidates in
+             ([start for start in fitting if start[0].hold_for_next_op is hold] for hold in (False, True)) if candidates]
     found: list[tuple[float, Plan]] = []
     for way, decisions, result in taken or [min(starts, key=lambda start: start[2].peak_bytes)]:
         replays = Replays(graph, budget_bytes, free_intermediates=True, **way.program_options())
@@ -340,7 +347,7 @@ def drop_all_plan(graph: Graph, budget_bytes: int, boundaries: set[str]) -> Plan
         plan = plan_from_decisions(graph, decisions, SOLVER, budget_bytes, free_intermediates=True,
                                    **way.program_options())
         found.append((replays.time_ms(decisions), replace(plan, options={**plan.options, "restored": restored})))
-    return min(found, key=lambda item: item[0])[1]     # first wins ties: without holding
+    return min(found, key=lambda item: item[0])[1]     # first wins ties: without holding for the next op
 
 
 @dataclass(frozen=True)
@@ -350,23 +357,28 @@ class Way:
 
     hold_for_next_op: bool
     hold_remade: frozenset[str] = frozenset()
+    hold_remade_for: Mapping[str, frozenset[str]] | None = None
     hold_remade_from: int = 0
 
     def program_options(self) -> dict:
         return {"hold_for_next_op": self.hold_for_next_op, "hold_remade": self.hold_remade,
-                "hold_remade_from": self.hold_remade_from}
+                "hold_remade_for": self.hold_remade_for, "hold_remade_from": self.hold_remade_from}
+
+    def held_roots(self, graph: Graph) -> set[str]:
+        names = set(self.hold_remade).union(*(self.hold_remade_for or {}).values())
+        return {graph.value(name).root for name in names}
 
 
 def _all_dropped(graph: Graph, budget_bytes: int, kept: set[str], droppable: set[str], way: Way
                  ) -> tuple[Way, dict[str, Decision], SimResult]:
     """Every droppable storage recomputed but the segment boundaries ``kept``, while that
-    does not fit (`DROP_BOUNDARY_ROUNDS` rounds at most each): where a boundary held since
-    a recomputation remade it is alive at the replay's peak, boundaries are held from the
+    does not fit (`DROP_BOUNDARY_ROUNDS` rounds at most each): where a value held since a
+    recomputation remade it is alive at the replay's peak, values are held from the
     backward op after the peak on; else the kept boundaries alive at the peak are dropped
     (all of them where none is). Returns the way (its ``hold_remade_from`` moved), the
     decisions and their replay."""
     kept = set(kept)
-    held_roots = {graph.value(name).root for name in way.hold_remade}
+    held_roots = way.held_roots(graph)
     for _ in range(2 * DROP_BOUNDARY_ROUNDS + 1):
         decisions = {root: Decision.RECOMPUTE if root in droppable and root not in kept else Decision.KEEP
                      for root in saved_roots(graph)}

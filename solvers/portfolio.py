@@ -221,11 +221,10 @@ def _fallback(graph: Graph, budget_bytes: int, dp: OptionDP, name: str,
     """``greedy``'s plan (``name="greedy"``) or `hierarchical.drop_all_plan`'s (``"drop-all"``),
     relabelled; `InfeasibleBudgetError` with the lowest peak any search reached."""
     num_segments = len(dp.segments)
-    boundaries = {root for segment in dp.segments for root in segment.crossing_in}
     lowest_dp_bytes = dp.replays.lowest_peak_bytes
     try:
         plan = solve_greedy(graph, budget_bytes, start=start) if name == "greedy" else \
-            drop_all_plan(graph, budget_bytes, boundaries)
+            drop_all_plan(graph, budget_bytes, dp.segments)
     except InfeasibleBudgetError as error:
         floor = least_feasible_lower_bound(graph)
         lowest = min(lowest_dp_bytes or error.least_feasible_bytes, error.least_feasible_bytes)

@@ -252,8 +252,11 @@ def test_builder_replays_every_decision_mix(graph: Graph, mode: str, free_interm
     hold_remade = frozenset(data.draw(st.lists(st.sampled_from(activations), unique=True), label="hold_remade")
                             if activations else ())
     hold_remade_from = data.draw(st.integers(0, len(graph.backward_ops)), label="hold_remade_from")
+    hold_remade_for = {op.name: frozenset(data.draw(st.lists(st.sampled_from(activations), unique=True),
+                                                    label=f"held for {op.name}"))
+                       for op in graph.backward_ops if activations and data.draw(st.booleans())}
     plan = builder_plan(graph, decisions, free_intermediates=free_intermediates, hold_for_next_op=hold_for_next_op,
-                        hold_remade=hold_remade, hold_remade_from=hold_remade_from)
+                        hold_remade=hold_remade, hold_remade_from=hold_remade_from, hold_remade_for=hold_remade_for)
     result = check_program(graph, plan)   # raises if a gradient is never produced
     end_of_forward = [point for point in result.timeline if point.phase is FWD][-1].bytes_in_use
     keep_roots = {root for root, decision in decisions.items() if decision is Decision.KEEP}

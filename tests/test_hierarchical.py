@@ -227,10 +227,10 @@ def test_drop_all_remakes_each_boundary_once_where_the_loss_leaves_no_room_for_o
     """A language model whose loss sets the floor (vocabulary 4,096 against width 32; GPT-2
     at 4 x 512 tokens is the real case): at the floor no block boundary fits beside the
     loss. Released after each use, the dropped boundaries are remade from the tokens for
-    every backward op, O(blocks^2) block runs; `drop_all_plan` holds them once remade from
-    the backward op after the loss's peak on. Its plan fits, runs each forward op a few
-    times instead of dozens, and trains with the plain model's gradients within its budget
-    by the tracker."""
+    every backward op, O(blocks^2) block runs; `drop_all_plan` holds them once remade, and
+    what each block's backward remakes of that block, from the backward op after the loss's
+    peak on. Its plan fits, runs each forward op a few times instead of dozens, and trains
+    with the plain model's gradients within its budget by the tracker."""
     from planner.capture import capture
     from planner.memory import measure_step_memory
     from planner.profile import profile
@@ -245,11 +245,12 @@ def test_drop_all_remakes_each_boundary_once_where_the_loss_leaves_no_room_for_o
     inputs = (stream[:, :-1].contiguous(), stream[:, 1:].contiguous())
     step = capture(model, inputs)
     graph = profile(step, model, inputs, repeats=1)
-    boundaries = {name for segment in segmentations(graph)[0] for name in segment.crossing_in}
+    segments = segmentations(graph)[0]
     block_output_bytes = 4 * 64 * 32 * 4
     budget_bytes = least_feasible_lower_bound(graph).total + block_output_bytes // 4
-    plan = hierarchical.drop_all_plan(graph, budget_bytes, boundaries)
+    plan = hierarchical.drop_all_plan(graph, budget_bytes, segments)
     assert plan.options.get("hold_remade") and plan.options["hold_remade_from"] > 0, plan.options
+    assert plan.options.get("hold_remade_for") == "segment", plan.options
     released = plan_from_decisions(graph, dict(plan.decisions), "released", budget_bytes, free_intermediates=True,
                                    hold_for_next_op=bool(plan.options.get("hold_for_next_op")))
     forward_ops = {op.name for op in graph.forward_ops}
@@ -259,8 +260,8 @@ def test_drop_all_remakes_each_boundary_once_where_the_loss_leaves_no_room_for_o
 
     held_result, released_result = simulate(graph, plan), simulate(graph, released)
     assert held_result.peak_bytes <= budget_bytes
-    assert most_runs(plan) * 3 < most_runs(released)
-    assert held_result.time_ms * 2 < released_result.time_ms
+    assert most_runs(plan) * 10 < most_runs(released)
+    assert held_result.time_ms * 3 < released_result.time_ms
     scheduled_model, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(scheduled_model, step, graph, plan)
     assert_same_training_step(scheduled, scheduled_model, reference, inputs, label="drop-all at the loss's floor")

@@ -41,17 +41,20 @@ def saved_roots(graph: Graph) -> tuple[str, ...]:
 def plan_from_decisions(graph: Graph, decisions: dict[str, Decision], solver: str, budget_bytes: int,
                         optimal: bool = False, free_intermediates: bool = False,
                         hold_for_next_op: bool = False, hold_remade: frozenset[str] = frozenset(),
-                        hold_remade_from: int = 0) -> Plan:
+                        hold_remade_from: int = 0, hold_remade_for: Mapping[str, frozenset[str]] | None = None
+                        ) -> Plan:
     """The `Plan` of ``decisions`` (`build_program`), labelled with ``solver``."""
     forward, backward = build_program(graph, decisions, free_intermediates=free_intermediates,
                                       hold_for_next_op=hold_for_next_op, hold_remade=hold_remade,
-                                      hold_remade_from=hold_remade_from)
+                                      hold_remade_from=hold_remade_from, hold_remade_for=hold_remade_for)
     options: dict[str, object] = {"free_intermediates": True} if free_intermediates else {}
     if free_intermediates and hold_for_next_op:
         options["hold_for_next_op"] = True
-    if free_intermediates and hold_remade:
+    if free_intermediates and (hold_remade or hold_remade_for):
         options["hold_remade"] = len(hold_remade)
         options["hold_remade_from"] = hold_remade_from
+        if hold_remade_for:
+            options["hold_remade_for"] = "segment"
     return Plan(graph_hash=graph.hash, solver=solver, budget_bytes=budget_bytes, forward=forward,
                 backward=backward, decisions=dict(decisions), optimal=optimal, options=options)
 
@@ -72,6 +75,7 @@ def decisions_for(graph: Graph, recompute: Iterable[str] = (), offloaded: Iterab
 def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahead_ops: int = 1,
                   free_intermediates: bool = False, hold_for_next_op: bool = False,
                   hold_remade: frozenset[str] = frozenset(), hold_remade_from: int = 0,
+                  hold_remade_for: Mapping[str, frozenset[str]] | None = None,
                   prefetch_by_transfer_time: bool = False) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
     """Forward and backward steps for the given root decisions (missing roots are kept).
 
@@ -89,7 +93,10 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
     (with every boundary dropped: one forward re-run in all, as Chen et al.'s sqrt(n)
     schedule re-runs it, instead of O(segments) of them). Before that op they are released
     as the others are, so that where the backward peaks (a loss's working set) they need
-    not fit beside it.
+    not fit beside it. ``hold_remade_for`` adds, per backward op, values held once remade
+    for it (from ``hold_remade_from`` on too): its own segment's forward values, which the
+    segment's later backward ops read again, so a segment is re-run about once for its
+    backward instead of once per op (the boundaries' hold brings it to its input).
 
     An offloaded storage is prefetched ``prefetch_ahead_ops`` backward ops before its first
     backward use. With ``prefetch_by_transfer_time``, instead, the copies are timed by the
@@ -179,6 +186,8 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
                 held |= set(backward_ops[position + 1].inputs)
             if position >= hold_remade_from:
                 held |= hold_remade
+                if hold_remade_for:
+                    held |= hold_remade_for.get(op.name, frozenset())
             live.difference_update(intermediates - held - on_host)
     backward_steps = insert_frees(graph, backward_core, live_out=set(graph.gradients),
                                   live_in=kept_for_backward | set(graph.placeholders))
