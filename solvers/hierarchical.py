@@ -403,9 +403,8 @@ def _backward_op_position(graph: Graph, plan: Plan, result: SimResult) -> int:
     recomputation) makes ``result``'s peak; -1 when the peak is in the forward."""
     if result.peak_phase is not Phase.BACKWARD:
         return -1
-    backward_op_names = {op.name for op in graph.backward_ops}
     return sum(1 for step in plan.backward[:result.peak_step_index]
-               if step.kind is StepKind.RUN and step.name in backward_op_names)
+               if step.kind is StepKind.RUN and graph.op(step.name).phase is Phase.BACKWARD)
 
 
 def _keep_while_peak_falls(graph: Graph, decisions: dict[str, Decision],

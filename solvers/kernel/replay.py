@@ -12,7 +12,7 @@ decision set costs one build and one replay, O(steps + sum of op arity).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any
 
 from solvers.graph import Graph
 from solvers.kernel.program import plan_from_decisions, plan_with_offload
@@ -30,19 +30,15 @@ class Replayed:
 
 
 class Replays:
-    """Replays decision sets on ``graph``, memoized. The program is `plan_from_decisions`'s
-    (with ``free_intermediates``, ``hold_for_next_op``, ``hold_remade``, ``hold_remade_from``
-    and ``hold_remade_for``) or, with ``prefetch_by_transfer_time``, `plan_with_offload`'s. ``ops_left``: ops that may
-    still be replayed (None: no limit)."""
+    """Replays decision sets on ``graph``, memoized. The program is `plan_from_decisions`'s,
+    built with ``program_options`` (``free_intermediates``, ``hold_for_next_op``,
+    ``hold_remade``, ...), or, with ``prefetch_by_transfer_time``, `plan_with_offload`'s.
+    ``ops_left``: ops that may still be replayed (None: no limit)."""
 
-    def __init__(self, graph: Graph, budget_bytes: int, *, free_intermediates: bool = False,
-                 hold_for_next_op: bool = False, hold_remade: frozenset[str] = frozenset(),
-                 hold_remade_from: int = 0, hold_remade_for: Mapping[str, frozenset[str]] | None = None,
-                 prefetch_by_transfer_time: bool = False, ops_left: int | None = None) -> None:
+    def __init__(self, graph: Graph, budget_bytes: int, *, prefetch_by_transfer_time: bool = False,
+                 ops_left: int | None = None, **program_options: Any) -> None:
         self.graph, self.budget_bytes = graph, budget_bytes
-        self.free_intermediates, self.prefetch_by_transfer_time = free_intermediates, prefetch_by_transfer_time
-        self.hold_for_next_op, self.hold_remade, self.hold_remade_from = hold_for_next_op, hold_remade, hold_remade_from
-        self.hold_remade_for = hold_remade_for
+        self.prefetch_by_transfer_time, self.program_options = prefetch_by_transfer_time, program_options
         self.ops_left = ops_left
         self.lowest_peak_bytes: int | None = None     # the lowest peak any replay reached
         self._seen: dict[frozenset[tuple[str, Decision]], Replayed] = {}
@@ -60,11 +56,7 @@ class Replays:
                 plan = plan_with_offload(self.graph, decisions, "replay", self.budget_bytes)
             else:
                 plan = plan_from_decisions(self.graph, decisions, "replay", self.budget_bytes,
-                                           free_intermediates=self.free_intermediates,
-                                           hold_for_next_op=self.hold_for_next_op,
-                                           hold_remade=self.hold_remade,
-                                           hold_remade_from=self.hold_remade_from,
-                                           hold_remade_for=self.hold_remade_for)
+                                           **self.program_options)
             result = simulate(self.graph, plan, check_hash=False)
             self._seen[key] = Replayed(result.peak_bytes, result.time_ms, result.excess_bytes(self.budget_bytes))
             if self.lowest_peak_bytes is None or result.peak_bytes < self.lowest_peak_bytes:
