@@ -310,3 +310,45 @@ def test_the_restore_pass_replays_what_it_trusted(monkeypatch: pytest.MonkeyPatc
     checker = Replays(graph, peak_bytes + graph.value("a4_0").size_bytes)
     restored, _ = restore(graph, decisions, checker)
     assert checker.measure(restored)[0] <= checker.budget_bytes
+
+
+class _SizeBoundReplays:
+    """A stand-in for `Replays` with the restore pass's bound built in: keeping a storage
+    raises the peak by its size and saves 1 ms, except that keeping ``breaker`` raises it
+    by ``extra_bytes`` more."""
+
+    def __init__(self, graph: Graph, start: dict[str, Decision], breaker: str, extra_bytes: int,
+                 budget_bytes: int) -> None:
+        self.graph, self.start, self.breaker, self.extra_bytes = graph, start, breaker, extra_bytes
+        self.budget_bytes = budget_bytes
+
+    def measure(self, decisions: dict[str, Decision]) -> tuple[int, float]:
+        kept = [root for root, decision in decisions.items()
+                if decision is Decision.KEEP and self.start[root] is Decision.RECOMPUTE]
+        peak_bytes = 1000 + sum(self.graph.value(root).size_bytes for root in kept)
+        return peak_bytes + (self.extra_bytes if self.breaker in kept else 0), 100.0 - len(kept)
+
+    def fits(self, decisions: dict[str, Decision]) -> bool:
+        return self.measure(decisions)[0] <= self.budget_bytes
+
+    def time_ms(self, decisions: dict[str, Decision]) -> float:
+        return self.measure(decisions)[1]
+
+
+def test_where_the_size_bound_fails_restore_keeps_what_was_trusted_before_the_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """When keeping the last storage the bound trusted breaks the budget, what was trusted
+    before it stays kept (found by bisection), not only what the replayed trials can win
+    back: with no replays allowed for trials, every storage but the last comes back."""
+    monkeypatch.setattr(hierarchical, "RESTORE_REPLAYS", 0)
+    graph, _ = kept_output_raises_the_peak_by_more_than_its_size()
+    dropped = ("a0_0", "a1_0", "a3_0", "a3_1", "a4_0", "a4_1")
+    decisions = {root: Decision.RECOMPUTE for root in dropped}
+    trusted_first = sorted(dropped, key=lambda root: hierarchical.recompute_time_ms(graph, root)
+                           / (graph.value(root).size_bytes + 1), reverse=True)
+    budget_bytes = 1000 + sum(graph.value(root).size_bytes for root in dropped)
+    replays = _SizeBoundReplays(graph, decisions, trusted_first[-1], 1, budget_bytes)
+    restored, count = restore(graph, decisions, replays)
+    assert replays.fits(restored)
+    assert count == len(dropped) - 1
+    assert [root for root in dropped if restored[root] is Decision.RECOMPUTE] == [trusted_first[-1]]
