@@ -13,21 +13,29 @@ keeps for the backward, its output ``x[k + 1]`` included), ``act[k]`` (the highe
 of its own storages while F(k) runs "all", by liveness inside the stage: each storage alive
 from its op to its last read there, or to the end when kept; ``sweep[k]`` the same for
 F(k) run "checkpoint only", keeping just ``x[k + 1]``), ``bw[k]`` (what B(k) holds besides
-``x[k]``: the storages of F(k) it reads, each until its last read in B(k), proxies ``x[k]``
-and ``x[k + 1]`` for the gradients of its input and output, its workspace) and ``g[k]``
-(the step's parameter gradients B(k) makes, alive to the end of the step). Storages that are always kept: skip
-tensors (read more than one stage after the one that makes them), outputs of ops that
-cannot run twice (buffer updates), forward outputs; they are a constant.
+``x[k]``: the storages of F(k) it reads, each until its last read in B(k); the storages its
+backward ops make, each until its last read in B(k) or, where an earlier stage's backward
+reads it, to B(k)'s end; ``dx[k + 1]`` for the gradient it starts from; its workspace),
+``dx[k]`` (what the backward of stages >= k makes that the backward of stages < k reads:
+the gradient of ``x[k]``) and ``g[k]`` (the step's parameter gradients B(k) makes, alive to
+the end of the step). Storages that are always kept: skip tensors (read more than one stage
+after the one that makes them), outputs of ops that cannot run twice (buffer updates),
+forward outputs; they are a constant. A forward output the caller drops before the
+backward (``graph.released_outputs``: a language model's logits) is not: it counts in
+``act`` and ``sweep`` of the stages after it (alive through the forward phase), and is no
+stage's ``x`` (no backward reads it; its gradient is in ``dx``). Where no backward op reads
+``x[k]``, B(k) runs without it.
 
 DP. ``opt(s, t, m)``: least time to run the backward of stages s..t with memory ``m`` (in
-slots, ``x[s]`` stored, the gradient of ``x[t + 1]`` alive, the gradients ``g`` of the
+slots, ``x[s]`` stored, the gradient ``dx[t + 1]`` alive, the gradients ``g`` of the
 stages after t made):
 
     s == t:   uf[s] + ub[s]                                   F_all(s), B(s)
               ub[s] alone when B(s) reads nothing F(s) makes (a linear layer's backward
               reads its input only); the re-run is then dropped from the program
     "all":    uf[s] + opt(s + 1, t, m - x[s] - xbar[s] + x[s + 1]) + ub[s]
-              B(s) needs x[s] + bw[s] + g[s] + g[s+1..t] <= m
+              B(s) needs x[s] + bw[s] + g[s] + g[s+1..t] <= m (without x[s] where
+              no backward op reads it), F(s) x[s] + act[s] + dx[t + 1] <= m
     "ck" j:   uf[s..j-1] + opt(j, t, m - x[s]) + opt(s, j - 1, m - g[j..t])   s < j <= t
 
 each option only where its transient memory fits. With one stage per op (``every_op``) the
@@ -129,6 +137,8 @@ class Stage:
     input_roots: tuple[str, ...] = ()   # the storages of x[k], graph order
     sweep_bytes: int | None = None      # act of F(k) run "checkpoint only" (None: transient_bytes)
     options: tuple["StageOption", ...] = ()   # ways to run F(k) "all" with fewer storages kept
+    input_gradient_bytes: int | None = None   # dx[k]: what B(k) makes that B(j < k) reads (None: x[k])
+    backward_reads_input: bool = True   # a backward op reads x[k] (else it is gone when B(k) runs)
 
 
 @dataclass(frozen=True)
@@ -248,22 +258,27 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...],
     for segment in segments:
         always |= {root for root in segment.crossing_in if producer_segment[root] < segment.index - 1}
     always &= set(producer_segment)
+    backward_read = {graph.value(name).root for op in graph.backward_ops for name in op.inputs}
+    released = _released_in_forward(graph, segments, producer_segment) - backward_read
+    always -= released
 
     def size(roots: Iterable[str]) -> int:
         return sum(graph.value(root).size_bytes for root in set(roots))
 
-    inputs = [set(segment.crossing_in) - always for segment in segments] + [set()]
-    backward_read = {graph.value(name).root for op in graph.backward_ops for name in op.inputs}
-    gradient_roots = {graph.value(name).root for name in graph.gradients} - set(producer_segment)
+    inputs = [set(segment.crossing_in) - always - released for segment in segments] + [set()]
+    gradient_roots = frozenset({graph.value(name).root for name in graph.gradients} - set(producer_segment))
     gradient_producer = {root: graph.value(root).producer for root in gradient_roots}
+    crossing_gradient_bytes = _crossing_gradient_bytes(graph, segments, gradient_roots)
     stages = []
     for segment in segments:
+        # released outputs made before F(k) are alive while it runs in the forward phase
+        released_before = size(root for root in released if producer_segment[root] < segment.index)
         segment_backward = set(segment.backward_ops)
         read_here = {graph.value(name).root for op_name in segment.backward_ops
                      for name in graph.op(op_name).inputs}
         own = {root for root, k in producer_segment.items() if k == segment.index} - always
         saved = (own & backward_read) | inputs[segment.index + 1]
-        boundary_bytes = size(inputs[segment.index]) + size(inputs[segment.index + 1])
+        gradient_in_bytes = crossing_gradient_bytes[segment.index + 1]   # made by B(> k), read by B(<= k)
         options = []
         for dropped in (drop_sets[segment.index] if drop_sets is not None else ()):
             dropped_set = set(dropped) & saved - inputs[segment.index + 1]
@@ -275,9 +290,10 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...],
             for program in programs[:1] if programs[0] == programs[1] else programs:
                 options.append(StageOption(
                     dropped=tuple(root for root in dropped if root in dropped_set), all_bytes=size(kept),
-                    transient_bytes=forward_peak,
-                    backward_bytes=boundary_bytes + _backward_peak(graph, program, own - kept,
-                                                                   (own & read_here) - dropped_set),
+                    transient_bytes=released_before + forward_peak,
+                    backward_bytes=gradient_in_bytes + _backward_peak(graph, program, own - kept,
+                                                                      (own & read_here) - dropped_set,
+                                                                      gradient_roots),
                     recompute_ms=sum(graph.op(name).time_ms for name in program
                                      if graph.op(name).phase is Phase.FORWARD),
                     backward_program=tuple(program)))
@@ -285,15 +301,59 @@ def chain_stages(graph: Graph, segments: tuple[Segment, ...],
             forward_ms=sum(graph.op(name).time_ms for name in segment.forward_ops),
             backward_ms=sum(graph.op(name).time_ms for name in segment.backward_ops),
             input_bytes=size(inputs[segment.index]), all_bytes=size(saved),
-            transient_bytes=_forward_peak(graph, segment.forward_ops, own, saved),
-            backward_bytes=boundary_bytes + _backward_peak(graph, segment.backward_ops, set(), own & read_here),
+            transient_bytes=released_before + _forward_peak(graph, segment.forward_ops, own, saved),
+            backward_bytes=gradient_in_bytes + _backward_peak(graph, segment.backward_ops, set(), own & read_here,
+                                                              gradient_roots),
             backward_reads_own=bool(own & read_here),
             gradient_bytes=size({root for root in gradient_roots if gradient_producer[root] in segment_backward}),
             input_roots=tuple(root for root in producer_segment if root in inputs[segment.index]),
-            sweep_bytes=_forward_peak(graph, segment.forward_ops, own, inputs[segment.index + 1]),
-            options=tuple(options)))
+            sweep_bytes=released_before + _forward_peak(graph, segment.forward_ops, own, inputs[segment.index + 1]),
+            options=tuple(options), input_gradient_bytes=crossing_gradient_bytes[segment.index],
+            backward_reads_input=bool(inputs[segment.index] & backward_read)))
     placeholders = {graph.value(name).root for name in graph.placeholders}
     return stages, size(always) + sum(graph.value(root).size_bytes for root in placeholders) + graph.caller_bytes
+
+
+def _crossing_gradient_bytes(graph: Graph, segments: tuple[Segment, ...], gradient_roots: frozenset[str]) -> list[int]:
+    """``dx[k]`` for k in 0..L: bytes of the storages the backward ops of stages >= k make
+    and those of stages < k read (the gradient of ``x[k]``, and of skip tensors across k),
+    the step's ``gradient_roots`` apart. Where a stage input is a released output (GPT-2's
+    logits), ``x[k]`` is 0 but its gradient is not. O(backward ops * arity)."""
+    backward_segment = {name: segment.index for segment in segments for name in segment.backward_ops}
+    first_reader: dict[str, int] = {}
+    for op in graph.backward_ops:
+        if op.name not in backward_segment:
+            continue
+        for name in op.inputs:
+            root = graph.value(name).root
+            first_reader[root] = min(first_reader.get(root, len(segments)), backward_segment[op.name])
+    crossing = [0] * (len(segments) + 1)
+    for root, reader_segment in first_reader.items():
+        producer = graph.value(root).producer
+        if producer not in backward_segment or root in gradient_roots:
+            continue
+        for k in range(reader_segment + 1, backward_segment[producer] + 1):
+            crossing[k] += graph.value(root).size_bytes
+    return crossing
+
+
+def _released_in_forward(graph: Graph, segments: tuple[Segment, ...], producer_segment: dict[str, int]) -> set[str]:
+    """Roots of ``graph.released_outputs`` that the caller drops before the backward and that
+    no stage but their own and the last reads in the forward: they are alive through the
+    rest of the forward phase only (a constant would count them through the backward too,
+    392 MiB of GPT-2's logits at 4 x 512 tokens), and never a checkpoint to re-run from."""
+    last = len(segments) - 1
+    forward_segment = {name: segment.index for segment in segments for name in segment.forward_ops}
+    released = set()
+    for name in graph.released_outputs:
+        root = graph.value(name).root
+        if root not in producer_segment:
+            continue
+        readers = {forward_segment.get(reader) for value in graph.values if value.root == root
+                   for reader in graph.consumers[value.name] if graph.op(reader).phase is Phase.FORWARD}
+        if readers <= {producer_segment[root], last}:
+            released.add(root)
+    return released
 
 
 def _forward_peak(graph: Graph, forward_ops: Sequence[str], own: set[str], kept: set[str]) -> int:
@@ -358,13 +418,18 @@ def backward_program(graph: Graph, segment: Segment, missing: set[str], carry: b
     return program
 
 
-def _backward_peak(graph: Graph, program: Sequence[str], missing: set[str], kept: set[str]) -> int:
+def _backward_peak(graph: Graph, program: Sequence[str], missing: set[str], kept: set[str],
+                   gradient_roots: frozenset[str] = frozenset()) -> int:
     """Highest bytes, while ``program`` runs, of the kept storages ``kept`` (alive from the
-    start to their last read) and of the recomputed ones (roots in ``missing``, each
-    definition alive to its last read before the next), plus the running op's workspace.
+    start to their last read), of the recomputed ones (roots in ``missing``, each
+    definition alive to its last read before the next) and of the storages its backward
+    ops make (alive to their last read in ``program``, or to its end where an op outside
+    it reads them: the gradient of the stage's input), but the step's ``gradient_roots``
+    (counted as ``g``), plus the running op's workspace.
     O(program * arity + program * storages)."""
     lifetimes: list[list[int]] = []          # [root size, first step, last step]
     current: dict[str, list[int]] = {}
+    in_program = set(program)
     for root in kept:
         current[root] = [graph.value(root).size_bytes, 0, -1]
         lifetimes.append(current[root])
@@ -374,11 +439,16 @@ def _backward_peak(graph: Graph, program: Sequence[str], missing: set[str], kept
             root = graph.value(value_name).root
             if root in current:
                 current[root][2] = index
-        if op.phase is Phase.FORWARD:
-            for value_name in op.outputs:
-                if value_name in missing:
-                    current[value_name] = [graph.value(value_name).size_bytes, index, index]
-                    lifetimes.append(current[value_name])
+        for value_name in op.outputs:
+            if op.phase is Phase.FORWARD and value_name not in missing:
+                continue
+            if op.phase is Phase.BACKWARD and (graph.value(value_name).root != value_name
+                                               or value_name in gradient_roots):
+                continue
+            read_outside = any(reader not in in_program for reader in graph.consumers[value_name])
+            last = len(program) - 1 if op.phase is Phase.BACKWARD and read_outside else index
+            current[value_name] = [graph.value(value_name).size_bytes, index, last]
+            lifetimes.append(current[value_name])
     change = [0] * (len(program) + 1)
     for size_bytes, first, last in lifetimes:
         if last >= first:
@@ -414,6 +484,11 @@ class _ChainTable:
 
         count = len(stages)
         x = [units(stage.input_bytes) for stage in stages] + [0]
+        dx = [units(stage.input_bytes if stage.input_gradient_bytes is None else stage.input_gradient_bytes)
+              for stage in stages] + [0]   # the gradient of x[k], alive while stages < k run
+        # x[k] where B(k) runs: no later re-run reads it, so it is alive only if a backward op does
+        x_at_backward = [x[k] if stage.backward_reads_input else 0 for k, stage in enumerate(stages)]
+        self._x_at_backward = x_at_backward
         xbar = [units(stage.all_bytes) for stage in stages]
         act = [units(stage.transient_bytes) for stage in stages]
         sweep = [units(stage.transient_bytes if stage.sweep_bytes is None else stage.sweep_bytes)
@@ -447,16 +522,16 @@ class _ChainTable:
                 # B(s) runs after the backward of s + 1..t made their gradients
                 later_grads = grads_before[t + 1] - grads_before[s + 1]
                 # per option o of running s "all": (memory it needs, what stays for s + 1..t, ms)
-                all_ways = [(max(x[s] + way_act + x[t + 1], x[s] + way_bw + g[s] + later_grads),
+                all_ways = [(max(x[s] + way_act + dx[t + 1], x_at_backward[s] + way_bw + g[s] + later_grads),
                              x[s] + way_xbar - x[s + 1], single + extra_ms)
                             for way_xbar, way_act, way_bw, extra_ms in ways[s]]
                 if s == t and not forward_needed:
-                    all_ways = [(x[s] + bw[s] + g[s] + later_grads, 0, stages[s].backward_ms)]
+                    all_ways = [(x_at_backward[s] + bw[s] + g[s] + later_grads, 0, stages[s].backward_ms)]
                 # sweep_need[j]: transient of F(s)..F(j-1) run "checkpoint only" with x[s] stored
                 sweep_need, running = {}, 0
                 for j in range(s + 1, t + 1):
                     k = j - 1
-                    running = max(running, x[s] + (x[k] if k > s else 0) + sweep[k] + x[t + 1])
+                    running = max(running, x[s] + (x[k] if k > s else 0) + sweep[k] + dx[t + 1])
                     sweep_need[j] = running
                 for m in range(slots + 1):
                     best, best_choice = _INFINITY, None
@@ -503,7 +578,8 @@ class _ChainTable:
             grads = self._grads_before
             after = [grads[count] - grads[k] for k in range(count + 1)]   # after[k]: g[k] + ... + g[L-1]
             g_s = grads[s + 1] - grads[s]
-            all_ways = [(max(x[s] + way_act, x[s] + way_bw + g_s + after[s + 1]), x[s] + way_xbar - x[s + 1],
+            all_ways = [(max(x[s] + way_act, self._x_at_backward[s] + way_bw + g_s + after[s + 1]),
+                         x[s] + way_xbar - x[s + 1],
                          single + extra_ms) for way_xbar, way_act, way_bw, extra_ms in self._ways[s]]
             sweep_need, offloaded_sweep_need, running, offloaded_running = {}, {}, 0, 0
             for j in range(s + 1, last + 1):

@@ -198,7 +198,8 @@ def test_gpt_tiny_end_to_end_gradients(tiny) -> None:
 def test_backward_program_recomputes_just_in_time_with_and_without_carry() -> None:
     """One stage f1 f2 f3 whose a1, a2 are dropped: B reads a2 first (b3), then a1 (b2).
     Carried, f1 and f2 run once before b3; without carry a1, made only on the way to a2,
-    is dropped after b3 and made again before b2."""
+    is dropped after b3 and made again before b2. B's peak counts the gradients its ops
+    make, to their last read there or to its end where a later stage reads them."""
     from solvers.chain import _backward_peak, backward_program
     from solvers.kernel.segments import Segment
     graph = uniform_chain(3)
@@ -209,9 +210,12 @@ def test_backward_program_recomputes_just_in_time_with_and_without_carry() -> No
     assert carried == ["f1", "f2", "b3", "b2", "b1"]
     assert backward_program(graph, stage, missing, carry=False) == ["f1", "f2", "b3", "f1", "b2", "b1"]
     assert backward_program(graph, stage, set()) == ["b3", "b2", "b1"]
-    assert _backward_peak(graph, carried, missing, kept=set()) == 2000          # a1 and a2 while b3 runs
-    assert _backward_peak(graph, ["b3", "b2", "b1"], set(), kept={"a1", "a2"}) == 2000
-    assert _backward_peak(graph, ["b1"], set(), kept={"a1", "a2"}) == 0        # neither is read
+    gradient_roots = frozenset(graph.gradients)      # counted as g, not here
+    # a1, a2 and the gradient b3 makes for a2 while b3 runs
+    assert _backward_peak(graph, carried, missing, set(), gradient_roots) == 3000
+    assert _backward_peak(graph, ["b3", "b2", "b1"], set(), {"a1", "a2"}, gradient_roots) == 3000
+    assert _backward_peak(graph, ["b1"], set(), {"a1", "a2"}, gradient_roots) == 0   # neither is read
+    assert _backward_peak(graph, ["b3"], set(), {"a2"}, gradient_roots | {"grad_a2"}) == 1000
 
 
 def test_stage_options_fit_reach_lower_and_keep_gradients(tiny) -> None:
@@ -251,3 +255,49 @@ def test_stage_options_fit_reach_lower_and_keep_gradients(tiny) -> None:
     model_copy, reference = copy.deepcopy(model), copy.deepcopy(model)
     scheduled = ScheduledModule(model_copy, step, graph, used)
     assert_same_training_step(scheduled, model_copy, reference, inputs, label=f"{name} with stage options")
+
+
+def test_the_dp_never_counts_less_than_a_released_loss_holds() -> None:
+    """A language model whose loss is its peak and whose logits the caller drops
+    (`release_outputs`): the logits are alive in the forward only, never a constant, and
+    the loss's backward holds its log-softmax and two logits-sized gradients, the last of
+    which the head's backward reads (``dx``). No plan the DP's table gives for a memory m
+    replays above the constant plus m; before, the logits counted as a constant and the
+    loss's gradients not at all, and plans replayed up to a logits tensor above (GPT-2 at
+    4 x 512 tokens: its chain DP stopped 72 MiB above the floor)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    from planner.estimate import estimated_graph
+    from solvers import chain, least_feasible_lower_bound
+    from solvers.kernel.options import segment_options
+    from solvers.kernel.segments import segmentations
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=6, n_embd=256, n_head=4, vocab_size=16384, n_positions=256,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, 16384, (4, 256))
+    _, graph = estimated_graph(model, (), target="h100-sxm", example_kwargs={"input_ids": ids, "labels": ids},
+                               release_outputs=True, progress=False)
+    logits_bytes = 4 * 256 * 16384 * 4
+    segments = segmentations(graph)[0]
+    drop_sets = [[levels.dropped(level) for level in range(1, len(levels.prefix_lengths))]
+                 for levels in segment_options(graph, segments, 8)]
+    stages, constant_bytes = chain.chain_stages(graph, segments, drop_sets)
+    loss = stages[-1]
+    assert loss.input_bytes == 0 and not loss.backward_reads_input
+    assert loss.input_gradient_bytes == logits_bytes and loss.backward_bytes >= 3 * logits_bytes
+    assert constant_bytes < logits_bytes
+    budget_bytes = int(least_feasible_lower_bound(graph).total * 1.2)
+    slot_bytes = -(-budget_bytes // 200)
+    table = chain._ChainTable(stages, slot_bytes, 200)
+    replayed = 0
+    for memory in range(0, 201, 5):
+        sequence = table.sequence(memory, False)
+        if sequence is None:
+            continue
+        plan = chain.program_plan(graph, segments, sequence, budget_bytes, {}, stages)
+        assert simulate(graph, plan, check_hash=False).peak_bytes <= constant_bytes + memory * slot_bytes, memory
+        replayed += 1
+    assert replayed >= 5
