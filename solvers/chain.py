@@ -440,13 +440,15 @@ def _backward_peak(graph: Graph, program: Sequence[str], missing: set[str], kept
             if root in current:
                 current[root][2] = index
         for value_name in op.outputs:
-            if op.phase is Phase.FORWARD and value_name not in missing:
-                continue
-            if op.phase is Phase.BACKWARD and (graph.value(value_name).root != value_name
-                                               or value_name in gradient_roots):
-                continue
-            read_outside = any(reader not in in_program for reader in graph.consumers[value_name])
-            last = len(program) - 1 if op.phase is Phase.BACKWARD and read_outside else index
+            if op.phase is Phase.FORWARD:
+                if value_name not in missing:
+                    continue
+                last = index
+            else:
+                if graph.value(value_name).root != value_name or value_name in gradient_roots:
+                    continue
+                read_outside = any(reader not in in_program for reader in graph.consumers[value_name])
+                last = len(program) - 1 if read_outside else index
             current[value_name] = [graph.value(value_name).size_bytes, index, last]
             lifetimes.append(current[value_name])
     change = [0] * (len(program) + 1)
