@@ -352,3 +352,26 @@ def test_where_the_size_bound_fails_restore_keeps_what_was_trusted_before_the_fa
     assert replays.fits(restored)
     assert count == len(dropped) - 1
     assert [root for root in dropped if restored[root] is Decision.RECOMPUTE] == [trusted_first[-1]]
+
+
+def test_a_chain_rerun_short_by_a_few_units_is_solved_again_in_finer_ones() -> None:
+    """ResNet-50's graph as estimated for an H100 (experiments/real_models.py's builder,
+    `planner.estimate.estimated_graph`, its host link set to "nominal" so that nothing is
+    offloaded) at 288.8 MiB, 1.045x the lowest peak any solver reaches: ``chain`` in its
+    default 200 units has no plan (its sizes round up by up to a unit each), and the
+    portfolio's fallback was drop-all at +90.9 %. In `portfolio.CHAIN_FINE_RESOLUTION`
+    units the chain DP fits, and wins (+41.5 %)."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    data = Path(__file__).with_name("data") / "resnet50_h100_estimate_no_offload.graph.json.gz"
+    graph = Graph.from_json(json.loads(gzip.decompress(data.read_bytes())))
+    budget_bytes = int(288.8 * 2**20)
+    with pytest.raises(InfeasibleBudgetError):
+        portfolio.solve_chain(graph, budget_bytes, options_per_segment=8)
+    plan = solve(graph, budget_bytes, "hierarchical")
+    result = simulate(graph, plan, check_hash=False)
+    assert result.peak_bytes <= budget_bytes
+    assert plan.options["source"].startswith("chain/")
+    assert result.time_ms < 1.5 * graph.total_time_ms
