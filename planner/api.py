@@ -8,7 +8,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.utils._pytree as pytree
@@ -23,7 +23,7 @@ from runtime.module import ScheduledModule, describe_signature, StepProgram, che
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import TARGETS, Graph, Transfer
 from solvers.plan import Plan
-from solvers.portfolio import solve
+from solvers.portfolio import AUTO_CANDIDATES, runs_on, solve
 
 if TYPE_CHECKING:
     from planner.pipeline import PipelinedModel
@@ -197,6 +197,23 @@ class _StepPlanner:
     def solve(self, graph: Graph, budget_bytes: int, start: Plan | None = None) -> Plan:
         return solve(graph, budget_bytes, self.solver, start=start.decisions if start is not None else None,
                      **self.solver_options)
+
+    def alternatives(self, graph: Graph, budget_bytes: int) -> Iterator[Plan]:
+        """The plan of each solver ``auto`` races (`solvers.portfolio.AUTO_CANDIDATES`,
+        where it runs on this graph) that fits ``budget_bytes``, fastest predicted first,
+        for `planner.compiled.fit_compiled` where auto's own plan measures over compiled.
+        None for a named solver or one given options: the caller chose it."""
+        if self.solver != "auto" or self.solver_options:
+            return
+        found = []
+        for name in AUTO_CANDIDATES:
+            if not runs_on(name, graph, fallback=True):
+                continue
+            try:
+                found.append(solve(graph, budget_bytes, name))
+            except InfeasibleBudgetError:
+                continue
+        yield from sorted(found, key=lambda plan: plan.predicted_time_ms)
 
 
 class OptimizedModule(ScheduledModule):

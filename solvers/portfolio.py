@@ -17,8 +17,9 @@ once. The registered solvers:
     with ``every_block``'s decisions, and as more candidates: with a real host link, its
     plan refined with offloads (`offload_refine`: the earliest storages offloaded and the DP
     re-run on the memory freed, and recomputations turned into offloads); ``chain``'s plans
-    over the same segments with and without the same drop options per stage (forward
-    re-runs reach budgets below every option's; MONeT, Shah et al. 2021, joins the two
+    over the same segments with and without the same drop options per stage, in finer
+    memory units where the default ones leave it a few short (forward re-runs reach
+    budgets below every option's; MONeT, Shah et al. 2021, joins the two
     levels in one ILP instead); up to `GREEDY_MAX_OPS` ops ``greedy`` (which may drop any
     storage, a segment boundary too: on graphs of few, large segments what the optimum
     does) and `hierarchical.drop_all_plan`; above, the latter only when nothing else fits.

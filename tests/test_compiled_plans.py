@@ -213,6 +213,33 @@ def test_below_the_eager_floor_the_floor_plan_is_fitted_compiled(monkeypatch) ->
     train_step(optimized, inputs)
 
 
+def test_where_no_plan_is_left_below_one_that_measures_over_another_solvers_plan_is_compiled(monkeypatch) -> None:
+    """Compiling adds 1 MiB to the first plan (the tiny GPT's whole step is about that), so
+    no plan is left for the budget less its excess: the other plans ``auto`` races for the
+    same budget are compiled in turn, and the first that measures within it is kept. A
+    solver the caller named gets no alternatives."""
+    model, inputs = zoo.make("gpt", "tiny")
+    measured = []
+
+    def first_plan_over(model, step, graph, plan, program, inputs, kwargs, *, released=False):
+        measured.append(plan)
+        first = measured[0]
+        same = (plan.forward, plan.backward, plan.decisions) == (first.forward, first.backward, first.decisions)
+        return plan.predicted_peak_bytes + (2**20 if same else 0)
+
+    monkeypatch.setattr(planner.compiled, "measure_compiled_peak", first_plan_over)
+    optimized = optimize(model, 0.5, inputs, compile=True, progress=False)
+    first, kept = measured[0], optimized.plan
+    assert len(measured) == 2 and optimized._program.fit_tries == 2
+    assert optimized._program.solver_budget_bytes == kept.budget_bytes
+    assert (kept.forward, kept.backward, kept.decisions) != (first.forward, first.backward, first.decisions)
+    assert optimized._program.measured_peak_bytes == kept.predicted_peak_bytes <= kept.budget_bytes
+    measured.clear()
+    with pytest.raises(CompiledBudgetError):
+        optimize(model, 0.5, inputs, compile=True, progress=False, solver="hierarchical")
+    assert all(plan.solver == "hierarchical" for plan in measured)
+
+
 def test_channels_last_starts_with_room_for_the_weights_copies(monkeypatch) -> None:
     """On a model with convolutions the first compiled plan, in channels-last layouts, is
     solved for the budget less the convolution weights' bytes, so it fits at the first try
@@ -237,7 +264,7 @@ def test_channels_last_starts_with_room_for_the_weights_copies(monkeypatch) -> N
     tried.clear()
     with pytest.raises(CompiledBudgetError) as raised:        # far below: the floor plan measures over
         optimize(model, 2**10, inputs, compile=True, progress=False)
-    ((floor_bytes, _),) = raised.value.tried
+    ((floor_bytes, _),) = raised.value.tried      # far below: no other solver's plan is compiled
     assert tried and not any(layouts for layouts, _ in tried)
     tried.clear()
     floor = optimize(model, floor_bytes, inputs, compile=True, progress=False)
