@@ -13,7 +13,9 @@ If the measured peak is above the budget, the plan is solved again for the budge
 what compiling added to that plan (its measured peak less its eager prediction, mostly
 independent of the plan: channels-last copies, fused temporaries) and measured again, up
 to `MAX_FITS` times; then the call is refused with `CompiledBudgetError`, which gives the
-least peak measured. The next solver budget is below the failed plan's own prediction,
+least peak measured. Where no plan is left below the one that measured over (at the
+solver's floor), the other plans ``auto`` races for the same budget are compiled in turn
+(`_fit_an_alternative`): plans with one eager peak compile to different peaks. The next solver budget is below the failed plan's own prediction,
 so every try is a different plan. Once a plan fits with more than `RAISE_STOP` of the
 budget to spare, a plan solved for the budget less the fitting plan's excess is tried,
 below the least solver budget that measured over, if the solver predicts it faster than
@@ -254,8 +256,9 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
     ``plan`` may be solved above that budget (`solve_compiled`).
     On a graph with convolutions, `CHANNELS_LAST` is fitted first, from a plan solved for
     the convolution weights' bytes less (skipped where the solver finds none), and the
-    plan's own layouts only where that finds no plan; `REORDERED` is the last resort. A ``loaded``
-    plan is run as given (its own layouts): refused if its compiled step is over its budget.
+    plan's own layouts only where that finds no plan; `REORDERED` is the last resort. Under
+    each, where no plan is left below one that measured over, other solvers' plans for its
+    solver budget are compiled (`Solves.alternatives`). A ``loaded`` plan is run as given (its own layouts): refused if its compiled step is over its budget.
 
     Raises:
         CompiledBudgetError: no plan tried measures within the budget (the error of the
