@@ -258,7 +258,8 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
     the convolution weights' bytes less (skipped where the solver finds none), and the
     plan's own layouts only where that finds no plan; `REORDERED` is the last resort. Under
     each, where no plan is left below one that measured over, other solvers' plans for its
-    solver budget are compiled (`Solves.alternatives`). A ``loaded`` plan is run as given (its own layouts): refused if its compiled step is over its budget.
+    solver budget are compiled (`Solves.alternatives`). A ``loaded`` plan is run as given
+    (its own layouts): refused if its compiled step is over its budget.
 
     Raises:
         CompiledBudgetError: no plan tried measures within the budget (the error of the
