@@ -12,19 +12,23 @@ the model's gradients, buffers and random generators put back afterwards.
 If the measured peak is above the budget, the plan is solved again for the budget less
 what compiling added to that plan (its measured peak less its eager prediction, mostly
 independent of the plan: channels-last copies, fused temporaries) and measured again, up
-to `MAX_FITS` times; then the call is refused with `CompiledBudgetError`, which gives the
-least peak measured. Where no plan is left below the one that measured over (at the
+to `MAX_FITS` times; then the call is refused with `CompiledBudgetError`, which gives
+the least peak measured. Where no plan is left below the one that measured over (at the
 solver's floor), the other plans ``auto`` races for the same budget are compiled in turn
-(`_fit_an_alternative`): plans with one eager peak compile to different peaks. The next solver budget is below the failed plan's own prediction,
-so every try is a different plan. Once a plan fits with more than `RAISE_STOP` of the
-budget to spare, a plan solved for the budget less the fitting plan's excess is tried,
-below the least solver budget that measured over, if the solver predicts it faster than
-the fitting plan by more than `RAISE_GAIN` of the step; the plan solved for the most bytes
-that fits is kept. That solver budget may be above the caller's: a compiled step often
-measures below its eager prediction (a fused chain never holds the temporaries the eager
-program does; on the zoo GPT small, 2.3-3.3 MiB below at every budget above its floor, the
-cross-entropy backward's logits-sized buffer of zeros). Such a plan records the budget its eager replay
-was solved within (`solvers.plan.EAGER_BUDGET_OPTION`) and runs only compiled.
+(`_fit_an_alternative`): plans with one eager peak compile to different peaks. The next
+solver budget is below the failed plan's own prediction, so every try is a different
+plan. Once a plan fits with more than `RAISE_STOP` of the budget to spare, a plan solved
+for the budget less the fitting plan's excess is tried, below the least solver budget
+that measured over, if the solver predicts it faster than the fitting plan by more than
+`RAISE_GAIN` of the step; where that plan measures over, the solver budget halfway
+between the two is tried, while they are more than `RAISE_STOP` apart (a bisection:
+plans compile to peaks their predictions do not order); the plan solved for the most
+bytes that fits is kept. That solver budget may be above the caller's: a compiled step
+often measures below its eager prediction (a fused chain never holds the temporaries the
+eager program does; on the zoo GPT small, 2.3-3.3 MiB below at every budget above its
+floor, the cross-entropy backward's logits-sized buffer of zeros). Such a plan records
+the budget its eager replay was solved within (`solvers.plan.EAGER_BUDGET_OPTION`) and
+runs only compiled.
 
 The step a ``compile=True`` plan is solved over is inductor's granularity
 (`decompose_for_inductor`): layer and batch norms are decomposed as inductor lowers them,
@@ -343,8 +347,10 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
                 break
         else:
             failed_above = internal_bytes if failed_above is None else min(failed_above, internal_bytes)
-            if best is not None:                     # an upward try failed: keep the plan that fits
-                break
+            if best is not None:        # an upward try failed: halfway to it, while more than `RAISE_STOP`
+                target_bytes = (best[0] + failed_above) // 2
+                if target_bytes - best[0] <= RAISE_STOP * budget_bytes:
+                    break
         # after a failure this is below the failed plan's own prediction (its excess is
         # positive), so the next plan differs
         internal_bytes = target_bytes
@@ -357,7 +363,8 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
                                            budget_bytes=budget_bytes, solver_bytes=solver_bytes,
                                            inductor_options=inductor_options)
             break
-        if fits and not _predicted_faster(checked_plan(graph, plan, compiled=True), best[1]):
+        if best is not None and internal_bytes > best[0] and \
+                not _predicted_faster(checked_plan(graph, plan, compiled=True), best[1]):
             log.info("memsched compile: the plan for %s is not predicted faster by %.0f %%; kept the fitting one",
                      format_bytes(internal_bytes), 100 * RAISE_GAIN)
             break

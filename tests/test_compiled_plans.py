@@ -190,6 +190,35 @@ def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch)
     assert "fitted compiled" in warning and "compile=True" in warning
 
 
+def test_where_the_raised_plan_measures_over_the_fit_bisects_towards_it(monkeypatch) -> None:
+    """Plans solved for up to half the spare room above the budget measure a tenth of the
+    budget below their prediction; plans solved for more measure over. The first raise
+    (the whole spare room) fails, and the solver budget halfway between it and the plan
+    that fits is tried next, and kept where it fits: the kept plan is solved above the
+    budget, below the raise that failed."""
+    model, inputs = zoo.make("gpt", "tiny")
+    tries = []
+
+    def over_above_half(model, step, graph, plan, program, inputs, kwargs, *, released=False):
+        budget_bytes = tries[0] if tries else plan.budget_bytes
+        tries.append(plan.budget_bytes)
+        slack_bytes = budget_bytes // 10
+        if plan.budget_bytes <= budget_bytes + slack_bytes // 2:
+            return plan.predicted_peak_bytes - slack_bytes
+        return budget_bytes + 1
+
+    monkeypatch.setattr(planner.compiled, "measure_compiled_peak", over_above_half)
+    monkeypatch.setattr(planner.compiled, "_predicted_faster", lambda candidate, fitting: True)
+    optimized = optimize(model, 0.6, inputs, compile=True, progress=False)
+    budget_bytes = optimized.plan.budget_bytes
+    solver_bytes = optimized._program.solver_budget_bytes
+    first_failed = next(bytes_ for bytes_ in tries if bytes_ > budget_bytes + budget_bytes // 20)
+    assert tries[0] == budget_bytes and len(tries) >= 3
+    assert budget_bytes < solver_bytes < first_failed
+    assert solver_bytes in tries[tries.index(first_failed) + 1:]
+    assert optimized._program.measured_peak_bytes <= budget_bytes
+
+
 def test_below_the_eager_floor_the_floor_plan_is_fitted_compiled(monkeypatch) -> None:
     """A budget below the least the solver meets for the eager step is not refused before
     compiling: the floor plan is compiled and measured, and kept where it fits."""
