@@ -385,13 +385,15 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
                         inputs: Sequence[Any], kwargs: Mapping[str, Any] | None, tried: list[tuple[int, int]], *,
                         budget_bytes: int, solver_bytes: int, inductor_options: dict[str, Any]
                         ) -> tuple[int, Plan, StepProgram] | None:
-    """Where ``first`` (checked, solved for ``solver_bytes``) measured over the budget and the solver
-    has no plan below it, the first of ``planner.alternatives`` for ``solver_bytes`` whose
-    compiled step measures within the budget, within `MAX_FITS` compilations in all
-    (``tried`` grows by each). Plans at the same eager peak compile differently: on the
-    zoo GPT small at memsched's floor (38.32 MiB), the segment DP's drop-all plan measured
-    38.56 MiB compiled (inductor hoisted a duplicate layer-norm recomputation across an
-    attention backward), ``greedy``'s plan for the same budget 37.30 MiB."""
+    """Where ``first`` (checked, solved for ``solver_bytes``) measured over the budget and
+    the solver has no plan below it, the first of ``planner.alternatives`` for
+    ``solver_bytes`` whose compiled step measures within the budget, within `MAX_FITS`
+    compilations in all (``tried`` grows by each). Plans at the same eager peak compile
+    differently: on the zoo GPT small at memsched's floor (38.32 MiB), the segment DP's
+    drop-all plan measured 38.56 MiB compiled (one more activation-sized buffer alive
+    across each attention backward than in the eager program; in three of the four, a
+    duplicate layer-norm recomputation that inductor fused into the one before it),
+    ``greedy``'s plan for the same budget 37.30 MiB."""
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     for plan in planner.alternatives(graph, solver_bytes):
         if len(tried) >= MAX_FITS:
