@@ -313,19 +313,15 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
          loaded: bool, inductor_options: dict[str, Any]) -> tuple[Plan, StepProgram]:
     """`fit_compiled` under one inductor configuration (module docstring), from ``plan``
     solved for ``solver_bytes``."""
-    device_type = next((p.device.type for p in model.parameters()), "cpu")
     tried: list[tuple[int, int]] = []               # (solver budget, measured peak) per fit
     internal_bytes = solver_bytes
     best: tuple[int, Plan, StepProgram] | None = None   # the fitting plan solved for the most bytes
     failed_above: int | None = None                  # the least solver budget that measured over
     first_checked: Plan | None = None
     for _ in range(1 if loaded else MAX_FITS):
-        checked = checked_plan(graph, plan, compiled=True)
+        checked, program = _compiled_and_measured(model, step, graph, plan, inputs, kwargs, inductor_options)
         first_checked = first_checked or checked
-        program = StepProgram(step, graph, checked, device_type, compile=True, inductor_options=inductor_options)
-        peak_bytes = measure_compiled_peak(model, step, graph, checked, program, inputs, kwargs,
-                                           released=bool(graph.released_outputs))
-        program.measured_peak_bytes = peak_bytes
+        peak_bytes = program.measured_peak_bytes
         tried.append((internal_bytes, peak_bytes))
         log.info("memsched compile (%s): plan solved for %d bytes predicts %d (eager); the compiled step measures %d; "
                  "budget %d", inductor_options or "plan layouts", internal_bytes, checked.predicted_peak_bytes,
@@ -394,17 +390,13 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
     across each attention backward than in the eager program; in three of the four, a
     duplicate layer-norm recomputation that inductor fused into the one before it),
     ``greedy``'s plan for the same budget 37.30 MiB."""
-    device_type = next((p.device.type for p in model.parameters()), "cpu")
     for plan in planner.alternatives(graph, solver_bytes):
         if len(tried) >= MAX_FITS:
             return None
-        checked = checked_plan(graph, plan, compiled=True)
-        if (checked.forward, checked.backward, checked.decisions) == (first.forward, first.backward, first.decisions):
+        if (plan.forward, plan.backward, plan.decisions) == (first.forward, first.backward, first.decisions):
             continue
-        program = StepProgram(step, graph, checked, device_type, compile=True, inductor_options=inductor_options)
-        peak_bytes = measure_compiled_peak(model, step, graph, checked, program, inputs, kwargs,
-                                           released=bool(graph.released_outputs))
-        program.measured_peak_bytes = peak_bytes
+        checked, program = _compiled_and_measured(model, step, graph, plan, inputs, kwargs, inductor_options)
+        peak_bytes = program.measured_peak_bytes
         tried.append((solver_bytes, peak_bytes))
         log.info("memsched compile: %s's plan for %d bytes measures %d compiled; budget %d", plan.solver,
                  solver_bytes, peak_bytes, budget_bytes)
@@ -412,6 +404,19 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
             program.solver_budget_bytes = solver_bytes
             return solver_bytes, checked, program
     return None
+
+
+def _compiled_and_measured(model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan,
+                           inputs: Sequence[Any], kwargs: Mapping[str, Any] | None,
+                           inductor_options: dict[str, Any]) -> tuple[Plan, StepProgram]:
+    """``plan`` checked (`checked_plan`) and its compiled program, whose
+    ``measured_peak_bytes`` is set (`measure_compiled_peak`)."""
+    checked = checked_plan(graph, plan, compiled=True)
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    program = StepProgram(step, graph, checked, device_type, compile=True, inductor_options=inductor_options)
+    program.measured_peak_bytes = measure_compiled_peak(model, step, graph, checked, program, inputs, kwargs,
+                                                        released=bool(graph.released_outputs))
+    return checked, program
 
 
 def _predicted_faster(candidate: Plan, fitting: Plan) -> bool:
