@@ -198,16 +198,18 @@ class _StepPlanner:
         return solve(graph, budget_bytes, self.solver, start=start.decisions if start is not None else None,
                      **self.solver_options)
 
-    def alternatives(self, graph: Graph, budget_bytes: int) -> Iterator[Plan]:
+    def alternatives(self, graph: Graph, budget_bytes: int, skip: Sequence[str] = ()) -> Iterator[Plan]:
         """The plan of each solver ``auto`` races (`solvers.portfolio.AUTO_CANDIDATES`,
-        where it runs on this graph) that fits ``budget_bytes``, fastest predicted first,
-        for `planner.compiled.fit_compiled` where auto's own plan measures over compiled.
-        None for a named solver or one given options: the caller chose it."""
+        where it runs on this graph, less those named in ``skip``: the solver of the plan
+        that measured over, whose plan for the same budget is that one) that fits
+        ``budget_bytes``, fastest predicted first, for `planner.compiled.fit_compiled`
+        where auto's own plan measures over compiled. None for a named solver or one given
+        options: the caller chose it."""
         if self.solver != "auto" or self.solver_options:
             return
         found = []
         for name in AUTO_CANDIDATES:
-            if not runs_on(name, graph, fallback=True):
+            if name in skip or not runs_on(name, graph, fallback=True):
                 continue
             try:
                 found.append(solve(graph, budget_bytes, name))

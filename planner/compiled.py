@@ -15,7 +15,9 @@ independent of the plan: channels-last copies, fused temporaries) and measured a
 to `MAX_FITS` times; then the call is refused with `CompiledBudgetError`, which gives
 the least peak measured. Where no plan is left below the one that measured over (at the
 solver's floor), the other plans ``auto`` races for the same budget are compiled in turn
-(`_fit_an_alternative`): plans with one eager peak compile to different peaks. The next
+(`_fit_an_alternative`): plans with one eager peak compile to different peaks. They come
+before the solve below where the plan that measured over is a fallback of its solver's
+(`FALLBACK_OPTION`), at its floor, where that solve is refused after a long search. The next
 solver budget is below the failed plan's own prediction, so every try is a different
 plan. Once a plan fits with more than `RAISE_STOP` of the budget to spare, a plan solved
 for the budget less the fitting plan's excess is tried, below the least solver budget
@@ -65,7 +67,7 @@ from runtime.module import ScheduledModule, StepProgram, checked_plan
 from runtime.step import CapturedStep, Role
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph, Phase
-from solvers.plan import EAGER_BUDGET_OPTION, Plan
+from solvers.plan import EAGER_BUDGET_OPTION, FALLBACK_OPTION, Plan
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +214,9 @@ class Solves(Protocol):
 
     def solve(self, graph: Graph, budget_bytes: int) -> Plan: ...
 
-    def alternatives(self, graph: Graph, budget_bytes: int) -> Iterator[Plan]:
-        """Other plans for ``budget_bytes`` (other solvers'), to compile where the first
-        plan measures over and no plan is left below it."""
+    def alternatives(self, graph: Graph, budget_bytes: int, skip: Sequence[str] = ()) -> Iterator[Plan]:
+        """Other plans for ``budget_bytes`` (other solvers', less the solvers named in
+        ``skip``), to compile where the first plan measures over and no plan is left below it."""
         ...
 
 
@@ -318,6 +320,9 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     best: tuple[int, Plan, StepProgram] | None = None   # the fitting plan solved for the most bytes
     failed_above: int | None = None                  # the least solver budget that measured over
     first_checked: Plan | None = None
+    # other solvers' plans for ``solver_bytes`` (`_fit_an_alternative`), tried once
+    alternatives_allowed = not loaded and budget_bytes >= (1 - ALTERNATIVES_WITHIN) * solver_bytes
+    alternatives_tried = False
     for _ in range(1 if loaded else MAX_FITS):
         checked, program = _compiled_and_measured(model, step, graph, plan, inputs, kwargs, inductor_options)
         first_checked = first_checked or checked
@@ -347,6 +352,16 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
                 target_bytes = (best[0] + failed_above) // 2
                 if target_bytes - best[0] <= RAISE_STOP * budget_bytes:
                     break
+            elif not alternatives_tried and FALLBACK_OPTION in checked.options and alternatives_allowed:
+                # a fallback plan is at its solver's floor: solving below it would most
+                # likely be refused, after a search through every candidate (18 s on the
+                # zoo GPT small at memsched's floor), so the other plans come first
+                alternatives_tried = True
+                best = _fit_an_alternative(planner, model, step, graph, first_checked, inputs, kwargs, tried,
+                                           budget_bytes=budget_bytes, solver_bytes=solver_bytes,
+                                           inductor_options=inductor_options)
+                if best is not None:
+                    break
         # after a failure this is below the failed plan's own prediction (its excess is
         # positive), so the next plan differs
         internal_bytes = target_bytes
@@ -354,7 +369,7 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
             plan = planner.solve(graph, internal_bytes)
         except InfeasibleBudgetError as error:
             log.info("memsched compile: no plan at %s: %s", format_bytes(internal_bytes), str(error).splitlines()[0])
-            if best is None and not loaded and budget_bytes >= (1 - ALTERNATIVES_WITHIN) * solver_bytes:
+            if best is None and not alternatives_tried and alternatives_allowed:
                 best = _fit_an_alternative(planner, model, step, graph, first_checked, inputs, kwargs, tried,
                                            budget_bytes=budget_bytes, solver_bytes=solver_bytes,
                                            inductor_options=inductor_options)
@@ -390,7 +405,7 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
     across each attention backward than in the eager program; in three of the four, a
     duplicate layer-norm recomputation that inductor fused into the one before it),
     ``greedy``'s plan for the same budget 37.30 MiB."""
-    for plan in planner.alternatives(graph, solver_bytes):
+    for plan in planner.alternatives(graph, solver_bytes, skip=(first.solver,)):
         if len(tried) >= MAX_FITS:
             return None
         if (plan.forward, plan.backward, plan.decisions) == (first.forward, first.backward, first.decisions):

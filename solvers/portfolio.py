@@ -61,7 +61,7 @@ from solvers.kernel.program import plan_with_offload
 from solvers.kernel.recompute import Seed, every_block_decisions
 from solvers.kernel.space import PlanSpace, SpaceStart, start_runs
 from solvers.offload_refine import offload_with_recompute, refine_with_offload
-from solvers.plan import Decision, Plan
+from solvers.plan import FALLBACK_OPTION, Decision, Plan
 from solvers.registry import register, registered_solver
 from solvers.simulate import simulate
 
@@ -225,7 +225,7 @@ def _search_candidates(graph: Graph, budget_bytes: int, dp: OptionDP, as_fallbac
             failures.append(error)
             continue
         if not as_fallback:
-            plan = replace(plan, options={**{k: v for k, v in plan.options.items() if k != "fallback"},
+            plan = replace(plan, options={**{k: v for k, v in plan.options.items() if k != FALLBACK_OPTION},
                                           "source": name})
         found.append((simulate(graph, plan, check_hash=False).time_ms, plan))
     if not found and as_fallback:
@@ -249,7 +249,7 @@ def _fallback(graph: Graph, budget_bytes: int, dp: OptionDP, name: str,
                                     {f"lowest peak over {num_segments} segments": lowest_dp_bytes or 0,
                                      f"{name}'s lowest peak": error.least_feasible_bytes,
                                      "lower bound for any plan": floor.total}, solver=HIERARCHICAL) from error
-    return replace(plan, solver=HIERARCHICAL, options={**plan.options, "segments": num_segments, "fallback": name})
+    return replace(plan, solver=HIERARCHICAL, options={**plan.options, "segments": num_segments, FALLBACK_OPTION: name})
 
 
 # -- ilp -------------------------------------------------------------------------------------------
