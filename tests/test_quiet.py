@@ -24,7 +24,7 @@ from planner.benchmark import train_step
 logging.basicConfig(level=logging.INFO)
 assert pulp.HiGHS().available(), "the ilp solver would not use HiGHS"
 model, inputs = zoo.make("mlp", size="tiny", seed=0)
-optimized = optimize(model, 0.5, inputs, solver="ilp", solver_options={"time_limit_s": 10.0}, progress=True)
+optimized = optimize(model, 0.5, inputs, solver="ilp", solver_options={"time_limit_s": 2.0}, progress=True)
 train_step(optimized, inputs)
 print(f"planned by {optimized.plan.solver}", file=sys.stderr)
 """
