@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -24,6 +24,7 @@ from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import TARGETS, Graph, Transfer
 from solvers.plan import Plan
 from solvers.portfolio import AUTO_CANDIDATES, runs_on, solve
+from solvers.simulate import simulate
 
 if TYPE_CHECKING:
     from planner.pipeline import PipelinedModel
@@ -135,6 +136,7 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
         from planner.compiled import fit_compiled
         chosen, program = fit_compiled(planner, model, step, graph, chosen, example_inputs, example_kwargs,
                                        loaded=loaded is not None)
+    chosen = replace(chosen, runners_up=())               # the fit's; the module keeps one plan
     return OptimizedModule(model, step, graph, chosen, planner, on_new_shape=on_new_shape,
                            plan_cache_size=plan_cache_size, program=program)
 
@@ -198,23 +200,32 @@ class _StepPlanner:
         return solve(graph, budget_bytes, self.solver, start=start.decisions if start is not None else None,
                      **self.solver_options)
 
-    def alternatives(self, graph: Graph, budget_bytes: int, skip: Sequence[str] = ()) -> Iterator[Plan]:
-        """The plan of each solver ``auto`` races (`solvers.portfolio.AUTO_CANDIDATES`,
-        where it runs on this graph, less those named in ``skip``: the solver of the plan
-        that measured over, whose plan for the same budget is that one) that fits
-        ``budget_bytes``, fastest predicted first, for `planner.compiled.fit_compiled`
-        where auto's own plan measures over compiled. None for a named solver or one given
-        options: the caller chose it."""
+    def alternatives(self, graph: Graph, budget_bytes: int, first: Plan) -> Iterator[Plan]:
+        """Other plans than ``first`` for ``budget_bytes``, fastest predicted first, for
+        `planner.compiled.fit_compiled` where ``first`` (auto's plan for that budget)
+        measures over compiled: the plans the solvers found beside it (``runners_up``,
+        which cost no solve), else each solver's that ``auto`` races
+        (`solvers.portfolio.AUTO_CANDIDATES`, where it runs on this graph) but the one
+        that made ``first``. None for a named solver or one given options: the caller
+        chose it."""
         if self.solver != "auto" or self.solver_options:
             return
         found = []
-        for name in AUTO_CANDIDATES:
-            if name in skip or not runs_on(name, graph, fallback=True):
-                continue
-            try:
-                found.append(solve(graph, budget_bytes, name))
-            except InfeasibleBudgetError:
-                continue
+        if first.runners_up:
+            for plan in first.runners_up:
+                result = simulate(graph, plan)
+                if result.peak_bytes <= budget_bytes:
+                    found.append(replace(plan, predicted_peak_bytes=result.peak_bytes,
+                                         predicted_time_ms=result.time_ms, baseline_time_ms=graph.total_time_ms,
+                                         budget_bytes=budget_bytes, graph=graph))
+        else:
+            for name in AUTO_CANDIDATES:
+                if name == first.solver or not runs_on(name, graph, fallback=True):
+                    continue
+                try:
+                    found.append(solve(graph, budget_bytes, name))
+                except InfeasibleBudgetError:
+                    continue
         yield from sorted(found, key=lambda plan: plan.predicted_time_ms)
 
 
@@ -293,7 +304,7 @@ class OptimizedModule(ScheduledModule):
             from planner.compiled import fit_compiled
             checked, program = fit_compiled(self._planner, self.module, step, graph, plan, args, kwargs)
         else:
-            checked = checked_plan(graph, plan)
+            checked = checked_plan(graph, replace(plan, runners_up=()))
             program = StepProgram(step, graph, checked, self._device_type())
         entry = (step, graph, checked, program)
         self._cache[key] = entry

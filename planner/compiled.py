@@ -14,7 +14,8 @@ what compiling added to that plan (its measured peak less its eager prediction, 
 independent of the plan: channels-last copies, fused temporaries) and measured again, up
 to `MAX_FITS` times; then the call is refused with `CompiledBudgetError`, which gives
 the least peak measured. Where no plan is left below the one that measured over (at the
-solver's floor), the other plans ``auto`` races for the same budget are compiled in turn
+solver's floor), the other plans ``auto``'s race found for the same budget
+(`solvers.plan.Plan.runners_up`, no solve needed) are compiled in turn
 (`_fit_an_alternative`): plans with one eager peak compile to different peaks. They come
 before the solve below where the plan that measured over is a fallback of its solver's
 (`FALLBACK_OPTION`), at its floor, where that solve is refused after a long search. The next
@@ -92,8 +93,9 @@ RAISE_GAIN = 0.01
 # where solving for the budget first had cost every budget a second compilation
 CHANNELS_LAST = {"layout_optimization": True}
 # Inductor's own reordering for peak memory, which `runtime.compiled.INDUCTOR_OPTIONS` turns
-# off to keep the plan's order: tried last, where no plan fits in the plan's order (on the
-# zoo GPT small at memsched's floor it measured 1 MiB lower)
+# off to keep the plan's order: tried last, where no plan fits in the plan's order. It is
+# rarely lower: on the zoo GPT small at memsched's floor (38.32 MiB) an earlier floor plan
+# measured 1 MiB lower with it, the drop-all plan of 1bf36e6 44.8 MiB against 38.56 MiB
 REORDERED = {"reorder_for_peak_memory": True}
 # where no plan is left below one that measured over, other solvers' plans for its solver
 # budget are compiled (`_fit_an_alternative`) only if the caller's budget is at most this
@@ -214,9 +216,10 @@ class Solves(Protocol):
 
     def solve(self, graph: Graph, budget_bytes: int) -> Plan: ...
 
-    def alternatives(self, graph: Graph, budget_bytes: int, skip: Sequence[str] = ()) -> Iterator[Plan]:
-        """Other plans for ``budget_bytes`` (other solvers', less the solvers named in
-        ``skip``), to compile where the first plan measures over and no plan is left below it."""
+    def alternatives(self, graph: Graph, budget_bytes: int, first: Plan) -> Iterator[Plan]:
+        """Other plans than ``first`` for ``budget_bytes`` (those the solvers found beside
+        it, or other solvers'), to compile where ``first`` measures over and no plan is
+        left below it."""
         ...
 
 
@@ -389,7 +392,7 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     options.pop(EAGER_BUDGET_OPTION, None)
     if solver_bytes > budget_bytes:
         options[EAGER_BUDGET_OPTION] = solver_bytes
-    return replace(fitted, budget_bytes=budget_bytes, options=options), program
+    return replace(fitted, budget_bytes=budget_bytes, options=options, runners_up=()), program
 
 
 def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Graph, first: Plan,
@@ -405,7 +408,7 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
     across each attention backward than in the eager program; in three of the four, a
     duplicate layer-norm recomputation that inductor fused into the one before it),
     ``greedy``'s plan for the same budget 37.30 MiB."""
-    for plan in planner.alternatives(graph, solver_bytes, skip=(first.solver,)):
+    for plan in planner.alternatives(graph, solver_bytes, first):
         if len(tried) >= MAX_FITS:
             return None
         if (plan.forward, plan.backward, plan.decisions) == (first.forward, first.backward, first.decisions):

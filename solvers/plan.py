@@ -125,6 +125,10 @@ class Plan:
     solve_time_s: float = 0.0
     options: Mapping[str, Any] = field(default_factory=dict)
     graph: Graph | None = field(default=None, compare=False, repr=False)   # embedded for plan-inspect
+    # other plans the solver found within the same budget (``hierarchical``, ``auto``),
+    # predictions not filled in; not saved (`planner.compiled` compiles them where this plan
+    # measures over compiled)
+    runners_up: tuple["Plan", ...] = field(default=(), compare=False, repr=False)
 
     def steps(self, phase: Phase) -> tuple[Step, ...]:
         return self.forward if phase is Phase.FORWARD else self.backward

@@ -136,7 +136,8 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     candidates of the module docstring; not optimal. With ``with_reruns``, `chain`'s Rotor
     schedules over the same segments are candidates. With ``offload`` (default: the graph's
     host link is real, `Transfer.real`), the DP's plan refined with offloads is too.
-    ``start`` (decisions of a plan for a similar graph) warm-starts ``greedy``.
+    ``start`` (decisions of a plan for a similar graph) warm-starts ``greedy``. The other
+    candidates that fit are the plan's ``runners_up``, fastest first.
 
     Raises:
         InfeasibleBudgetError: neither the DP's plans nor the fallbacks fit the budget.
@@ -162,8 +163,10 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
         found += _search_candidates(graph, budget_bytes, dp, as_fallback=not found, start=start)
         if with_greedy:
             solvers_run.append("greedy")
-    plan = min(found, key=lambda item: item[0])[1]
-    return replace(plan, options={**plan.options, "solvers_run": solvers_run})
+    found.sort(key=lambda item: item[0])             # stable: the first found wins ties
+    plan = found[0][1]
+    return replace(plan, options={**plan.options, "solvers_run": solvers_run},
+                   runners_up=tuple(other for _, other in found[1:]))
 
 
 def _chain_rerun(graph: Graph, budget_bytes: int, options_per_segment: int, offload: bool | None) -> Plan | None:
@@ -331,10 +334,14 @@ def solve_auto(graph: Graph, budget_bytes: int, *, start: Mapping[str, Decision]
     nothing fit, up to `GREEDY_FALLBACK_MAX_OPS`. ``start`` (a similar graph's decisions:
     the previous input shape's plan) warm-starts the candidates that take one (`WARM_STARTED`),
     and leaves out the ``ilp`` refinement: a new shape in a training loop is planned in
-    about a second, not the tens of seconds the first plan may take."""
+    about a second, not the tens of seconds the first plan may take. The plan's
+    ``runners_up`` are the other plans found that fit (the candidates' and those the
+    candidates found), one per schedule, in the order found; their predictions are not
+    filled in."""
     best: tuple[float, Plan] | None = None
     failures: list[InfeasibleBudgetError] = []
     plans_found: list[Plan] = []
+    runners_up: list[Plan] = []                      # every plan found that fits
     first = [name for name in AUTO_CANDIDATES if runs_on(name, graph)]
     tried: list[str] = []
     covered: set[str] = set()
@@ -358,12 +365,17 @@ def solve_auto(graph: Graph, budget_bytes: int, *, start: Mapping[str, Decision]
                 plans_found.append(plan)
                 if best is None or result.time_ms < best[0]:
                     best = (result.time_ms, plan)
+                runners_up += [replace(plan, runners_up=()), *plan.runners_up]
     if best is None:
         raise min(failures, key=lambda error: error.least_feasible_bytes)
     if len(graph.ops) <= AUTO_EXACT_MAX_OPS and best[0] > graph.total_time_ms and "offload" not in options \
             and start is None:
         best = _refine_with_ilp(graph, budget_bytes, best, plans_found, tried)
-    return replace(best[1], options={**best[1].options, "auto_tried": tried})
+    others: dict[tuple, Plan] = {}                   # one per schedule, the best's left out
+    for plan in runners_up:
+        others.setdefault((plan.forward, plan.backward), plan)
+    others.pop((best[1].forward, best[1].backward), None)
+    return replace(best[1], options={**best[1].options, "auto_tried": tried}, runners_up=tuple(others.values()))
 
 
 def _refine_with_ilp(graph: Graph, budget_bytes: int, best: tuple[float, Plan], plans_found: list[Plan],

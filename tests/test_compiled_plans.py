@@ -273,33 +273,27 @@ def test_where_no_plan_is_left_below_one_that_measures_over_another_solvers_plan
 def test_a_fallback_plan_that_measures_over_has_the_other_plans_compiled_before_any_solve_below(
         monkeypatch) -> None:
     """Where the plan that measures over is a fallback of its solver's (at its floor), the
-    other plans ``auto`` races for its budget are compiled before any solve below it, and
-    the alternatives leave out that plan's own solver."""
+    plans the solvers found beside it for its budget (``runners_up``) are compiled before
+    any solve below it, and without solving again."""
     model, inputs = zoo.make("gpt", "tiny")
-    measured, solved, alternatives_skipped = [], [], []
-    solve, alternatives = planner.api._StepPlanner.solve, planner.api._StepPlanner.alternatives
+    measured, solved = [], []
+    solve = planner.api.solve
 
-    def the_first_marked_a_fallback(self, graph, budget_bytes, start=None):
-        solved.append(budget_bytes)
-        plan = solve(self, graph, budget_bytes, start)
+    def counted(graph, budget_bytes, solver="auto", **options):
+        solved.append((solver, budget_bytes))
+        plan = solve(graph, budget_bytes, solver, **options)
         return replace(plan, options={**plan.options, FALLBACK_OPTION: "drop-all"}) if len(solved) == 1 else plan
-
-    def alternatives_skipping(self, graph, budget_bytes, skip=()):
-        alternatives_skipped.append(tuple(skip))
-        yield from alternatives(self, graph, budget_bytes, skip)
 
     def first_plan_over(model, step, graph, plan, program, inputs, kwargs, *, released=False):
         measured.append(plan)
         return plan.predicted_peak_bytes + (2**20 if len(measured) == 1 else 0)
 
-    monkeypatch.setattr(planner.api._StepPlanner, "solve", the_first_marked_a_fallback)
-    monkeypatch.setattr(planner.api._StepPlanner, "alternatives", alternatives_skipping)
+    monkeypatch.setattr(planner.api, "solve", counted)
     monkeypatch.setattr(planner.compiled, "measure_compiled_peak", first_plan_over)
     optimized = optimize(model, 0.5, inputs, compile=True, progress=False)
     first, kept = measured
-    assert solved == [kept.budget_bytes], "no plan is solved below the fallback plan"
-    assert alternatives_skipped == [(first.solver,)]
-    assert kept.solver != first.solver and optimized.plan.solver == kept.solver
+    assert solved == [("auto", kept.budget_bytes)], "nothing is solved after the first plan"
+    assert first.runners_up and (kept.forward, kept.backward) != (first.forward, first.backward)
     assert optimized._program.measured_peak_bytes == kept.predicted_peak_bytes <= kept.budget_bytes
 
 

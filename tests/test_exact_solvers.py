@@ -342,6 +342,29 @@ def test_auto_refines_small_graphs_with_the_milp(monkeypatch) -> None:
 
 
 @given(graph=st.integers(2, 6).flatmap(chain_graphs), frac=st.floats(0.0, 1.0))
+def test_auto_keeps_the_other_plans_it_found_as_runners_up(graph: Graph, frac: float) -> None:
+    """`auto`'s plan carries the other plans its candidates found (``runners_up``): each
+    fits the budget and has its own schedule; greedy's plan (which `hierarchical` runs
+    for auto) is among them wherever it fits and lost."""
+    budget_bytes = budget_between(graph, frac)
+    try:
+        plan = solve(graph, budget_bytes, "auto")
+    except InfeasibleBudgetError:
+        return
+    schedules = [(plan.forward, plan.backward)]
+    for other in plan.runners_up:
+        assert simulate(graph, other).peak_bytes <= budget_bytes
+        assert (other.forward, other.backward) not in schedules and not other.runners_up
+        schedules.append((other.forward, other.backward))
+    try:
+        greedy = solve(graph, budget_bytes, "greedy")
+    except InfeasibleBudgetError:
+        return
+    if (greedy.forward, greedy.backward) != schedules[0] and simulate(graph, greedy).peak_bytes <= budget_bytes:
+        assert (greedy.forward, greedy.backward) in schedules[1:]
+
+
+@given(graph=st.integers(2, 6).flatmap(chain_graphs), frac=st.floats(0.0, 1.0))
 def test_auto_does_not_rerun_what_hierarchical_ran(graph: Graph, frac: float) -> None:
     """`hierarchical` runs chain, every_block and (small graphs) greedy as candidates and
     says so; `auto` then skips them and still returns a plan at least as fast as each."""
