@@ -97,7 +97,7 @@ CHANNELS_LAST = {"layout_optimization": True}
 # rarely lower: on the zoo GPT small at memsched's floor (38.32 MiB) an earlier floor plan
 # measured 1 MiB lower with it, the drop-all plan of 1bf36e6 44.8 MiB against 38.56 MiB
 REORDERED = {"reorder_for_peak_memory": True}
-# where no plan is left below one that measured over, other solvers' plans for its solver
+# where no plan is left below one that measured over, the other plans for its solver
 # budget are compiled (`_fit_an_alternative`) only if the caller's budget is at most this
 # fraction below that solver budget: far below the floor (which `solve_compiled` solves
 # for) no plan with the floor's peak fits, and each try costs a compilation. Compiling
@@ -323,7 +323,7 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     best: tuple[int, Plan, StepProgram] | None = None   # the fitting plan solved for the most bytes
     failed_above: int | None = None                  # the least solver budget that measured over
     first_checked: Plan | None = None
-    # other solvers' plans for ``solver_bytes`` (`_fit_an_alternative`), tried once
+    # the other plans for ``solver_bytes`` than the first (`_fit_an_alternative`), tried once
     alternatives_allowed = not loaded and budget_bytes >= (1 - ALTERNATIVES_WITHIN) * solver_bytes
     alternatives_tried = False
     for _ in range(1 if loaded else MAX_FITS):
