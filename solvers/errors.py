@@ -16,15 +16,18 @@ class InfeasibleBudgetError(MemschedError):
 
     ``least_feasible_bytes`` is the smallest budget the solver could meet (or a proved lower
     bound when the solver found none), ``breakdown`` what that figure is made of.
+    ``solvers_run``: registered solvers the refusing solver ran as candidates of its own,
+    which found no plan either (``auto`` does not run them again).
     """
 
     def __init__(self, budget_bytes: int, least_feasible_bytes: int, breakdown: dict[str, int],
-                 solver: str = "", context: str = "") -> None:
+                 solver: str = "", context: str = "", solvers_run: tuple[str, ...] = ()) -> None:
         self.budget_bytes = budget_bytes
         self.least_feasible_bytes = least_feasible_bytes
         self.breakdown = dict(breakdown)
         self.solver = solver
         self.context = context
+        self.solvers_run = tuple(solvers_run)
         parts = ", ".join(f"{name} {format_bytes(size)}" for name, size in breakdown.items())
         by = f" ({solver})" if solver else ""
         where = f"{context}: " if context else ""

@@ -140,7 +140,8 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     candidates that fit are the plan's ``runners_up``, fastest first.
 
     Raises:
-        InfeasibleBudgetError: neither the DP's plans nor the fallbacks fit the budget.
+        InfeasibleBudgetError: neither the DP's plans nor the fallbacks fit the budget
+            (its ``solvers_run`` names ``greedy`` where greedy ran as one and found none).
         OptionError: ``options_per_segment < 2`` or ``resolution < 1``.
     """
     dp = option_dp(graph, budget_bytes, options_per_segment=options_per_segment, resolution=resolution,
@@ -160,7 +161,11 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
     found += [(simulate(graph, rerun, check_hash=False).time_ms, rerun) for rerun in reruns]
     with_greedy = runs_on("greedy", graph)
     if not found or with_greedy:
-        found += _search_candidates(graph, budget_bytes, dp, as_fallback=not found, start=start)
+        try:
+            found += _search_candidates(graph, budget_bytes, dp, as_fallback=not found, start=start)
+        except InfeasibleBudgetError as error:         # nothing fits: greedy, run as auto runs it, neither
+            error.solvers_run = ("greedy",) if with_greedy else ()
+            raise
         if with_greedy:
             solvers_run.append("greedy")
     found.sort(key=lambda item: item[0])             # stable: the first found wins ties
@@ -329,7 +334,8 @@ def solve_auto(graph: Graph, budget_bytes: int, *, start: Mapping[str, Decision]
     `InfeasibleBudgetError` with the smallest least-feasible budget. A candidate whose plan
     lists, in ``options["solvers_run"]``, solvers it already ran as candidates of its own
     (``hierarchical`` runs chain, every_block and, on small graphs, greedy) saves auto from
-    running them again; a plan proved optimal (keep-all fits) ends the search. ``greedy``
+    running them again, as does a refusal's ``solvers_run`` (``hierarchical`` refuses after
+    ``greedy`` refused); a plan proved optimal (keep-all fits) ends the search. ``greedy``
     runs in the first round up to `GREEDY_MAX_OPS` ops, and in a second round, only when
     nothing fit, up to `GREEDY_FALLBACK_MAX_OPS`. ``start`` (a similar graph's decisions:
     the previous input shape's plan) warm-starts the candidates that take one (`WARM_STARTED`),
@@ -358,6 +364,7 @@ def solve_auto(graph: Graph, budget_bytes: int, *, start: Mapping[str, Decision]
                 plan = registered_solver(name)(graph, budget_bytes, **options, **warm)
             except InfeasibleBudgetError as error:
                 failures.append(error)
+                covered.update(error.solvers_run)      # refused there too (greedy, inside hierarchical)
                 continue
             covered.update(AUTO_CANDIDATES if plan.optimal else plan.options.get("solvers_run", ()))
             result = simulate(graph, plan)

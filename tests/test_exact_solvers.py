@@ -341,6 +341,39 @@ def test_auto_refines_small_graphs_with_the_milp(monkeypatch) -> None:
     assert plan.solver != "ilp" and "ilp" not in plan.options["auto_tried"]
 
 
+@given(graph=st.integers(2, 6).flatmap(chain_graphs))
+def test_auto_does_not_run_greedy_again_where_hierarchical_refused_after_it(graph: Graph) -> None:
+    """At the lower bound `hierarchical` refuses after running ``greedy`` as one of its
+    fallbacks, and says so (``solvers_run``); `auto` then refuses without running greedy's
+    passes a second time."""
+    from solvers import baselines
+
+    budget_bytes = budget_between(graph, 0.0)
+    try:
+        solve(graph, budget_bytes, "hierarchical")
+        assume(False)                                 # the bound is met: nothing refused
+    except InfeasibleBudgetError as refused:
+        assert refused.solvers_run == ("greedy",)
+    passes = []
+    greedy_pass = baselines._greedy_pass
+
+    def counted(*args):
+        passes.append(1)
+        return greedy_pass(*args)
+
+    baselines._greedy_pass = counted
+    try:
+        with pytest.raises(InfeasibleBudgetError):
+            solve(graph, budget_bytes, "greedy")
+        one_run = len(passes)
+        passes.clear()
+        with pytest.raises(InfeasibleBudgetError):
+            solve(graph, budget_bytes, "auto")
+    finally:
+        baselines._greedy_pass = greedy_pass
+    assert len(passes) == one_run > 0
+
+
 @given(graph=st.integers(2, 6).flatmap(chain_graphs), frac=st.floats(0.0, 1.0))
 def test_auto_keeps_the_other_plans_it_found_as_runners_up(graph: Graph, frac: float) -> None:
     """`auto`'s plan carries the other plans its candidates found (``runners_up``): each
