@@ -136,7 +136,6 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
         from planner.compiled import fit_compiled
         chosen, program = fit_compiled(planner, model, step, graph, chosen, example_inputs, example_kwargs,
                                        loaded=loaded is not None)
-    chosen = replace(chosen, runners_up=())               # the fit's; the module keeps one plan
     return OptimizedModule(model, step, graph, chosen, planner, on_new_shape=on_new_shape,
                            plan_cache_size=plan_cache_size, program=program)
 
@@ -304,7 +303,7 @@ class OptimizedModule(ScheduledModule):
             from planner.compiled import fit_compiled
             checked, program = fit_compiled(self._planner, self.module, step, graph, plan, args, kwargs)
         else:
-            checked = checked_plan(graph, replace(plan, runners_up=()))
+            checked = checked_plan(graph, replace(plan, runners_up=()))     # the cache keeps one plan
             program = StepProgram(step, graph, checked, self._device_type())
         entry = (step, graph, checked, program)
         self._cache[key] = entry

@@ -177,7 +177,9 @@ class ScheduledModule(torch.nn.Module):
                  compile: bool = False, program: StepProgram | None = None) -> None:
         super().__init__()
         self.module = model
-        self.plan = checked_plan(graph, plan, compiled=compile or (program is not None and program.compiled))
+        # the module runs one plan: the other plans its solver found are not kept
+        self.plan = checked_plan(graph, replace(plan, runners_up=()),
+                                 compiled=compile or (program is not None and program.compiled))
         self.graph = graph
         self._step = step
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

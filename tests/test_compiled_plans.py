@@ -295,6 +295,7 @@ def test_a_fallback_plan_that_measures_over_has_the_other_plans_compiled_before_
     assert solved == [("auto", kept.budget_bytes)], "nothing is solved after the first plan"
     assert first.runners_up and (kept.forward, kept.backward) != (first.forward, first.backward)
     assert optimized._program.measured_peak_bytes == kept.predicted_peak_bytes <= kept.budget_bytes
+    assert not optimized.plan.runners_up
 
 
 def test_channels_last_starts_with_room_for_the_weights_copies(monkeypatch) -> None:

@@ -99,3 +99,4 @@ def test_planning_a_new_shape_stays_within_its_budget_and_leaves_the_model_alone
     assert all(torch.equal(before, after) for before, after in zip(buffers, model.buffers()))
     assert torch.equal(torch.get_rng_state(), rng)
     assert_same_training_step(optimized, model, reference, larger, label="larger batch")
+    assert not any(cached.runners_up for cached in optimized.plans), "a cached plan keeps its solver's others"
