@@ -357,8 +357,9 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
                     break
             elif not alternatives_tried and FALLBACK_OPTION in checked.options and alternatives_allowed:
                 # a fallback plan is at its solver's floor: solving below it would most
-                # likely be refused, after a search through every candidate (18 s on the
-                # zoo GPT small at memsched's floor), so the other plans come first
+                # likely be refused, after a search through every candidate (on the zoo
+                # GPT small at memsched's floor 18 s, 8 s since auto stopped re-running
+                # greedy after hierarchical refused), so the other plans come first
                 alternatives_tried = True
                 best = _fit_an_alternative(planner, model, step, graph, first_checked, inputs, kwargs, tried,
                                            budget_bytes=budget_bytes, solver_bytes=solver_bytes,
