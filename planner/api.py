@@ -23,7 +23,7 @@ from runtime.module import ScheduledModule, describe_signature, StepProgram, che
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import TARGETS, Graph, Transfer
 from solvers.plan import Plan
-from solvers.portfolio import AUTO_CANDIDATES, runs_on, solve
+from solvers.portfolio import solve
 from solvers.simulate import simulate
 
 if TYPE_CHECKING:
@@ -200,31 +200,18 @@ class _StepPlanner:
                      **self.solver_options)
 
     def alternatives(self, graph: Graph, budget_bytes: int, first: Plan) -> Iterator[Plan]:
-        """Other plans than ``first`` for ``budget_bytes``, fastest predicted first, for
-        `planner.compiled.fit_compiled` where ``first`` (auto's plan for that budget)
-        measures over compiled: the plans the solvers found beside it (``runners_up``,
-        which cost no solve), else each solver's that ``auto`` races
-        (`solvers.portfolio.AUTO_CANDIDATES`, where it runs on this graph) but the one
-        that made ``first``. None for a named solver or one given options: the caller
-        chose it."""
+        """The plans the solvers found beside ``first`` (``runners_up``: every other plan
+        ``auto``'s race found, so none is solved again) that fit ``budget_bytes``, fastest
+        predicted first, for `planner.compiled.fit_compiled` where ``first`` measures over
+        compiled. None for a named solver or one given options: the caller chose it."""
         if self.solver != "auto" or self.solver_options:
             return
         found = []
-        if first.runners_up:
-            for plan in first.runners_up:
-                result = simulate(graph, plan)
-                if result.peak_bytes <= budget_bytes:
-                    found.append(replace(plan, predicted_peak_bytes=result.peak_bytes,
-                                         predicted_time_ms=result.time_ms, baseline_time_ms=graph.total_time_ms,
-                                         budget_bytes=budget_bytes, graph=graph))
-        else:
-            for name in AUTO_CANDIDATES:
-                if name == first.solver or not runs_on(name, graph, fallback=True):
-                    continue
-                try:
-                    found.append(solve(graph, budget_bytes, name))
-                except InfeasibleBudgetError:
-                    continue
+        for plan in first.runners_up:
+            result = simulate(graph, plan)
+            if result.peak_bytes <= budget_bytes:
+                found.append(replace(plan, predicted_peak_bytes=result.peak_bytes, predicted_time_ms=result.time_ms,
+                                     baseline_time_ms=graph.total_time_ms, budget_bytes=budget_bytes, graph=graph))
         yield from sorted(found, key=lambda plan: plan.predicted_time_ms)
 
 

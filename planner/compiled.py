@@ -218,8 +218,7 @@ class Solves(Protocol):
 
     def alternatives(self, graph: Graph, budget_bytes: int, first: Plan) -> Iterator[Plan]:
         """Other plans than ``first`` for ``budget_bytes`` (those the solvers found beside
-        it, or other solvers'), to compile where ``first`` measures over and no plan is
-        left below it."""
+        it), to compile where ``first`` measures over and no plan is left below it."""
         ...
 
 
@@ -266,7 +265,7 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
     On a graph with convolutions, `CHANNELS_LAST` is fitted first, from a plan solved for
     the convolution weights' bytes less (skipped where the solver finds none), and the
     plan's own layouts only where that finds no plan; `REORDERED` is the last resort. Under
-    each, where no plan is left below one that measured over, other solvers' plans for its
+    each, where no plan is left below one that measured over, the other plans found for its
     solver budget are compiled (`Solves.alternatives`). A ``loaded`` plan is run as given
     (its own layouts): refused if its compiled step is over its budget.
 
@@ -412,8 +411,6 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
     for plan in planner.alternatives(graph, solver_bytes, first):
         if len(tried) >= MAX_FITS:
             return None
-        if (plan.forward, plan.backward, plan.decisions) == (first.forward, first.backward, first.decisions):
-            continue
         checked, program = _compiled_and_measured(model, step, graph, plan, inputs, kwargs, inductor_options)
         peak_bytes = program.measured_peak_bytes
         tried.append((solver_bytes, peak_bytes))
