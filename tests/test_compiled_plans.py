@@ -358,6 +358,30 @@ def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_an_eager_calls_arguments_die_at_the_call_not_in_the_run_after_it() -> None:
+    """A random op's template whose last use is the op dies there, as in the eager program,
+    not at the next eager call (the interpreter's reference to the call's arguments is let
+    go of after the call)."""
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    template = graph.call_function(aten.mul.Tensor, (x, 2.0))
+    noise = graph.call_function(random_fill_like, (aten.bernoulli_.float, template, 0.5))
+    product = graph.call_function(aten.mm.default, (noise, noise))
+    graph.output((product,))
+    module = fx.GraphModule(torch.nn.Module(), graph)
+    program = CompiledProgram(module, boxed=True)
+    assert program.num_runs == 2 and program.eager_calls == ["random_fill_like"]
+    value = torch.randn(512, 512)
+    block_bytes = value.untyped_storage().nbytes()
+    program([value])                                               # compiles
+    _, peak_bytes = measure_allocator_peak(lambda: program([value]), [value])
+    # two blocks live at the call (template and noise) and in the run after it (noise and
+    # the product); three if the template outlived the call
+    assert peak_bytes - block_bytes <= 2.5 * block_bytes, \
+        f"{(peak_bytes - block_bytes) / block_bytes:.2f} blocks held above the input"
+
+
 def test_cross_entropy_backward_fuses_without_a_buffer_of_zeros() -> None:
     """The cross-entropy backward scatters into a logits-sized buffer of zeros; inductor's
     joint-graph passes, which the program applies to each run as torch.compile applies
