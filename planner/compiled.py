@@ -23,8 +23,7 @@ solver budget is below the failed plan's own prediction, so every try is a diffe
 plan. Once a plan fits with more than `RAISE_STOP` of the budget to spare, a plan solved
 for the budget less the fitting plan's excess is tried, below the least solver budget
 that measured over, if the solver predicts it faster than the fitting plan by more than
-`RAISE_GAIN` of the step (where it does not, once a fit, the plan for twice that raise if
-that one is: `_raised_further`); where that plan measures over, the solver budget halfway
+`RAISE_GAIN` of the step; where that plan measures over, the solver budget halfway
 between the two is tried, while they are more than `RAISE_STOP` apart (a bisection:
 plans compile to peaks their predictions do not order); the plan solved for the most
 bytes that fits is kept. That solver budget may be above the caller's: a compiled step
@@ -326,7 +325,6 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     # the other plans for ``solver_bytes`` than the first (`_fit_an_alternative`), tried once
     alternatives_allowed = not loaded and budget_bytes >= (1 - ALTERNATIVES_WITHIN) * solver_bytes
     alternatives_tried = False
-    raised_further = False                          # `_raised_further` asked, once a fit
     for _ in range(1 if loaded else MAX_FITS):
         checked, program = _compiled_and_measured(model, step, graph, plan, inputs, kwargs, inductor_options)
         first_checked = first_checked or checked
@@ -381,13 +379,9 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
             break
         if best is not None and internal_bytes > best[0] and \
                 not _predicted_faster(checked_plan(graph, plan, compiled=True), best[1]):
-            further = None if raised_further else _raised_further(planner, graph, best, internal_bytes, failed_above)
-            raised_further = True
-            if further is None:
-                log.info("memsched compile: the plan for %s is not predicted faster by %.0f %%; kept the fitting one",
-                         format_bytes(internal_bytes), 100 * RAISE_GAIN)
-                break
-            internal_bytes, plan = further
+            log.info("memsched compile: the plan for %s is not predicted faster by %.0f %%; kept the fitting one",
+                     format_bytes(internal_bytes), 100 * RAISE_GAIN)
+            break
     if best is None:
         raise CompiledBudgetError(budget_bytes, tried, loaded=loaded)
     solver_bytes, fitted, program = best
@@ -410,10 +404,10 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
     ``solver_bytes`` whose compiled step measures within the budget, within `MAX_FITS`
     compilations in all (``tried`` grows by each). Plans at the same eager peak compile
     differently: on the zoo GPT small at memsched's floor (38.32 MiB), the segment DP's
-    drop-all plan measures 38.54 MiB compiled (inductor fuses the first block's second
-    layer-norm backward with the recomputation before it and the dropout backward after
-    it into one kernel, which holds its inputs and results together: 0.98 MiB above the
-    eager program there), ``greedy``'s plan for the same budget 37.77 MiB."""
+    drop-all plan measured 38.56 MiB compiled (one more activation-sized buffer alive
+    across each attention backward than in the eager program; in three of the four, a
+    duplicate layer-norm recomputation that inductor fused into the one before it),
+    ``greedy``'s plan for the same budget 37.30 MiB."""
     for plan in planner.alternatives(graph, solver_bytes, first):
         if len(tried) >= MAX_FITS:
             return None
@@ -439,33 +433,6 @@ def _compiled_and_measured(model: torch.nn.Module, step: CapturedStep, graph: Gr
     program.measured_peak_bytes = measure_compiled_peak(model, step, graph, checked, program, inputs, kwargs,
                                                         released=bool(graph.released_outputs))
     return checked, program
-
-
-def _raised_further(planner: Solves, graph: Graph, best: tuple[int, Plan, StepProgram], raised_bytes: int,
-                    failed_above: int | None) -> tuple[int, Plan] | None:
-    """Where the plan for ``raised_bytes`` (the fitting plan's solver budget plus what
-    compiling saved on it) is not predicted faster, the plan for twice that raise, below
-    any solver budget that measured over, if it is predicted faster: what compiling saves
-    differs between plans, so one plan's saving does not bound the next one's. On the zoo
-    GPT small at every-block checkpointing's peak (47.52 MiB) the first plan measured 1.00
-    MiB below its prediction, and the plan for that much more was not faster; a plan solved
-    for 50.30 MiB measured 3.26 MiB below its own, within the budget, at a predicted 9.1 %
-    overhead against 11.9 % (two runs of `experiments/vs_torch_compile.py`). One solve, no
-    compilation unless the plan is predicted faster."""
-    solver_bytes, fitting, _ = best
-    further_bytes = solver_bytes + 2 * (raised_bytes - solver_bytes)
-    if failed_above is not None:
-        further_bytes = min(further_bytes, failed_above - 1)
-    if further_bytes <= raised_bytes:
-        return None
-    try:
-        plan = planner.solve(graph, further_bytes)
-    except InfeasibleBudgetError:
-        return None
-    if not _predicted_faster(checked_plan(graph, plan, compiled=True), fitting):
-        return None
-    log.info("memsched compile: the plan for %s is predicted faster; compiling it", format_bytes(further_bytes))
-    return further_bytes, plan
 
 
 def _predicted_faster(candidate: Plan, fitting: Plan) -> bool:

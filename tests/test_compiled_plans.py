@@ -220,38 +220,6 @@ def test_where_the_raised_plan_measures_over_the_fit_bisects_towards_it(monkeypa
     assert optimized._program.measured_peak_bytes <= budget_bytes
 
 
-def test_where_the_raised_plan_is_not_predicted_faster_the_plan_for_twice_the_raise_is_tried(monkeypatch) -> None:
-    """Compiling saves a tenth of the budget on plans solved for up to a tenth above it and a
-    quarter on plans solved for more, which alone are predicted faster. The raise by the
-    first plan's saving finds no faster plan; the plan for twice that raise is predicted
-    faster, compiled and kept (it measures within the budget), and the one between is
-    solved but never compiled."""
-    model, inputs = zoo.make("gpt", "tiny")
-    compiled = []
-
-    def saves_more_above(model, step, graph, plan, program, inputs, kwargs, *, released=False):
-        budget_bytes = compiled[0] if compiled else plan.budget_bytes
-        compiled.append(plan.budget_bytes)
-        fraction = 0.1 if plan.budget_bytes <= 1.1 * budget_bytes else 0.25
-        return plan.predicted_peak_bytes - int(fraction * budget_bytes)
-
-    first = {}
-
-    def faster_above(candidate, fitting):
-        first.setdefault("bytes", fitting.budget_bytes)
-        return candidate.budget_bytes > 1.15 * first["bytes"]
-
-    monkeypatch.setattr(planner.compiled, "measure_compiled_peak", saves_more_above)
-    monkeypatch.setattr(planner.compiled, "_predicted_faster", faster_above)
-    optimized = optimize(model, 0.6, inputs, compile=True, progress=False)
-    budget_bytes = optimized.plan.budget_bytes
-    assert compiled[0] == budget_bytes
-    assert all(bytes_ <= budget_bytes or bytes_ > 1.15 * budget_bytes for bytes_ in compiled), \
-        "the plan for the first raise, not predicted faster, must not be compiled"
-    assert optimized._program.solver_budget_bytes > 1.15 * budget_bytes
-    assert optimized._program.measured_peak_bytes <= budget_bytes
-
-
 def test_below_the_eager_floor_the_floor_plan_is_fitted_compiled(monkeypatch) -> None:
     """A budget below the least the solver meets for the eager step is not refused before
     compiling: the floor plan is compiled and measured, and kept where it fits."""
