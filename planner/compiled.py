@@ -404,10 +404,10 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
     ``solver_bytes`` whose compiled step measures within the budget, within `MAX_FITS`
     compilations in all (``tried`` grows by each). Plans at the same eager peak compile
     differently: on the zoo GPT small at memsched's floor (38.32 MiB), the segment DP's
-    drop-all plan measured 38.56 MiB compiled (one more activation-sized buffer alive
-    across each attention backward than in the eager program; in three of the four, a
-    duplicate layer-norm recomputation that inductor fused into the one before it),
-    ``greedy``'s plan for the same budget 37.30 MiB."""
+    drop-all plan measures 38.54 MiB compiled (inductor fuses the first block's second
+    layer-norm backward with the recomputation before it and the dropout backward after
+    it into one kernel, which holds its inputs and results together: 0.98 MiB above the
+    eager program there), ``greedy``'s plan for the same budget 37.77 MiB."""
     for plan in planner.alternatives(graph, solver_bytes, first):
         if len(tried) >= MAX_FITS:
             return None
