@@ -53,9 +53,9 @@ profile reported apart.
 Then each baseline that memsched was planned at the peak of is timed against that plan alone
 (``--pair-repeats`` rounds of the pair, alternating which runs first), and the median of the
 per-round ratios is reported with its quartiles (``head_to_head``): closer than the medians
-of the long round-robin, whose noise is 1-3 points (up to 6 on a noisy machine). So is
-compiled plain against memsched's plan at every-block checkpointing's peak, the every-block
-target's pair (``every_block_target["paired"]``).
+of the long round-robin, whose noise was 1-3 points in some sessions and up to 13 in
+others. So is compiled plain against memsched's plan at every-block checkpointing's peak,
+the every-block target's pair (``every_block_target["paired"]``).
 
     python experiments/vs_torch_compile.py [--models gpt resnet gpt2] [--budgets 6] [--repeats 5]
         [--pair-repeats 20] [--threads 1] [--keep-freed-memory]
