@@ -78,6 +78,7 @@ import tempfile
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="vs_torch_compile_inductor_"))
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -85,7 +86,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
 
 import torch  # noqa: E402
 import torch.utils._pytree as pytree  # noqa: E402
@@ -100,6 +101,7 @@ from planner.memory import measure_allocator_peak  # noqa: E402
 from planner.profile import profile, with_released_outputs  # noqa: E402
 from real_models import (KEEP_FREED_MEMORY_ENV, build_gpt2, inductor_at_budget, keep_freed_memory,  # noqa: E402
                          solvers_floor, sweep_budgets)
+from runtime.compiled import forget_compiled_runs  # noqa: E402
 from runtime.module import ScheduledModule  # noqa: E402
 from solvers.errors import InfeasibleBudgetError  # noqa: E402
 from solvers.graph import Graph  # noqa: E402
@@ -180,10 +182,12 @@ def largest_difference(actual: tuple, expected: tuple) -> tuple[float, bool]:
 
 def measure(workload: Workload, resident: list[torch.Tensor], buffers: dict[str, torch.Tensor],
             references: dict[str, tuple], method: Method) -> None:
-    """Warm-up step (compiles; timed) with the gradient checks, then the measured step."""
-    started = time.perf_counter()
-    result = seeded(workload, buffers, method.step)
-    method.row["first_step_s"] = time.perf_counter() - started
+    """Warm-up step (compiles, from empty caches: `first_compile`; timed) with the gradient
+    checks, then the measured step."""
+    with first_compile():
+        started = time.perf_counter()
+        result = seeded(workload, buffers, method.step)
+        method.row["first_step_s"] = time.perf_counter() - started
     for label, reference in references.items():
         largest, close = largest_difference(result, reference)
         method.row[f"max_abs_difference_vs_{label}"] = largest
@@ -264,7 +268,8 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         try:
             plan = solve_compiled(lambda budget_bytes: planner.solve(graph, budget_bytes), budget)
             solve_s = time.perf_counter() - started
-            plan, program = fit_compiled(planner, model, step, graph, plan, workload.args, workload.kwargs)
+            with first_compile():
+                plan, program = fit_compiled(planner, model, step, graph, plan, workload.args, workload.kwargs)
         except InfeasibleBudgetError as error:     # CompiledBudgetError too: the measured peaks
             infeasible.append({"budget_bytes": budget, "error": str(error).splitlines()[0]})
             log.info("  memsched at %.2f MiB: %s", budget / MiB, str(error).splitlines()[0][:200])
@@ -313,6 +318,19 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "head_to_head": head_to_head, "pair_repeats": args.pair_repeats,
             "violations": sum(1 for r in rows if r.get("within_budget") is False),
             "gradient_mismatches": [r["method"] for r in rows if r.get("allclose_vs_compiled_plain") is False]}
+
+
+@contextlib.contextmanager
+def first_compile() -> Iterator[None]:
+    """Inductor's caches empty (a fresh cache directory, its in-memory code caches and
+    memsched's compiled runs cleared), as for a process's first compile of the model: each
+    method's compile time is its own, not shortened by graphs or kernels another method (or
+    another memsched budget) compiled before it."""
+    from torch._inductor.utils import fresh_cache
+
+    forget_compiled_runs()
+    with fresh_cache(dir=os.environ["TORCHINDUCTOR_CACHE_DIR"], delete=False):
+        yield
 
 
 def warm_up_inductor() -> float:

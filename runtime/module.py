@@ -52,7 +52,8 @@ class StepProgram:
 
     @property
     def compile_count(self) -> int:
-        """Inductor compilations this program has made (0 when not compiled)."""
+        """Runs this program has made ready: compiled by inductor, or taken from the runs
+        this process compiled before (`runtime.compiled`); 0 when not compiled."""
         if not self.compiled:
             return 0
         return self.programs.forward.compile_count + self.programs.backward.compile_count

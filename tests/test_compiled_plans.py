@@ -28,8 +28,8 @@ from planner.benchmark import allocator_step_peak, train_step
 from planner.budget import resolve_budget
 from planner.errors import CompiledBudgetError, OptionError
 from planner.memory import measure_allocator_peak
-from runtime.compiled import CompiledProgram
-from runtime.module import ScheduledModule, checked_plan
+from runtime.compiled import CompiledProgram, forget_compiled_runs
+from runtime.module import ScheduledModule, StepProgram, checked_plan
 from runtime.step import random_fill_like
 from solvers.errors import InfeasibleBudgetError, InvalidPlanError
 from solvers.explain import explain
@@ -103,6 +103,28 @@ def _compiled_plan_matches_compiled_plain_within_budget(name: str) -> None:
     assert peak_bytes == optimized._program.measured_peak_bytes
     assert (optimized.compile_count, _inductor_compiles()) == (compiles, inductor_compiles), "recompiled"
     assert counters["stats"]["unique_graphs"] == frames           # and dynamo traced nothing
+
+
+def test_a_second_program_of_the_same_plan_takes_its_runs_from_the_first() -> None:
+    """The budget fit compiles plan after plan; the runs one compiled are not lowered and
+    looked up in inductor's cache again for the next, and the step is the same."""
+    model, (x,) = zoo.make("mlp", "tiny")
+    forget_compiled_runs()
+    optimized = optimize(model, 0.7, (x,), compile=True, progress=False)
+    first = optimized._program
+    assert first.compile_count == 2 and first.programs.forward.reused_count == 0
+    reference = _seeded_step(optimized, model, (x,))
+    again = StepProgram(first.step, optimized.graph, optimized.plan, "cpu", compile=True)
+    inductor_compiles = _inductor_compiles()
+    ours = _seeded_step(ScheduledModule(model, first.step, optimized.graph, optimized.plan, program=again), model, (x,))
+    assert again.compile_count == 2 and _inductor_compiles() == inductor_compiles
+    assert again.programs.forward.reused_count + again.programs.backward.reused_count == 2
+    _assert_close_steps(ours, reference, "the same plan's second program", rtol=0, atol=0)
+    forget_compiled_runs()
+    third = StepProgram(first.step, optimized.graph, optimized.plan, "cpu", compile=True)
+    _seeded_step(ScheduledModule(model, first.step, optimized.graph, optimized.plan, program=third), model, (x,))
+    assert third.programs.forward.reused_count + third.programs.backward.reused_count == 0
+    assert _inductor_compiles() == inductor_compiles + 2
 
 
 def test_new_shape_gets_its_own_compiled_plan() -> None:
