@@ -25,7 +25,11 @@ may still allocate differently (buffer reuse, fused temporaries, workspace), whi
 why the planner measures the compiled step's peak (`planner.compiled`).
 
 Each run compiles on its first call with the real tensors as examples (their sizes and
-strides), once per `StepProgram`: a second step recompiles nothing (`compile_count`);
+strides), once per `StepProgram`: a second step recompiles nothing (`compile_count`).
+A run's values are named by position, so runs that compute the same thing (each of a
+model's identical blocks, cut at the same eager calls) are the same code: compiled once
+in the process and served to every other run and program with that code
+(`COMPILED_RUNS_KEPT`);
 another input signature gets another plan and program from `planner.api.OptimizedModule`'s
 plan cache. Interpretation costs O(instructions) Python work per call; compiling is
 O(ops) graph work plus inductor's own code generation and C++/Triton compilation.
@@ -212,11 +216,18 @@ class CompiledProgram:
                   outputs: list[str]) -> fx.GraphModule:
         graph = fx.Graph()
         env: dict[str, fx.Node] = {}
-        for name in inputs:
-            env[name] = graph.placeholder(name)
-        for node in members:
-            env[node.name] = graph.node_copy(node, lambda arg: env[arg.name])
-            _rerun_as_aten(env[node.name])
+        # names by position, not the step's: runs that compute the same thing (a block's
+        # attention in each of a model's identical blocks, cut by its dropout's eager
+        # fill) are then the same code, which `_compiled_runs` and inductor's FX graph
+        # cache serve once compiled
+        for index, name in enumerate(inputs):
+            env[name] = graph.placeholder(f"input_{index}")
+        for index, node in enumerate(members):
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: env[arg.name])
+            copied = graph.create_node(node.op, node.target, args, kwargs, name=f"value_{index}", type_expr=node.type)
+            copied.meta = dict(node.meta)
+            env[node.name] = copied
+            _rerun_as_aten(copied)
         graph.output(tuple(env[name] for name in outputs))
         return fx.GraphModule(owner, graph, class_name="CompiledRun")
 

@@ -72,7 +72,6 @@ without an incumbent or with a slower one.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -81,10 +80,10 @@ from typing import Any, Callable
 from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
 from solvers.graph import Graph
 from solvers.kernel.bounds import least_feasible_lower_bound
+from solvers.kernel.milp import milp_solver
 from solvers.kernel.space import (OffloadSpace, PlanSpace, SpaceStart, assemble_plan, forward_high_water,
                                   offload_space, plan_space)
 from solvers.plan import Plan, StepKind
-from solvers.quiet import native_output_silenced
 from solvers.simulate import simulate
 
 log = logging.getLogger(__name__)
@@ -424,49 +423,34 @@ def _stale_solution(highs: Any) -> bool:
     return abs(value - reported) > 1e-6 * max(1.0, abs(reported))
 
 
-@functools.cache
-def _silence_highs_banner() -> None:
-    """HiGHS writes its banner ("Running HiGHS ... Copyright ... licence terms") from C++ straight
-    to stdout when the process makes its first ``Highs``, before pulp can turn ``output_flag``
-    off, and never again: make that first one here with stdout silenced, once per process."""
-    import highspy
-
-    with native_output_silenced(1):
-        highspy.Highs()
-
-
 def _backend(name: str, time_limit_s: float, rel_gap: float, start: dict[Any, float] | None = None) -> Any:
+    """`milp_solver`'s backend, handing HiGHS ``start`` (variable -> value) before it runs."""
     import pulp
 
-    if name in ("auto", "highs") and pulp.HiGHS().available():
-        _silence_highs_banner()
-        solver = pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=rel_gap, threads=1)
-        if start:
-            run_highs = solver.callSolver
-
-            def call_with_start(problem: Any) -> None:
-                """Hand HiGHS the start's binaries; it completes the continuous ones. A
-                variable in no constraint and not in the objective (a recomputation of a 0 ms
-                op nothing needs) is not in the model pulp builds and has no index: skipped."""
-                import numpy as np
-
-                known = [(var.index, value) for var, value in start.items() if getattr(var, "index", None) is not None]
-                indices = np.array([index for index, _ in known], dtype=np.int32)
-                highs = problem.solverModel
-                highs.setSolution(len(indices), indices, np.array([v for _, v in known], dtype=float))
-                run_highs(problem)
-                if _stale_solution(highs):
-                    log.warning("ilp: HiGHS returned the start's values with another objective; solving again "
-                                "without the start")
-                    highs.clearSolver()
-                    run_highs(problem)
-
-            solver.callSolver = call_with_start
+    solver = milp_solver(name, time_limit_s, rel_gap, who="ilp")
+    if not start or not isinstance(solver, pulp.HiGHS):
         return solver
-    if name in ("auto", "cbc") and pulp.PULP_CBC_CMD().available():
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=rel_gap)
-    raise SolverUnavailableError(f"ilp: MILP backend {name!r} is not available; install highspy "
-                                 "(pip install highspy) or use pulp's bundled CBC with backend='cbc'")
+    run_highs = solver.callSolver
+
+    def call_with_start(problem: Any) -> None:
+        """Hand HiGHS the start's binaries; it completes the continuous ones. A
+        variable in no constraint and not in the objective (a recomputation of a 0 ms
+        op nothing needs) is not in the model pulp builds and has no index: skipped."""
+        import numpy as np
+
+        known = [(var.index, value) for var, value in start.items() if getattr(var, "index", None) is not None]
+        indices = np.array([index for index, _ in known], dtype=np.int32)
+        highs = problem.solverModel
+        highs.setSolution(len(indices), indices, np.array([v for _, v in known], dtype=float))
+        run_highs(problem)
+        if _stale_solution(highs):
+            log.warning("ilp: HiGHS returned the start's values with another objective; solving again "
+                        "without the start")
+            highs.clearSolver()
+            run_highs(problem)
+
+    solver.callSolver = call_with_start
+    return solver
 
 
 def solve_milp(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60.0, backend: str = "auto",

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from solvers.errors import SolverUnavailableError
 from solvers.graph import Graph, Op, Phase, ValueKind
+from solvers.kernel.milp import milp_solver
 
 # op targets inductor calls as external kernels (their operands and results are buffers)
 EXTERNAL_KERNELS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "aten.convolution",
@@ -145,8 +146,6 @@ def _least_recomputation_ms(graph: Graph, forward: list[Op], forward_roots: set[
     (forward op k re-runs after the moment), minimising the re-run time."""
     import pulp
 
-    from solvers.ilp import _backend
-
     value = graph.value_by_name
     problem = pulp.LpProblem("recompute_bound", pulp.LpMinimize)
     free = sorted(forward_roots - fixed)
@@ -168,7 +167,7 @@ def _least_recomputation_ms(graph: Graph, forward: list[Op], forward_roots: set[
                 problem += available(r) >= run[op.name]
     problem += pulp.lpSum(keep[r] * value[r].size_bytes for r in free) <= room_bytes
     try:
-        problem.solve(_backend("auto", time_limit_s, 0.0))
+        problem.solve(milp_solver("auto", time_limit_s, 0.0, who="recompute bound"))
     except pulp.PulpSolverError as error:
         raise SolverUnavailableError(f"recompute bound: the MILP backend failed: {error}") from None
     if problem.sol_status == pulp.LpSolutionInfeasible:

@@ -127,6 +127,20 @@ def test_a_second_program_of_the_same_plan_takes_its_runs_from_the_first() -> No
     assert _inductor_compiles() == inductor_compiles + 2
 
 
+def test_identical_blocks_are_compiled_once() -> None:
+    """The tiny GPT's blocks are cut into runs at the same dropout fills: a run of the
+    second block is the first block's code, which inductor compiles once (6 runs, 5
+    compiled)."""
+    model, inputs = zoo.make("gpt", "tiny")
+    forget_compiled_runs()
+    optimized = optimize(model, 1.0, inputs, compile=True, progress=False)
+    program = optimized._program
+    assert program.fit_tries == 1 and len(program.programs.forward.eager_calls) >= 4     # a dropout or more per block
+    forward = program.programs.forward
+    assert forward.compile_count == forward.num_runs and forward.reused_count >= 1
+    assert allocator_step_peak(optimized, inputs) <= optimized.plan.budget_bytes
+
+
 def test_new_shape_gets_its_own_compiled_plan() -> None:
     model, (x,) = zoo.make("mlp", "tiny")
     optimized = optimize(model, 0.7, (x,), compile=True, progress=False)

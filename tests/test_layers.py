@@ -18,7 +18,7 @@ LAYERS = {"solvers": 0, "runtime": 1, "planner": 2}       # higher imports lower
 SOLVER_CORE = {"solvers.errors", "solvers.graph", "solvers.plan", "solvers.simulate", "solvers.quiet",
                "solvers.targets"}
 ALGORITHMS = {"solvers.baselines", "solvers.checkpoint_baselines", "solvers.chain", "solvers.hierarchical",
-              "solvers.brute_force", "solvers.ilp", "solvers.offload_refine"}
+              "solvers.brute_force", "solvers.ilp", "solvers.offload_refine", "solvers.recompute_bound"}
 
 
 def module_name(path: Path) -> str:

@@ -1,6 +1,7 @@
 """The solver kernel: what every algorithm of `solvers` shares, below them all.
 
     bounds      the least budget any plan can meet (`least_feasible_lower_bound`)
+    milp        the MILP backend (`milp_solver`: HiGHS, else CBC) of `ilp` and `recompute_bound`
     program     decisions -> `Plan` (`build_program`, `plan_from_decisions`,
                 `plan_with_offload`), liveness frees (`insert_frees`, `delay_frees`)
     recompute   what may be dropped and what recomputing it costs; fixed checkpoint
@@ -13,7 +14,7 @@
 What is alive at a step is `solvers.simulate.live_roots_at`, next to the accounting it
 follows. The kernel imports only the core (`graph`, `plan`, `simulate`, `errors`); the
 algorithms (`baselines`, `checkpoint_baselines`, `chain`, `hierarchical`, `brute_force`,
-`ilp`, `offload_refine`) import only the kernel and the core; `solvers.portfolio` chooses
+`ilp`, `offload_refine`, and `recompute_bound`, which bounds rather than plans) import only the kernel and the core; `solvers.portfolio` chooses
 which of them run and which plan wins (`tests/test_layers.py` holds these rules). This
 package imports nothing: import its modules by name.
 """
