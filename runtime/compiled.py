@@ -272,7 +272,8 @@ class CompiledProgram:
 
         started = time.perf_counter()
         options = {**INDUCTOR_OPTIONS, **self.inductor_options}
-        key = (run.module.code, tuple(_example_key(t) for t in inputs), tuple(sorted(options.items(), key=str)))
+        key = (run.module.code, tuple(_example_key(t) for t in inputs),
+               tuple(sorted((name, repr(value)) for name, value in options.items())))
         if key in _compiled_runs:
             _compiled_runs.move_to_end(key)
             run.compiled = _compiled_runs[key]

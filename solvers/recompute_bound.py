@@ -46,7 +46,7 @@ from solvers.kernel.milp import milp_solver
 # op targets inductor calls as external kernels (their operands and results are buffers)
 EXTERNAL_KERNELS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "aten.convolution",
                     "aten._scaled_dot_product", "aten._flash_attention", "aten._efficient_attention",
-                    "aten.cudnn_", "aten.embedding_dense_backward")
+                    "aten.cudnn_")
 
 
 @dataclass(frozen=True)
