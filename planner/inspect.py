@@ -34,6 +34,7 @@ from solvers.explain import Explanation, SavedRow, Summary, explain, format_ms, 
 from solvers.graph import GRAPH_FORMAT
 from solvers.pipeline import PIPELINE_FORMAT, PipelinePlan
 from solvers.plan import PLAN_FORMAT, Plan
+from solvers.recompute_bound import recompute_time_lower_bound
 
 PROG = "plan-inspect"
 DEFAULT_TOP = 30
@@ -280,7 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sort", choices=("size", "name", "decision"), default="size",
                         help="row order: size (largest first, default), name, or decision "
                              "(recompute, offload, keep)")
+    parser.add_argument("--bound", action="store_true",
+                        help="also bound the recomputation any plan needs at this budget (solvers.recompute_bound: "
+                             "a small MILP per tight moment of the backward), to see how far this plan is from it")
     return parser
+
+
+def bound_line(plan: Plan, recompute_time_ms: float | None) -> tuple[str, dict[str, Any] | None]:
+    """The ``--bound`` line and its JSON: the least recomputation any plan without offload
+    needs at ``plan``'s budget (`solvers.recompute_bound`), beside this plan's."""
+    if plan.graph is None:
+        return "not shown: the plan file has no embedded graph", None
+    bound = recompute_time_lower_bound(plan.graph, plan.budget_bytes)
+    ours = f"; this plan recomputes {format_ms(recompute_time_ms)}" if recompute_time_ms is not None else ""
+    return (f"no plan without offload recomputes less than {format_ms(bound.time_ms)} at this budget"
+            f"{f' (the moment of {bound.at_op})' if bound.at_op else ''}{ours}"), bound.to_json()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -300,6 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 render_pipeline(_make_console(), args.plan, loaded)
             return 0
         explanation = inspect_plan(args.plan)
+        bound = bound_line(loaded, explanation.summary.recompute_time_ms) if args.bound else None
     except PlanFileError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
@@ -313,10 +329,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json:
             data: dict[str, Any] = Explanation(explanation.summary, tuple(rows)).to_json()
             data["total_rows"] = len(explanation.rows)
+            if bound is not None:
+                data["recompute_lower_bound"] = bound[1]
             print(json.dumps(data, indent=1))
             return 0
         console = _make_console()
         render_summary(console, args.plan, explanation)
+        if bound is not None:
+            console.print(Text.assemble(("bound".ljust(11), "bold"), bound[0]))
         if explanation.has_graph:
             console.print()
             render_table(console, rows, len(explanation.rows), args.sort)

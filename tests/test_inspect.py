@@ -172,6 +172,16 @@ def test_json_matches_the_plan(graph: Graph, plan: Plan, plan_path: str, capsys:
     assert Explanation.from_json(data) == explain(graph, plan)
 
 
+def test_bound_sits_below_the_plans_recomputation(plan_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--bound``: the least recomputation any plan needs at the budget. At 15 MiB (keep-all
+    peaks at 17.2 MiB) greedy's plan re-runs gelu1 (0.04 ms), and no plan can do less."""
+    assert main([plan_path, "--bound", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["recompute_lower_bound"]["time_ms"] == pytest.approx(data["summary"]["recompute_time_ms"])
+    assert main([plan_path, "--bound"]) == 0
+    assert "bound      no plan without offload recomputes less than 0.04 ms at this budget" in capsys.readouterr().out
+
+
 def test_sort_and_top(plan_path: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([plan_path, "--sort", "decision", "--top", "2"]) == 0
     out = capsys.readouterr().out
