@@ -73,14 +73,13 @@ without an incumbent or with a slower one.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Callable
 
 from solvers.errors import InfeasibleBudgetError, SolverUnavailableError
 from solvers.graph import Graph
 from solvers.kernel.bounds import least_feasible_lower_bound
-from solvers.kernel.milp import milp_solver
+from solvers.kernel.milp import milp_dual_bound, milp_solver
 from solvers.kernel.space import (OffloadSpace, PlanSpace, SpaceStart, assemble_plan, forward_high_water,
                                   offload_space, plan_space)
 from solvers.plan import Plan, StepKind
@@ -399,11 +398,8 @@ def _dual_bound_gap(problem: Any, objective: float) -> float | None:
     """HiGHS' relative gap |objective - dual bound| / |objective| (0 when they are equal)
     for a solution of MILP objective ``objective``; None without a finite dual bound
     (CBC, or HiGHS stopped before bounding)."""
-    solver_model = getattr(problem, "solverModel", None)
-    if solver_model is None or not hasattr(solver_model, "getInfo"):
-        return None
-    dual = float(solver_model.getInfo().mip_dual_bound)
-    if not math.isfinite(dual):
+    dual = milp_dual_bound(problem)
+    if dual is None:
         return None
     if abs(objective - dual) <= 1e-9 * max(1.0, abs(objective)):
         return 0.0

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 from solvers.errors import SolverUnavailableError
 from solvers.graph import Graph, Op, Phase, ValueKind
-from solvers.kernel.milp import milp_solver
+from solvers.kernel.milp import milp_dual_bound, milp_solver
 
 # op targets inductor calls as external kernels (their operands and results are buffers)
 EXTERNAL_KERNELS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "aten.convolution",
@@ -128,16 +128,15 @@ def recompute_time_lower_bound(graph: Graph, budget_bytes: int, *, moments: int 
         if shed_bytes > 0:
             candidates.append((shed_bytes, index, fixed, read_after, fixed_bytes))
     candidates.sort(key=lambda c: -c[0])
-    best = RecomputeBound(0.0, budget_bytes, None, 0, fused)
+    best_ms, at_op, count = 0.0, None, 0
     for count, (_, index, fixed, read_after, fixed_bytes) in enumerate(candidates[:moments], start=1):
-        if fixed_bytes > budget_bytes:
-            return RecomputeBound(math.inf, budget_bytes, backward[index].name, count, fused)
-        time_ms = _least_recomputation_ms(graph, forward, forward_roots, fixed, read_after,
-                                          budget_bytes - fixed_bytes, time_limit_s)
-        if time_ms > best.time_ms:
-            best = RecomputeBound(time_ms, budget_bytes, backward[index].name, count, fused)
-        best = RecomputeBound(best.time_ms, budget_bytes, best.at_op, count, fused)
-    return best
+        time_ms = math.inf if fixed_bytes > budget_bytes else _least_recomputation_ms(
+            graph, forward, forward_roots, fixed, read_after, budget_bytes - fixed_bytes, time_limit_s)
+        if time_ms > best_ms:
+            best_ms, at_op = time_ms, backward[index].name
+        if time_ms == math.inf:
+            break
+    return RecomputeBound(best_ms, budget_bytes, at_op, count, fused)
 
 
 def _least_recomputation_ms(graph: Graph, forward: list[Op], forward_roots: set[str], fixed: set[str],
@@ -172,15 +171,6 @@ def _least_recomputation_ms(graph: Graph, forward: list[Op], forward_roots: set[
         raise SolverUnavailableError(f"recompute bound: the MILP backend failed: {error}") from None
     if problem.sol_status == pulp.LpSolutionInfeasible:
         return math.inf
-    dual = _dual_bound(problem)
-    objective = pulp.value(problem.objective) or 0.0
-    proved = problem.sol_status == pulp.LpSolutionOptimal
-    return objective if proved else (dual if dual is not None else 0.0)
-
-
-def _dual_bound(problem: object) -> float | None:
-    solver_model = getattr(problem, "solverModel", None)
-    if solver_model is None or not hasattr(solver_model, "getInfo"):
-        return None
-    dual = float(solver_model.getInfo().mip_dual_bound)
-    return dual if math.isfinite(dual) else None
+    if problem.sol_status == pulp.LpSolutionOptimal:
+        return pulp.value(problem.objective) or 0.0
+    return milp_dual_bound(problem) or 0.0

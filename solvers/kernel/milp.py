@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 from solvers.errors import SolverUnavailableError
@@ -37,3 +38,13 @@ def milp_solver(name: str, time_limit_s: float, rel_gap: float, *, who: str) -> 
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=rel_gap)
     raise SolverUnavailableError(f"{who}: MILP backend {name!r} is not available; install highspy "
                                  "(pip install highspy) or use pulp's bundled CBC with backend='cbc'")
+
+
+def milp_dual_bound(problem: Any) -> float | None:
+    """The best bound HiGHS proved for a solved pulp ``problem``; None without a finite one
+    (CBC, or HiGHS stopped before bounding)."""
+    solver_model = getattr(problem, "solverModel", None)
+    if solver_model is None or not hasattr(solver_model, "getInfo"):
+        return None
+    dual = float(solver_model.getInfo().mip_dual_bound)
+    return dual if math.isfinite(dual) else None
