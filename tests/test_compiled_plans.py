@@ -212,6 +212,7 @@ def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch)
     monkeypatch.setattr(planner.compiled, "measure_compiled_peak", below)
     # the gate on the predicted gain reads profiled times, which move under load
     monkeypatch.setattr(planner.compiled, "_predicted_faster", lambda candidate, fitting: True)
+    monkeypatch.setattr(planner.compiled, "_may_gain", lambda fitting, graph: True)
     optimized = optimize(model, 0.6, inputs, compile=True, progress=False)
     plan = optimized.plan
     assert len(predicted) == 2 and optimized._program.fit_tries == 2
@@ -225,6 +226,30 @@ def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch)
         checked_plan(optimized.graph, replace(plan, options={}), compiled=True)
     (warning,) = explain(optimized.graph, plan).summary.warnings
     assert "fitted compiled" in warning and "compile=True" in warning
+
+
+def test_a_plan_near_the_keep_all_step_is_not_raised(monkeypatch) -> None:
+    """A fitting plan predicted within `RAISE_GAIN` of the keep-all step cannot be beaten
+    by that much, so no plan for more memory is solved; one further from it may be."""
+    model, inputs = zoo.make("gpt", "tiny")
+    solves = []
+
+    def below(model, step, graph, plan, program, inputs, kwargs, *, released=False):
+        return plan.predicted_peak_bytes - plan.budget_bytes // 10      # room to raise into
+
+    monkeypatch.setattr(planner.compiled, "measure_compiled_peak", below)
+    solve = planner.api._StepPlanner.solve
+    monkeypatch.setattr(planner.api._StepPlanner, "solve", lambda *a, **k: solves.append(a[2]) or solve(*a, **k))
+    monkeypatch.setattr(planner.compiled, "_may_gain", lambda fitting, graph: False)
+    optimized = optimize(model, 0.6, inputs, compile=True, progress=False)
+    assert len(solves) == 1 and optimized._program.fit_tries == 1
+    graph, plan = optimized.graph, optimized.plan
+    step_ms = graph.total_time_ms
+    gain = planner.compiled.RAISE_GAIN
+    near = replace(plan, predicted_time_ms=step_ms * (1 + gain / 2), baseline_time_ms=step_ms)
+    far = replace(plan, predicted_time_ms=step_ms * (1 + 2 * gain), baseline_time_ms=step_ms)
+    monkeypatch.undo()
+    assert not planner.compiled._may_gain(near, graph) and planner.compiled._may_gain(far, graph)
 
 
 def test_where_the_raised_plan_measures_over_the_fit_bisects_towards_it(monkeypatch) -> None:
@@ -246,6 +271,7 @@ def test_where_the_raised_plan_measures_over_the_fit_bisects_towards_it(monkeypa
 
     monkeypatch.setattr(planner.compiled, "measure_compiled_peak", over_above_half)
     monkeypatch.setattr(planner.compiled, "_predicted_faster", lambda candidate, fitting: True)
+    monkeypatch.setattr(planner.compiled, "_may_gain", lambda fitting, graph: True)
     optimized = optimize(model, 0.6, inputs, compile=True, progress=False)
     budget_bytes = optimized.plan.budget_bytes
     solver_bytes = optimized._program.solver_budget_bytes
