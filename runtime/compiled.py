@@ -5,15 +5,19 @@ state saves and replays (`runtime.rng`), random fills (`runtime.step.random_fill
 host copies (`runtime.offload`) and BatchNorm re-runs (`runtime.step.RERUN_TARGETS`;
 in training mode compiled as ``native_batch_norm`` without running statistics).
 Inductor compiles aten graphs; the Python calls carry effects it must not move (the
-generator state, streams, host memory). So the program is cut at every such call:
+generator state, streams, host memory). The random calls go into the graphs as
+`runtime.rng`'s custom ops, chained in program order (`_random_call`): inductor calls
+their eager kernels in that order, so they draw exactly what the eager plan draws and a
+recomputation's replay under the saved generator state stays exact. The program is cut at
+every other Python call (host copies, random ops of other forms):
 
     [aten run 1] eager call [aten run 2] eager call ...   ->   one inductor graph per run
 
 and each maximal run of aten ops is compiled with ``compile_fx_inner`` (PyTorch 2 /
 TorchInductor, Ansel et al., ASPLOS 2024), the entry point ``torch.compile`` uses after
 AOTAutograd, so a run fuses its pointwise chains and reductions into loops as compiled
-plain does. Random ops run eagerly, in plan order, drawing exactly what the eager plan
-draws, so a recomputation's replay under the saved generator state stays exact.
+plain does. On the zoo GPT small (dropout 0.1) the forward was cut at its dropout fills
+into 10 runs while they ran eagerly; now it is one, as compiled plain's.
 
 What the plan decided holds: a run's ops are the plan's ops (what it saves crosses into
 the next run or out of the program, what it recomputes is run again, what it offloads
@@ -47,8 +51,9 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from runtime import rng
 from runtime.codegen import Programs
-from runtime.step import native_batch_norm_rerun
+from runtime.step import native_batch_norm_rerun, random_fill_like
 
 aten = torch.ops.aten
 
@@ -85,14 +90,15 @@ _compiled_runs: "OrderedDict[tuple, Callable[[list], Any]]" = OrderedDict()
 
 
 def _compilable(node: fx.Node, current_run: set[str]) -> bool:
-    """An aten op inductor may compile: an `OpOverload` without random draws, a BatchNorm
-    re-run in training mode, or a ``getitem`` of a tuple result in ``current_run``."""
+    """An op inductor may compile: an aten `OpOverload` without random draws, a BatchNorm
+    re-run in training mode, a generator state save or a random fill of `_random_call`, or
+    a ``getitem`` of a tuple result in ``current_run``."""
     if node.op != "call_function":
         return False
     if node.target is operator.getitem:
         source = node.args[0]
         return isinstance(source, fx.Node) and source.name in current_run
-    if _is_training_batch_norm_rerun(node):
+    if _is_training_batch_norm_rerun(node) or _random_call(node) is not None:
         return True
     if not isinstance(node.target, torch._ops.OpOverload):
         return False
@@ -111,6 +117,47 @@ def _rerun_as_aten(node: fx.Node) -> None:
         x, weight, bias, _, _, training, momentum, eps = node.args
         node.target = aten.native_batch_norm.default
         node.args = (x, weight, bias, None, None, training, momentum, eps)
+
+
+def _random_call(node: fx.Node) -> str | None:
+    """Which of the program's random calls ``node`` is, as a custom op of `runtime.rng`
+    compiles it: "save" (`rng.save_rng_state`), "fill" (`random_fill_like` with one of
+    `rng.COMPILABLE_FILLS` and float arguments, its dtype the only keyword) or "replay"
+    (such a fill under a saved state, `rng.replaying`); None for any other call, which
+    stays eager."""
+    if node.target is rng.save_rng_state:
+        return "save"
+    replayed = getattr(node.target, "op", None) is random_fill_like and hasattr(node.target, "device_type")
+    if node.target is not random_fill_like and not replayed:
+        return None
+    fill_args = node.args[1:] if replayed else node.args
+    if not fill_args or str(fill_args[0]) not in rng.COMPILABLE_FILLS or len(fill_args) < 2 or \
+            not isinstance(fill_args[1], fx.Node) or set(node.kwargs) - {"dtype"} or \
+            not all(isinstance(arg, (int, float)) and not isinstance(arg, bool) for arg in fill_args[2:]):
+        return None
+    return "replay" if replayed else "fill"
+
+
+def _as_custom_op(graph: fx.Graph, node: fx.Node, kind: str, args: tuple, kwargs: dict,
+                  order: fx.Node | None) -> tuple[fx.Node, fx.Node | None]:
+    """``node`` (a `_random_call` of ``kind``, its arguments ``args`` and ``kwargs`` mapped
+    into ``graph``) as `runtime.rng`'s custom op after ``order``: its value and the next
+    ``order``."""
+    ops = torch.ops.memsched
+    if kind == "save":
+        (device_type,) = args
+        both = graph.call_function(ops.rng_state.default, (order, device_type))
+    elif kind == "fill":
+        fill, like, *scalars = args
+        both = graph.call_function(ops.random_fill.default,
+                                   (order, like, str(fill), [float(x) for x in scalars], kwargs.get("dtype")))
+    else:
+        state, fill, like, *scalars = args
+        value = graph.call_function(ops.random_fill_replay.default,
+                                    (state, like, str(fill), [float(x) for x in scalars], kwargs.get("dtype"),
+                                     node.target.device_type))
+        return value, order
+    return graph.call_function(operator.getitem, (both, 0)), graph.call_function(operator.getitem, (both, 1))
 
 
 def _draws_nothing(node: fx.Node) -> bool:
@@ -217,13 +264,18 @@ class CompiledProgram:
         graph = fx.Graph()
         env: dict[str, fx.Node] = {}
         # names by position, not the step's: runs that compute the same thing (a block's
-        # attention in each of a model's identical blocks, cut by its dropout's eager
-        # fill) are then the same code, which `_compiled_runs` and inductor's FX graph
+        # attention in each of a model's identical blocks, cut at the same eager
+        # call) are then the same code, which `_compiled_runs` and inductor's FX graph
         # cache serve once compiled
         for index, name in enumerate(inputs):
             env[name] = graph.placeholder(f"input_{index}")
+        order: fx.Node | None = None                 # the random calls' chain (`runtime.rng`)
         for index, node in enumerate(members):
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: env[arg.name])
+            kind = _random_call(node)
+            if kind is not None:
+                env[node.name], order = _as_custom_op(graph, node, kind, args, kwargs, order)
+                continue
             copied = graph.create_node(node.op, node.target, args, kwargs, name=f"value_{index}", type_expr=node.type)
             copied.meta = dict(node.meta)
             env[node.name] = copied

@@ -23,6 +23,8 @@ from torch._dynamo.utils import counters
 
 import planner.api
 import planner.compiled
+import runtime.compiled
+import runtime.rng
 from planner import optimize, zoo
 from planner.benchmark import allocator_step_peak, train_step
 from planner.budget import resolve_budget
@@ -127,18 +129,71 @@ def test_a_second_program_of_the_same_plan_takes_its_runs_from_the_first() -> No
     assert _inductor_compiles() == inductor_compiles + 2
 
 
-def test_identical_blocks_are_compiled_once() -> None:
-    """The tiny GPT's blocks are cut into runs at the same dropout fills: a run of the
+def test_identical_blocks_are_compiled_once(monkeypatch) -> None:
+    """With its dropout fills left eager (as fills `runtime.compiled._random_call` does not
+    compile are), the tiny GPT's blocks are cut into runs at the same calls: a run of the
     second block is the first block's code, which inductor compiles once (6 runs, 5
     compiled)."""
     model, inputs = zoo.make("gpt", "tiny")
     forget_compiled_runs()
+    monkeypatch.setattr(runtime.compiled, "_random_call", lambda node: None)
     optimized = optimize(model, 1.0, inputs, compile=True, progress=False)
     program = optimized._program
     assert program.fit_tries == 1 and len(program.programs.forward.eager_calls) >= 4     # a dropout or more per block
     forward = program.programs.forward
     assert forward.compile_count == forward.num_runs and forward.reused_count >= 1
     assert allocator_step_peak(optimized, inputs) <= optimized.plan.budget_bytes
+
+
+def test_dropout_is_drawn_inside_the_compiled_runs_and_replayed_exactly() -> None:
+    """The tiny GPT's dropout fills, generator state saves and replays are custom ops inside
+    the inductor graphs: one run a program, no eager call. A plan that recomputes masks
+    (every block checkpointed) replays them exactly: the step equals the same plan's eager program to rounding (a
+    mask drawn out of order or from the wrong state would differ by whole elements), and
+    the generator ends where eager plain leaves it."""
+    model, inputs = zoo.make("gpt", "tiny")
+    optimized = optimize(model, 1.0, inputs, solver="every_block", compile=True, progress=False)
+    programs = optimized._program.programs
+    code = programs.forward.code + programs.backward.code
+    assert (programs.forward.num_runs, programs.backward.num_runs) == (1, 1), code
+    assert programs.forward.eager_calls == programs.backward.eager_calls == []
+    replays = [node for node in programs.backward.source.graph.nodes if hasattr(node.target, "device_type")]
+    assert replays, "the plan recomputes no dropout mask: nothing replayed"
+    eager = ScheduledModule(model, optimized._step, optimized.graph, checked_plan(optimized.graph, optimized.plan))
+    ours = _seeded_step(optimized, model, inputs)
+    after_ours = torch.get_rng_state()
+    expected = _seeded_step(eager, model, inputs)
+    assert torch.equal(after_ours, torch.get_rng_state())
+    _assert_close_steps(ours, expected, "compiled vs eager program of the plan", rtol=1e-4, atol=1e-5)
+
+
+def test_random_calls_keep_their_order_inside_a_run() -> None:
+    """Two fills that read nothing of each other, a state save between them and a replay
+    of the second from it, in one compiled run, draw what the eager program draws, in
+    program order, and leave the generator where it does."""
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    save = runtime.rng.save_rng_state
+    first = graph.call_function(random_fill_like, (aten.bernoulli_.float, x, 0.5), {"dtype": torch.bool})
+    state = graph.call_function(save, ("cpu",))
+    second = graph.call_function(random_fill_like, (aten.uniform_.default, x, -1.0, 1.0))
+    again = graph.call_function(runtime.rng.replaying(random_fill_like, "cpu"), (state, aten.uniform_.default, x, -1.0, 1.0))
+    third = graph.call_function(random_fill_like, (aten.normal_.default, x, 0.0, 1.0))
+    graph.output((second, first, third, again, state))
+    module = fx.GraphModule(torch.nn.Module(), graph)
+    program = CompiledProgram(module, boxed=True)
+    assert program.num_runs == 1 and program.eager_calls == []
+    value = torch.randn(64, 64)
+    torch.manual_seed(0)
+    expected = module(value)
+    expected_after = torch.get_rng_state()
+    torch.manual_seed(0)
+    actual = program([value])
+    assert torch.equal(torch.get_rng_state(), expected_after)
+    for a, b in zip(actual, expected):
+        assert torch.equal(a, b)
+    assert torch.equal(actual[0], actual[3])          # the replay draws the second fill again
 
 
 def test_new_shape_gets_its_own_compiled_plan() -> None:
@@ -398,11 +453,12 @@ def test_simulated_offload_on_a_cpu_is_refused() -> None:
 
 
 def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
-    """aten runs compile; a random fill stays an eager call between two runs, in order."""
+    """aten runs compile; a random fill inductor is not given (``random_``: integer
+    arguments) stays an eager call between two runs, in order."""
     graph = fx.Graph()
     x = graph.placeholder("x")
     y = graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
-    noise = graph.call_function(random_fill_like, (torch.ops.aten.bernoulli_.float, y, 0.5))
+    noise = graph.call_function(random_fill_like, (torch.ops.aten.random_.default, y))
     z = graph.call_function(torch.ops.aten.add.Tensor, (y, noise))
     w = graph.call_function(torch.ops.aten.relu.default, (z,))
     graph.output((w, y))
@@ -428,7 +484,7 @@ def test_an_eager_calls_arguments_die_at_the_call_not_in_the_run_after_it() -> N
     graph = fx.Graph()
     x = graph.placeholder("x")
     template = graph.call_function(aten.mul.Tensor, (x, 2.0))
-    noise = graph.call_function(random_fill_like, (aten.bernoulli_.float, template, 0.5))
+    noise = graph.call_function(random_fill_like, (aten.random_.default, template))
     product = graph.call_function(aten.mm.default, (noise, noise))
     graph.output((product,))
     module = fx.GraphModule(torch.nn.Module(), graph)
