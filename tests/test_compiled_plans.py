@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -194,6 +195,32 @@ def test_random_calls_keep_their_order_inside_a_run() -> None:
     for a, b in zip(actual, expected):
         assert torch.equal(a, b)
     assert torch.equal(actual[0], actual[3])          # the replay draws the second fill again
+
+
+def test_no_kernel_fuses_across_a_random_call(monkeypatch) -> None:
+    """Inductor's fusion hook refuses two kernels on either side of a random call (a
+    custom op of `runtime.rng`), so the program keeps the cuts it had when the calls ran
+    eagerly: fused across one, two recomputations of a dropout mask's template were
+    computed together at the first, and the zoo GPT small's floor plan measured 1 MiB
+    over. Kernels between the same two calls are left to inductor's own rules."""
+    from torch._inductor.choices import InductorChoices
+
+    monkeypatch.setattr(InductorChoices, "can_fuse", staticmethod(lambda *args: True))
+
+    def node(order: int, op: object = None) -> SimpleNamespace:
+        return SimpleNamespace(min_order=order, max_order=order, node=SimpleNamespace(op_overload=op))
+
+    replay = torch.ops.memsched.random_fill_replay.default
+    nodes = [node(0), node(1), node(2, replay), node(3), node(4, torch.ops.aten.mm.default), node(5)]
+    scheduler = SimpleNamespace(nodes=nodes)
+    choices = runtime.compiled._choices_within(16)
+    assert choices.can_fuse(scheduler, nodes[0], nodes[1], 1)
+    assert not choices.can_fuse(scheduler, nodes[1], nodes[3], 1)
+    assert not choices.can_fuse(scheduler, nodes[5], nodes[0], 1)
+    assert choices.can_fuse(scheduler, nodes[3], nodes[5], 1)            # an aten extern kernel: no barrier
+    fused = SimpleNamespace(min_order=0, max_order=1, node=None)
+    assert not choices.can_fuse(scheduler, fused, nodes[3], 1)
+    assert not runtime.compiled._choices_within(2).can_fuse(scheduler, nodes[0], nodes[5], 1)   # the window
 
 
 def test_new_shape_gets_its_own_compiled_plan() -> None:
