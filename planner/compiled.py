@@ -286,7 +286,7 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
         if options is CHANNELS_LAST:       # room for the copies of the weights (`CHANNELS_LAST`)
             start_bytes = solver_bytes - convolution_weight_bytes(graph)
             try:
-                start = planner.solve(graph, start_bytes)
+                start = planner.solve(graph, start_bytes, start=plan)
             except InfeasibleBudgetError as error:
                 log.info("memsched compile: no plan leaves room for channels-last copies of the convolution "
                          "weights (%s); fitting in the plan's layouts", str(error).splitlines()[0])
