@@ -146,18 +146,13 @@ def _as_custom_op(graph: fx.Graph, node: fx.Node, kind: str, args: tuple, kwargs
     ``order``."""
     ops = torch.ops.memsched
     if kind == "save":
-        (device_type,) = args
-        both = graph.call_function(ops.rng_state.default, (order, device_type))
-    elif kind == "fill":
-        fill, like, *scalars = args
-        both = graph.call_function(ops.random_fill.default,
-                                   (order, like, str(fill), [float(x) for x in scalars], kwargs.get("dtype")))
-    else:
-        state, fill, like, *scalars = args
-        value = graph.call_function(ops.random_fill_replay.default,
-                                    (state, like, str(fill), [float(x) for x in scalars], kwargs.get("dtype"),
-                                     node.target.device_type))
-        return value, order
+        both = graph.call_function(ops.rng_state.default, (order, *args))
+        return graph.call_function(operator.getitem, (both, 0)), graph.call_function(operator.getitem, (both, 1))
+    fill, like, *scalars = args[1:] if kind == "replay" else args
+    drawn = (like, str(fill), [float(x) for x in scalars], kwargs.get("dtype"))
+    if kind == "replay":
+        return graph.call_function(ops.random_fill_replay.default, (args[0], *drawn, node.target.device_type)), order
+    both = graph.call_function(ops.random_fill.default, (order, *drawn))
     return graph.call_function(operator.getitem, (both, 0)), graph.call_function(operator.getitem, (both, 1))
 
 
