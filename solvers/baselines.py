@@ -55,8 +55,10 @@ def solve_greedy(graph: Graph, budget_bytes: int, *, start: Mapping[str, Decisio
     lowest_peak = None
     best: tuple[float, Plan] | None = None
     for free_intermediates in (False, True):
+        # the passes of one policy share their replays: both begin with the same drops
+        replays = Replays(graph, budget_bytes, free_intermediates=free_intermediates)
         for independent_first in (True, False) if start is None else (False,):   # a start's drops are not independent
-            plan, peak = _greedy_pass(graph, budget_bytes, free_intermediates, independent_first, start or {})
+            plan, peak = _greedy_pass(graph, budget_bytes, replays, independent_first, start or {})
             lowest_peak = peak if lowest_peak is None else min(lowest_peak, peak)
             if plan is not None:
                 time_ms = simulate(graph, plan, check_hash=False).time_ms
@@ -69,13 +71,11 @@ def solve_greedy(graph: Graph, budget_bytes: int, *, start: Mapping[str, Decisio
                                                             "lower bound for any plan": floor.total}, solver="greedy")
 
 
-def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool, independent_first: bool,
+def _greedy_pass(graph: Graph, budget_bytes: int, replays: Replays, independent_first: bool,
                  start: Mapping[str, Decision]) -> tuple[Plan | None, int]:
-    """One greedy pass under one recompute policy, from ``start``'s drops: (plan, peak) or
-    (None, lowest peak)."""
+    """One greedy pass under the recompute policy of ``replays`` (its program options), from
+    ``start``'s drops: (plan, peak) or (None, lowest peak)."""
     decisions = {root: Decision.KEEP for root in saved_roots(graph)}
-
-    replays = Replays(graph, budget_bytes, free_intermediates=free_intermediates)
 
     def measure(trial: dict[str, Decision]) -> tuple[int, int]:
         """(excess over budget summed over steps, peak)."""
@@ -124,4 +124,4 @@ def _greedy_pass(graph: Graph, budget_bytes: int, free_intermediates: bool, inde
         chosen, decisions[root] = decisions[root], Decision.KEEP
         if measure(decisions)[1] > budget_bytes:
             decisions[root] = chosen
-    return plan_from_decisions(graph, decisions, "greedy", budget_bytes, free_intermediates=free_intermediates), peak
+    return plan_from_decisions(graph, decisions, "greedy", budget_bytes, **replays.program_options), peak

@@ -232,6 +232,25 @@ class Graph:
         return {name: tuple(ops) for name, ops in readers.items()}
 
     @cached_property
+    def random_forward_ops(self) -> frozenset[str]:
+        """Names of the forward ops that draw random numbers."""
+        return frozenset(op.name for op in self.forward_ops if op.random)
+
+    @cached_property
+    def distinct_inputs(self) -> dict[str, tuple[str, ...]]:
+        """Op name -> the values it reads, each once, in order."""
+        return {op.name: tuple(dict.fromkeys(op.inputs)) for op in self.ops}
+
+    @cached_property
+    def read_names_by_root(self) -> dict[str, tuple[str, ...]]:
+        """Activation storage root -> its names (the root and its views) that some op reads."""
+        names: dict[str, list[str]] = {}
+        for value in self.values:
+            if value.kind is ValueKind.ACTIVATION and self.consumers[value.name]:
+                names.setdefault(value.root, []).append(value.name)
+        return {root: tuple(found) for root, found in names.items()}
+
+    @cached_property
     def pinned_values(self) -> frozenset[str]:
         """Values whose storage the caller or autograd holds for the whole step (or the
         whole backward, for tangents); freeing our reference releases nothing."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
 from typing import Any, Mapping
 
 from solvers.errors import PlanFormatError, PlanMismatchError
@@ -54,11 +55,16 @@ class Step:
         return f"{self.kind.value}({self.name})"
 
 
+@lru_cache(maxsize=1 << 16)
 def run(op: str) -> Step:
+    """The step that runs ``op`` (one shared instance per name: the plan builders make
+    hundreds of thousands of steps per search)."""
     return Step(StepKind.RUN, op)
 
 
+@lru_cache(maxsize=1 << 16)
 def free(value: str) -> Step:
+    """The step that drops the program's reference to ``value`` (shared, as `run`'s)."""
     return Step(StepKind.FREE, value)
 
 

@@ -29,14 +29,16 @@ solvers and `explain` that need the set rather than its bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from solvers.errors import InvalidPlanError
 from solvers.graph import Graph, Phase, ValueKind
 from solvers.plan import Plan, StepKind
 
 
-@dataclass(frozen=True)
-class TimelinePoint:
+class TimelinePoint(NamedTuple):
+    """Memory and clock after one step (a tuple: the searches replay thousands of steps)."""
+
     phase: Phase
     step_index: int       # index into the phase's steps
     bytes_in_use: int     # device bytes right after the step
@@ -107,23 +109,25 @@ class _Memory:
         """The instance each value will refer to: a fresh one for a storage root, the
         instance of the input (or earlier output) with the same root for a view."""
         chosen: dict[str, int] = {}
+        values = self.graph.value_by_name
         for name in value_names:
-            value = self.graph.value(name)
+            value = values[name]
             if value.alias_of is None:
                 chosen[name] = self.fresh(value.size_bytes)
                 continue
-            source = next((chosen[other] for other in chosen if self.graph.value(other).root == value.root), None)
+            source = next((chosen[other] for other in chosen if values[other].root == value.root), None)
             if source is None:
                 source = next((self.instance_of[other] for other in inputs
-                               if other in self.instance_of and self.graph.value(other).root == value.root), None)
+                               if other in self.instance_of and values[other].root == value.root), None)
             if source is None:   # a view of a storage the op does not read: count it anew
-                source = self.fresh(self.graph.value(value.root).size_bytes)
+                source = self.fresh(values[value.root].size_bytes)
             chosen[name] = source
         return chosen
 
     def new_bytes(self, instances: dict[str, int]) -> int:
         """Bytes that binding these instances would add."""
-        return sum(self.size_of[i] for i in set(instances.values()) if i not in self.refs)
+        size_of, refs = self.size_of, self.refs
+        return sum(size_of[i] for i in set(instances.values()) if i not in refs)
 
 
 def replayed_random_ops(graph: Graph, plan: Plan) -> list[str]:
@@ -132,10 +136,12 @@ def replayed_random_ops(graph: Graph, plan: Plan) -> list[str]:
     the numbers of the first, so the forward saves the generator state before the first run
     and every later run replays it (`runtime.rng`); the state is held to the end of the step."""
     counts: dict[str, int] = {}
+    random_ops = graph.random_forward_ops
+    if not random_ops:
+        return []
     for phase in (Phase.FORWARD, Phase.BACKWARD):
         for step in plan.steps(phase):
-            op = graph.op_by_name.get(step.name) if step.kind is StepKind.RUN else None
-            if op is not None and op.random and op.phase is Phase.FORWARD:
+            if step.name in random_ops and step.kind is StepKind.RUN:
                 counts[step.name] = counts.get(step.name, 0) + (2 if phase is Phase.BACKWARD else 1)
     return [name for name, count in counts.items() if count > 1]
 
@@ -156,6 +162,7 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
     # a generator state before the first run (held to the end of the step), and a replay holds
     # the current state while it runs
     replayed = set(replayed_random_ops(graph, plan))
+    op_by_name = graph.op_by_name
 
     def bind_placeholders(kinds_wanted: bool) -> None:
         names = tuple(n for n in graph.placeholders if (graph.value(n).kind is ValueKind.TANGENT) == kinds_wanted)
@@ -190,9 +197,9 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
         for index, step in enumerate(plan.steps(phase)):
             high_water = memory.bytes_in_use
             if step.kind is StepKind.RUN:
-                if step.name not in graph.op_by_name:
+                op = op_by_name.get(step.name)
+                if op is None:
                     raise fail(phase, index, "no such op in the graph")
-                op = graph.op(step.name)
                 if op.phase is Phase.BACKWARD and phase is Phase.FORWARD:
                     raise fail(phase, index, "a backward op cannot run in the forward phase")
                 if op.phase is Phase.FORWARD and phase is Phase.BACKWARD and not op.recomputable:
@@ -204,7 +211,8 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
                 for name in op.inputs:
                     if name not in live:
                         raise fail(phase, index, f"input {name!r} is not on the device")
-                    start_ms = max(start_ms, ready_at.get(name, 0.0))
+                if ready_at:                  # prefetches under way
+                    start_ms = max(start_ms, max((ready_at.get(name, 0.0) for name in op.inputs), default=0.0))
                 stall_ms += start_ms - clock_ms
                 rng_bytes = 0
                 if op.name in replayed:

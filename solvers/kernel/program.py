@@ -107,21 +107,20 @@ def build_program(graph: Graph, decisions: dict[str, Decision], *, prefetch_ahea
     """
     dropped = {root for root, decision in decisions.items() if decision is not Decision.KEEP}
     offloaded = {root for root, decision in decisions.items() if decision is Decision.OFFLOAD}
-    backward_reads = {name for op in graph.backward_ops for name in op.inputs}
 
     # forward: everything the backward reads stays, unless its storage is dropped/offloaded
     forward_runs: list[Step] = []
     for op in graph.forward_ops:
         forward_runs.append(run(op.name))
         forward_runs.extend(offload(name) for name in op.outputs if name in offloaded)
-    kept_for_backward = {name for name in backward_reads
-                         if graph.value(name).kind is ValueKind.ACTIVATION and graph.value(name).root not in dropped}
+    values = graph.value_by_name
+    kept_for_backward = {name for name in graph.saved_candidates if values[name].root not in dropped}
     # a kept storage keeps all its names: the storage is alive anyway, and a recomputation
     # that reads the root (not the view the backward reads) must not re-run its producer
-    kept_roots = {graph.value(name).root for name in kept_for_backward}
+    kept_roots = {values[name].root for name in kept_for_backward}
     kept_roots |= {root for root, decision in decisions.items() if decision is Decision.KEEP}
-    kept_for_backward |= {value.name for value in graph.values if value.kind is ValueKind.ACTIVATION
-                          and value.root in kept_roots and graph.consumers[value.name]}
+    read_names = graph.read_names_by_root
+    kept_for_backward.update(name for root in kept_roots for name in read_names.get(root, ()))
     kept_for_backward |= _unrecomputable_sources(graph, kept_for_backward | offloaded | set(graph.placeholders),
                                                  dropped)
     forward_steps = insert_frees(graph, forward_runs, live_out=kept_for_backward)
@@ -277,11 +276,11 @@ def insert_frees(graph: Graph, steps: list[Step], live_out: set[str],
     never freed (the caller holds them). O(steps + total arity).
     """
     placeholders = set(graph.placeholders)
+    op_by_name, distinct_inputs = graph.op_by_name, graph.distinct_inputs
 
     def defs_and_uses(step: Step) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if step.kind is StepKind.RUN:
-            op = graph.op(step.name)
-            return op.outputs, tuple(dict.fromkeys(op.inputs))
+            return op_by_name[step.name].outputs, distinct_inputs[step.name]
         if step.kind is StepKind.PREFETCH:
             return (step.name,), ()
         if step.kind is StepKind.OFFLOAD:
