@@ -50,7 +50,10 @@ ratios to compiled plain's. Compile time is the first step's wall time for torch
 budget: the capture and profile (run once here and shared by the budgets, but counted in
 each), the solve, and the budget fit (inductor on each aten run, and two steps per plan
 tried). Inductor is warmed up on a small unrelated function before anything is timed
-(`warm_up_inductor`), so that its once-per-process start falls on no method. Beside the
+(`warm_up_inductor`), so that its once-per-process start falls on no method. Compiled
+plain is compiled twice more from empty caches, halfway through memsched's budgets and
+after them, and ``compile_time_target`` holds each budget's ratio to the median of the
+three (and to their range). Beside the
 every-block target the JSON gives the least recomputation any plan needs at that peak
 (`solvers.recompute_bound`).
 
@@ -112,6 +115,7 @@ log = logging.getLogger("vs_torch_compile")
 
 MiB = 2**20
 COMPILE_BUDGETS = (0.9, 0.7, 0.5, 0.3, 0.1)
+COMPILE_TIME_TARGET = 1.5          # memsched's compile time at most this many times compiled plain's
 GRADIENT_SEED = 7
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
@@ -261,7 +265,17 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                      | {peak for peak in reached if peak <= compiled_peak}) if args.at_peaks else \
         sweep_budgets(floor_bytes, compiled_peak, args.budgets)
     infeasible = []
-    for budget in budgets:
+    # compiled plain's compile again in the middle of the budgets and after them: on this
+    # machine it moved between 11.5 s and 17.9 s from run to run (zoo GPT), so one timing
+    # at the start would set every budget's ratio by where the machine stood then
+    plain_compile_s = [compiled.row["compile_s"]]
+    resample_at = {len(budgets) // 2, len(budgets)}
+    for index, budget in enumerate(budgets + [None]):
+        if index in resample_at:
+            plain_compile_s.append(time_plain_compile(workload, buffers))
+            log.info("  compile plain, compiled again: %.1f s", plain_compile_s[-1])
+        if budget is None:
+            break
         planner = _StepPlanner(budget=budget, solver="auto", repeats=3, solver_options={}, progress=False,
                                transfer=None, backward_from="auto", release_outputs=workload.released, compile=True)
         started = time.perf_counter()
@@ -314,10 +328,41 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "memsched_floor_bytes": floor_bytes, "memsched_lower_bound_bytes": bound_bytes,
             "rows": rows, "memsched_infeasible": infeasible,
             "every_block_target": every_block_target(rows, every_block.row, head_to_head, graph),
+            "compile_time_target": compile_time_target(rows, plain_compile_s),
             "compile_budget_not_monotone": not_monotone(rows), "memsched_vs_compile": dominance(rows),
             "head_to_head": head_to_head, "pair_repeats": args.pair_repeats,
             "violations": sum(1 for r in rows if r.get("within_budget") is False),
             "gradient_mismatches": [r["method"] for r in rows if r.get("allclose_vs_compiled_plain") is False]}
+
+
+def time_plain_compile(workload: Workload, buffers: dict[str, torch.Tensor]) -> float:
+    """Seconds of compiled plain's first step, compiled anew from empty caches (a backend
+    object of its own, so dynamo compiles again instead of re-using the first one's code)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def inductor(graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        return compile_fx(graph_module, example_inputs)
+
+    step = step_of(torch.compile(workload.model, backend=inductor), workload)
+    with first_compile():
+        started = time.perf_counter()
+        seeded(workload, buffers, step)
+        return time.perf_counter() - started
+
+
+def compile_time_target(rows: list[dict], plain_compile_s: list[float]) -> dict[str, Any]:
+    """The compile-time target (memsched's compile <= `COMPILE_TIME_TARGET` x compiled
+    plain's) against the median of compiled plain's compile timings, with each budget's
+    ratio to the fastest and the slowest of them too (how far the machine's drift moves it)."""
+    median_s = statistics.median(plain_compile_s)
+    budgets = [{"method": row["method"], "compile_s": row["compile_s"],
+                "vs_median": row["compile_s"] / median_s,
+                "vs_range": [row["compile_s"] / max(plain_compile_s), row["compile_s"] / min(plain_compile_s)],
+                "fit_tries": row.get("fit_tries")}
+               for row in rows if row["kind"] == "memsched"]
+    return {"target": COMPILE_TIME_TARGET, "compile_plain_s": plain_compile_s, "compile_plain_median_s": median_s,
+            "budgets": budgets, "within": sum(1 for b in budgets if b["vs_median"] <= COMPILE_TIME_TARGET),
+            "of": len(budgets)}
 
 
 @contextlib.contextmanager
@@ -518,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     torch._inductor.config.fallback_random = True
+    # compiled plain, five compile budgets and compiled plain twice more: eight compilations
+    # of the model's forward, dynamo's default limit before it falls back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     path = RESULTS / "vs_torch_compile.json"
     results = json.loads(path.read_text()) if path.exists() else {"models": {}}
     warmup_s = warm_up_inductor()
@@ -525,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         results["models"][name] = run_model(name, args)
         results["models"][name]["inductor_warmup_s"] = warmup_s
+        target = results["models"][name]["compile_time_target"]
+        log.info("%s: compile time within %.1fx of compiled plain's (median of %s s) at %d of %d budgets", name,
+                 COMPILE_TIME_TARGET, ", ".join(f"{s:.1f}" for s in target["compile_plain_s"]),
+                 target["within"], target["of"])
         results.update(git_revision=git_revision(), device=device_description(),
                        inductor_cache_dir=os.environ["TORCHINDUCTOR_CACHE_DIR"])
         write_results("vs_torch_compile", results, plot)
