@@ -53,7 +53,8 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
         solver: a name from `solvers.available_solvers()`, or ``"auto"``.
         plan: a saved plan (path or `Plan`) to run instead of solving; it must have been
             made for this model and input shapes (`PlanMismatchError` otherwise).
-        repeats: timing repeats per op while profiling.
+        repeats: timing runs per op while profiling, the first a warm-up (fewer for an op
+            whose timed runs already add up to `planner.profile.ENOUGH_TIMED_MS`).
         progress: show a progress bar while profiling (default: when stderr is a terminal).
         target: plan host<->device transfers for a named device profile
             (`solvers.graph.TARGETS`, e.g. ``"h100-pcie5"``) instead of the measured one (CUDA)

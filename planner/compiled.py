@@ -327,7 +327,8 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     alternatives_allowed = not loaded and budget_bytes >= (1 - ALTERNATIVES_WITHIN) * solver_bytes
     alternatives_tried = False
     for _ in range(1 if loaded else MAX_FITS):
-        checked, program = _compiled_and_measured(model, step, graph, plan, inputs, kwargs, inductor_options)
+        checked, program = _compiled_and_measured(model, step, graph, plan, inputs, kwargs,
+                                                   inductor_options, budget_bytes)
         first_checked = first_checked or checked
         peak_bytes = program.measured_peak_bytes
         tried.append((internal_bytes, peak_bytes))
@@ -418,7 +419,8 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
     for plan in planner.alternatives(graph, solver_bytes, first):
         if len(tried) >= MAX_FITS:
             return None
-        checked, program = _compiled_and_measured(model, step, graph, plan, inputs, kwargs, inductor_options)
+        checked, program = _compiled_and_measured(model, step, graph, plan, inputs, kwargs,
+                                                   inductor_options, budget_bytes)
         peak_bytes = program.measured_peak_bytes
         tried.append((solver_bytes, peak_bytes))
         log.info("memsched compile: %s's plan for %d bytes measures %d compiled; budget %d", plan.solver,
@@ -431,12 +433,18 @@ def _fit_an_alternative(planner: Solves, model: torch.nn.Module, step: CapturedS
 
 def _compiled_and_measured(model: torch.nn.Module, step: CapturedStep, graph: Graph, plan: Plan,
                            inputs: Sequence[Any], kwargs: Mapping[str, Any] | None,
-                           inductor_options: dict[str, Any]) -> tuple[Plan, StepProgram]:
+                           inductor_options: dict[str, Any], budget_bytes: int) -> tuple[Plan, StepProgram]:
     """``plan`` checked (`checked_plan`) and its compiled program, whose
-    ``measured_peak_bytes`` is set (`measure_compiled_peak`)."""
+    ``measured_peak_bytes`` is set (`measure_compiled_peak`).
+
+    The warm-up step runs each compiled run's ops eagerly while its kernels build
+    (``eager_first_call``, `runtime.compiled`) where the plan's eager program keeps
+    ``budget_bytes``; a plan solved above the caller's budget (a compiled step measures
+    below its eager prediction) waits for its kernels instead, as its eager replay may not."""
     checked = checked_plan(graph, plan, compiled=True)
     device_type = next((p.device.type for p in model.parameters()), "cpu")
-    program = StepProgram(step, graph, checked, device_type, compile=True, inductor_options=inductor_options)
+    program = StepProgram(step, graph, checked, device_type, compile=True, inductor_options=inductor_options,
+                          eager_first_call=checked.predicted_peak_bytes <= budget_bytes)
     program.measured_peak_bytes = measure_compiled_peak(model, step, graph, checked, program, inputs, kwargs,
                                                         released=bool(graph.released_outputs))
     return checked, program
@@ -503,6 +511,7 @@ def measure_compiled_peak(model: torch.nn.Module, step: CapturedStep, graph: Gra
         for parameter in model.parameters():
             parameter.grad = None
         _step(module, inputs, kwargs, released)                   # compiles every run
+        program.finish_compiling()
         for parameter in model.parameters():
             parameter.grad = None
         if device.type == "cuda":

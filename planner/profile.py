@@ -6,7 +6,10 @@ For each node of the joint graph, on the model's device, with its real parameter
     the step in a steady state does not: page faults of memory the allocator handed back
     to the system, and other processes' load (a 24-block GPT's forward profiled at 1.3 to
     1.6x its measured steady-state time with the median, within 4 % with the minimum; a
-    48-block one still at 1.4x);
+    48-block one still at 1.4x). The repeats stop once an op's timed runs add up to
+    `ENOUGH_TIMED_MS`: a run that long is not moved much by a timer tick or an
+    interrupt, and such ops are most of a real-size model's step (GPT-2 small's matmuls),
+    so each costs one run less;
   * bytes: the storage its outputs newly own; a view or alias owns none and points to the
     value whose storage it shares (found by storage identity, not by op name, so ops that
     alias only sometimes, like ``reshape``, are classified by what they did);
@@ -44,6 +47,10 @@ from solvers.graph import Graph, Op, Phase, Transfer, Value, ValueKind, backward
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
+# timing repeats of one op stop once its timed runs add up to this many milliseconds
+# (module docstring): on GPT-2 small (batch 2 x 256 tokens, one thread) profiling took
+# 27.5 s with 3 repeats and 6.6 s with 1 (one-off script)
+ENOUGH_TIMED_MS = 5.0
 _CALLER_REDUCTION_BYTES = 64   # room for the loss scalar, its seed gradient, a few partial sums
 
 _PLACEHOLDER_KINDS = {Role.PARAMETER: ValueKind.PARAMETER, Role.BUFFER: ValueKind.BUFFER,
@@ -69,7 +76,7 @@ def step_arguments(step: CapturedStep, model: torch.nn.Module, example_inputs: S
 def profile(step: CapturedStep, model: torch.nn.Module, example_inputs: Sequence[Any],
             example_kwargs: Mapping[str, Any] | None = None, *, repeats: int = 3,
             transfer: Transfer | None = None, name: str = "", progress: bool | None = None) -> Graph:
-    """Run the captured step once (plus ``repeats - 1`` timing repeats per op) and return
+    """Run the captured step once (plus at most ``repeats - 1`` timing repeats per op) and return
     its `Graph`. ``repeats=1`` gives sizes with single-shot times (enough to re-use a plan).
     ``progress`` shows a progress bar (default: when stderr is a terminal)."""
     if repeats < 1:
@@ -229,6 +236,8 @@ class GraphBuilder:
                 started = time.perf_counter()
                 target(*args, **kwargs)
                 times_ms.append((time.perf_counter() - started) * 1e3)
+            if sum(times_ms[1:]) >= ENOUGH_TIMED_MS:
+                break
         if len(times_ms) > 1:
             times_ms = times_ms[1:]   # the first run pays for warm-up
         return result, (statistics.median(times_ms) if cuda else min(times_ms)), workspace_bytes

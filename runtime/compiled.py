@@ -37,17 +37,32 @@ in the process and served to every other run and program with that code
 another input signature gets another plan and program from `planner.api.OptimizedModule`'s
 plan cache. Interpretation costs O(instructions) Python work per call; compiling is
 O(ops) graph work plus inductor's own code generation and C++/Triton compilation.
+
+Most of a compilation on a CPU is waiting: inductor generates a run's code on one core,
+then builds its C++ kernels (one compiler process each) on its pool of compile workers
+and waits for them. Two overlaps shorten it:
+
+- each kernel is submitted to the workers as soon as its code is defined, not when the
+  run's whole module has been generated (`_kernels_built_as_defined`);
+- with ``eager_first_call`` (the planner's warm-up step), a program's first call does
+  not wait: each run's ops execute eagerly while its kernels build and the next runs
+  (the backward's, after the forward's) generate their code; the next call, or
+  `CompiledProgram.finish_compiling`, waits for what is left.
+
+On the zoo GPT small at its floor, the forward's kernels then build while the backward
+generates its code, and the backward's while it defines the rest.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import operator
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -87,7 +102,7 @@ FUSION_WINDOW = 16
 # GPT small: 3.6 s of a 17.6 s try at its floor, 15 of whose 20 runs an earlier try had
 # compiled). Least recently used first out.
 COMPILED_RUNS_KEPT = 512
-_compiled_runs: "OrderedDict[tuple, Callable[[list], Any]]" = OrderedDict()
+_compiled_runs: "OrderedDict[tuple, _CompiledRun]" = OrderedDict()
 
 
 def _compilable(node: fx.Node, current_run: set[str]) -> bool:
@@ -173,8 +188,29 @@ class _Run:
     module: fx.GraphModule
     inputs: list[str]            # outer value names, in placeholder order
     outputs: list[str]           # outer value names the run defines and later code reads
-    compiled: Callable[[list], Any] | None = None
+    compiled: _CompiledRun | None = None
     compile_s: float = 0.0
+
+
+class _CompiledRun:
+    """A run compiled by inductor, whose C++ kernels may still be building
+    (`CompiledProgram.eager_first_call`): ``pending`` holds the generated modules' globals
+    until `finish` has waited for their kernels; ``output_strides`` are what the compiled
+    code gives each output (inductor keeps the strides of the graph it was handed)."""
+
+    def __init__(self, call: Callable[[list], Any], pending: list[tuple[Any, dict]],
+                 output_strides: list[tuple[int, ...] | None]) -> None:
+        self.call = call
+        self.pending = pending
+        self.output_strides = output_strides
+
+    def finish(self) -> float:
+        """Wait for the kernels still building; the seconds waited."""
+        started = time.perf_counter()
+        while self.pending:
+            async_compile, scope = self.pending.pop()
+            async_compile.wait(scope)
+        return time.perf_counter() - started
 
 
 @dataclass
@@ -193,11 +229,15 @@ class CompiledProgram:
     clears, else positional arguments), running its aten runs compiled by inductor."""
 
     def __init__(self, graph_module: fx.GraphModule, *, boxed: bool, name: str = "program",
-                 inductor_options: dict[str, Any] | None = None) -> None:
+                 inductor_options: dict[str, Any] | None = None, eager_first_call: bool = False) -> None:
         self.source = graph_module
         self.boxed = boxed
         self.name = name
         self.inductor_options = dict(inductor_options or {})
+        # the first call compiles each run without waiting for its C++ kernels and runs its
+        # aten ops eagerly while they build (module docstring); later calls wait for them
+        self.eager_first_call = eager_first_call
+        self.calls = 0
         self.compile_count = 0             # runs made ready so far (one per run, once)
         self.reused_count = 0              # of them, those `_compiled_runs` served without inductor
         self.compile_s = 0.0
@@ -289,6 +329,8 @@ class CompiledProgram:
         else:
             env = dict(zip(self._placeholders, args))
         env.update(self._constants)
+        first_call = self.calls == 0
+        self.calls += 1
         for instruction in self._instructions:
             body = instruction.body
             if isinstance(body, _Eager):
@@ -307,13 +349,25 @@ class CompiledProgram:
             for name in instruction.drop:
                 del env[name]
             if body.compiled is None:
-                self._compile(body, inputs)
-            results = body.compiled(inputs)      # clears ``inputs``: dropped values die inside
+                self._compile(body, inputs, build_behind=first_call and self.eager_first_call)
+            compiled = body.compiled
+            if compiled.pending and first_call and self.eager_first_call:
+                results = _run_eagerly(body, inputs)
+            else:
+                if compiled.pending:
+                    self.compile_s += compiled.finish()
+                results = compiled.call(inputs)      # clears ``inputs``: dropped values die inside
             env.update(zip(body.outputs, results))
             del results
         return tuple(fx.node.map_arg(self._output, lambda n: env[n.name]))
 
-    def _compile(self, run: _Run, inputs: list) -> None:
+    def finish_compiling(self) -> None:
+        """Wait for every run's C++ kernels still building (`eager_first_call`)."""
+        for instruction in self._instructions:
+            if isinstance(instruction.body, _Run) and instruction.body.compiled is not None:
+                self.compile_s += instruction.body.compiled.finish()
+
+    def _compile(self, run: _Run, inputs: list, *, build_behind: bool = False) -> None:
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx_inner
         from torch._inductor.virtualized import V
@@ -338,8 +392,11 @@ class CompiledProgram:
             # inside a tracing context whose fake mode has a shape environment, inductor's
             # FX graph cache serves a run it compiled before ("No shape env" bypasses it):
             # neighbouring plans that the budget fit tries share most of their runs
-            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
-                run.compiled = compile_fx_inner(graph_module, examples)
+            pending: list[tuple[Any, dict]] = []
+            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), _kernels_built_as_defined(), \
+                    (_kernel_waits_deferred(pending) if build_behind else contextlib.nullcontext()):
+                call = compile_fx_inner(graph_module, examples)
+        run.compiled = _CompiledRun(call, pending, _output_strides(graph_module))
         _compiled_runs[key] = run.compiled
         while len(_compiled_runs) > COMPILED_RUNS_KEPT:
             _compiled_runs.popitem(last=False)
@@ -375,6 +432,80 @@ class CompiledProgram:
                 lines.append(f"{', '.join(body.outputs) or '()'} = inductor_run({', '.join(body.inputs)})"
                              f"  # {len(ops)} ops")
         return "\n".join(lines)
+
+
+def _run_eagerly(run: _Run, inputs: list) -> list:
+    """``run``'s own aten ops, eagerly (`CompiledProgram.eager_first_call`): each value is
+    let go of after its last use and ``inputs`` is cleared, as the compiled run does; an
+    output whose strides differ from what the compiled run gives is copied to those strides,
+    so that the runs compiled after it see the inputs they will see once it is compiled."""
+    results = list(fx.Interpreter(run.module).boxed_run(inputs))
+    for index, (value, strides) in enumerate(zip(results, run.compiled.output_strides)):
+        if isinstance(value, torch.Tensor) and strides is not None and value.stride() != strides:
+            results[index] = torch.empty_strided(value.shape, strides, dtype=value.dtype,
+                                                 device=value.device).copy_(value)
+    return results
+
+
+@contextlib.contextmanager
+def _kernel_waits_deferred(pending: list[tuple[Any, dict]]) -> Iterator[None]:
+    """Inside the block, the wait that ends inductor's generated code (``async_compile.wait
+    (globals())``: it blocks until the module's C++ kernels, submitted to inductor's pool
+    of compile workers as the module loads, are built) records the module's globals in
+    ``pending`` instead and returns; `_CompiledRun.finish` waits later."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    original = AsyncCompile.wait
+
+    def record(self: AsyncCompile, scope: dict) -> None:
+        pending.append((self, scope))
+
+    AsyncCompile.wait = record
+    try:
+        yield
+    finally:
+        AsyncCompile.wait = original
+
+
+@contextlib.contextmanager
+def _kernels_built_as_defined() -> Iterator[None]:
+    """Inside the block, each C++ kernel inductor generates is submitted to its compile
+    workers as soon as its code is defined, instead of when the generated module loads
+    after the whole graph's code generation: the module's own submission then finds the
+    build under way in inductor's code cache (keyed by the kernel's source and argument
+    types, the same expression evaluated). On the zoo GPT small's floor plan the
+    backward's kernels are defined over its last second of code generation (one-off
+    trace). A kernel whose early submission fails is built at load, as without this."""
+    from torch._inductor.async_compile import AsyncCompile
+    from torch._inductor.codegen.wrapper import PythonWrapperCodegen
+
+    original = PythonWrapperCodegen.define_kernel
+
+    def define_kernel(self: PythonWrapperCodegen, kernel_name: str, kernel_body: str, *args: Any,
+                      **kwargs: Any) -> Any:
+        if kernel_body.startswith("async_compile.cpp_pybinding("):
+            try:
+                eval(kernel_body, {"async_compile": AsyncCompile()})  # noqa: S307 - inductor's own generated call
+            except Exception as error:  # noqa: BLE001 - the module's load builds it instead
+                log.debug("early build of %s failed (%s); it builds when its module loads", kernel_name, error)
+        return original(self, kernel_name, kernel_body, *args, **kwargs)
+
+    PythonWrapperCodegen.define_kernel = define_kernel
+    try:
+        yield
+    finally:
+        PythonWrapperCodegen.define_kernel = original
+
+
+def _output_strides(graph_module: fx.GraphModule) -> list[tuple[int, ...] | None]:
+    """The strides of each output of ``graph_module`` (traced on fake tensors), None for a
+    non-tensor output."""
+    output = next(node for node in graph_module.graph.nodes if node.op == "output")
+    strides: list[tuple[int, ...] | None] = []
+    for value in output.args[0]:
+        example = value.meta.get("val") if isinstance(value, fx.Node) else None
+        strides.append(tuple(example.stride()) if isinstance(example, torch.Tensor) else None)
+    return strides
 
 
 def forget_compiled_runs() -> None:
@@ -479,14 +610,15 @@ def _nodes_in(structure: Any) -> list[fx.Node]:
     return found
 
 
-def compile_programs(programs: Programs, inductor_options: dict[str, Any] | None = None) -> Programs:
+def compile_programs(programs: Programs, inductor_options: dict[str, Any] | None = None, *,
+                     eager_first_call: bool = False) -> Programs:
     """``programs`` with the forward (positional) and backward (boxed) programs compiled;
-    nothing compiles before the first call."""
+    nothing compiles before the first call (`CompiledProgram.eager_first_call`)."""
     return replace(programs,
                    forward=CompiledProgram(programs.forward, boxed=False, name="forward",
-                                           inductor_options=inductor_options),
+                                           inductor_options=inductor_options, eager_first_call=eager_first_call),
                    backward=CompiledProgram(programs.backward, boxed=True, name="backward",
-                                            inductor_options=inductor_options))
+                                            inductor_options=inductor_options, eager_first_call=eager_first_call))
 
 
 __all__ = ["CompiledProgram", "compile_programs", "forget_compiled_runs"]

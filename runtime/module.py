@@ -28,13 +28,15 @@ class StepProgram:
     """The generated programs of one plan and how to call them."""
 
     def __init__(self, step: CapturedStep, graph: Graph, plan: Plan, device_type: str, *,
-                 compile: bool = False, inductor_options: dict[str, Any] | None = None) -> None:
+                 compile: bool = False, inductor_options: dict[str, Any] | None = None,
+                 eager_first_call: bool = False) -> None:
         self.step = step
         self.programs: Programs = generate(step, graph, plan, device_type)
         self.compiled = compile
         self.inductor_options = dict(inductor_options or {})
         if compile:                     # inductor compiles each aten run on its first call
-            self.programs = compile_programs(self.programs, self.inductor_options)
+            self.programs = compile_programs(self.programs, self.inductor_options,
+                                             eager_first_call=eager_first_call)
         tensor_leaves = [leaf for leaf in step.output_leaves if leaf.is_tensor]
         self.differentiable = [leaf.differentiable for leaf in tensor_leaves]
         self.tangent = [leaf.tangent for leaf in tensor_leaves]
@@ -49,6 +51,13 @@ class StepProgram:
         self.measured_peak_bytes: int | None = None
         self.solver_budget_bytes: int | None = None
         self.fit_tries = 0             # compiled steps measured to fit the budget (`planner.compiled`)
+
+    def finish_compiling(self) -> None:
+        """Wait for the compiled programs' kernels still building (``eager_first_call``:
+        `runtime.compiled.CompiledProgram`); nothing when not compiled."""
+        if self.compiled:
+            self.programs.forward.finish_compiling()
+            self.programs.backward.finish_compiling()
 
     @property
     def compile_count(self) -> int:

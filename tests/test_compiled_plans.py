@@ -284,10 +284,13 @@ def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch)
     and records the budget its eager replay was solved within; it runs only compiled."""
     model, inputs = zoo.make("gpt", "tiny")
     predicted = []
+    eager_first_calls = []
     slack = {}
 
     def below(model, step, graph, plan, program, inputs, kwargs, *, released=False):
         predicted.append(plan.predicted_peak_bytes)
+        programs = program.programs
+        eager_first_calls.append(programs.forward.eager_first_call and programs.backward.eager_first_call)
         slack.setdefault("bytes", plan.budget_bytes // 10)
         return plan.predicted_peak_bytes - slack["bytes"]
 
@@ -300,6 +303,9 @@ def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch)
     assert len(predicted) == 2 and optimized._program.fit_tries == 2
     assert plan.options[EAGER_BUDGET_OPTION] == optimized._program.solver_budget_bytes > plan.budget_bytes
     assert predicted[1] > plan.budget_bytes, "the second plan must use the room above the budget"
+    # the warm-up step runs a plan eagerly while its kernels build only where its eager
+    # program keeps the budget
+    assert eager_first_calls == [True, False]
     assert optimized._program.measured_peak_bytes == predicted[1] - slack["bytes"] <= plan.budget_bytes
     train_step(optimized, inputs)
     with pytest.raises(InvalidPlanError, match="compile=True"):
@@ -501,6 +507,56 @@ def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
     assert arguments == [] and program.compile_count == 2          # boxed: the list is cleared
     for a, b in zip(actual, expected):
         torch.testing.assert_close(a, b)
+
+
+def test_a_first_call_runs_eagerly_while_the_kernels_build() -> None:
+    """With ``eager_first_call``, the first call compiles each run without waiting for its
+    kernels and computes every run's ops eagerly, drawing what the compiled program draws;
+    the second call waits for the kernels and runs them, compiling nothing again."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    y = graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
+    noise = graph.call_function(random_fill_like, (torch.ops.aten.random_.default, y))
+    z = graph.call_function(torch.ops.aten.add.Tensor, (y, noise))
+    w = graph.call_function(torch.ops.aten.relu.default, (z,))
+    graph.output((w, y))
+    module = fx.GraphModule(torch.nn.Module(), graph)
+    forget_compiled_runs()
+    program = CompiledProgram(module, boxed=True, eager_first_call=True)
+    runs = [instruction.body for instruction in program._instructions
+            if isinstance(instruction.body, runtime.compiled._Run)]
+    value = torch.randn(4, 8)
+    torch.manual_seed(0)
+    expected = module(value)
+    for call in range(2):
+        torch.manual_seed(0)
+        arguments = [value]
+        actual = program(arguments)
+        assert arguments == [] and program.compile_count == 2
+        # after the first call the kernels' modules wait to be finished; after the second, none does
+        assert all(bool(run.compiled.pending) == (call == 0) for run in runs)
+        for a, b in zip(actual, expected):
+            torch.testing.assert_close(a, b)
+    finished = CompiledProgram(module, boxed=True, eager_first_call=True)
+    finished([value])
+    finished.finish_compiling()
+    assert not any(run.compiled.pending for run in runs)
+
+
+def test_an_eager_first_call_gives_each_output_the_compiled_runs_strides() -> None:
+    """A run computed eagerly hands on each output with the strides its compiled code
+    gives it, so that the runs compiled after it are compiled for the inputs they will get."""
+    graph = fx.Graph()
+    x = graph.placeholder("input_0")
+    y = graph.call_function(torch.ops.aten.mul.Tensor, (x, 2.0))
+    graph.output((y, x))
+    run = runtime.compiled._Run(fx.GraphModule(torch.nn.Module(), graph), ["x"], ["y", "x"])
+    run.compiled = runtime.compiled._CompiledRun(lambda inputs: None, [], [(1, 4), None])
+    value = torch.randn(4, 8)
+    arguments = [value]
+    doubled, same = runtime.compiled._run_eagerly(run, arguments)
+    assert arguments == [] and same is value
+    assert doubled.stride() == (1, 4) and torch.equal(doubled, value * 2)
 
 
 def test_an_eager_calls_arguments_die_at_the_call_not_in_the_run_after_it() -> None:
