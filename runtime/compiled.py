@@ -196,10 +196,10 @@ class _CompiledRun:
     """A run compiled by inductor, whose C++ kernels may still be building
     (`CompiledProgram.eager_first_call`): ``pending`` holds the generated modules' globals
     until `finish` has waited for their kernels; ``output_strides`` are what the compiled
-    code gives each output (inductor keeps the strides of the graph it was handed)."""
+    code gives each output, as inductor reports them (`_strides_as_compiled`)."""
 
     def __init__(self, call: Callable[[list], Any], pending: list[tuple[Any, dict]],
-                 output_strides: list[tuple[int, ...] | None]) -> None:
+                 output_strides: list[tuple[int, ...] | None] | None) -> None:
         self.call = call
         self.pending = pending
         self.output_strides = output_strides
@@ -351,7 +351,7 @@ class CompiledProgram:
             if body.compiled is None:
                 self._compile(body, inputs, build_behind=first_call and self.eager_first_call)
             compiled = body.compiled
-            if compiled.pending and first_call and self.eager_first_call:
+            if compiled.pending and first_call and self.eager_first_call and compiled.output_strides is not None:
                 results = _run_eagerly(body, inputs)
             else:
                 if compiled.pending:
@@ -393,10 +393,12 @@ class CompiledProgram:
             # FX graph cache serves a run it compiled before ("No shape env" bypasses it):
             # neighbouring plans that the budget fit tries share most of their runs
             pending: list[tuple[Any, dict]] = []
-            with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), _kernels_built_as_defined(), \
+            context = torch._guards.TracingContext(fake_mode)
+            with torch._guards.tracing(context), context.report_output_strides() as output_strides, \
+                    _kernels_built_as_defined(), \
                     (_kernel_waits_deferred(pending) if build_behind else contextlib.nullcontext()):
                 call = compile_fx_inner(graph_module, examples)
-        run.compiled = _CompiledRun(call, pending, _output_strides(graph_module))
+        run.compiled = _CompiledRun(call, pending, _strides_as_compiled(output_strides, len(run.outputs)))
         _compiled_runs[key] = run.compiled
         while len(_compiled_runs) > COMPILED_RUNS_KEPT:
             _compiled_runs.popitem(last=False)
@@ -497,15 +499,14 @@ def _kernels_built_as_defined() -> Iterator[None]:
         PythonWrapperCodegen.define_kernel = original
 
 
-def _output_strides(graph_module: fx.GraphModule) -> list[tuple[int, ...] | None]:
-    """The strides of each output of ``graph_module`` (traced on fake tensors), None for a
-    non-tensor output."""
-    output = next(node for node in graph_module.graph.nodes if node.op == "output")
-    strides: list[tuple[int, ...] | None] = []
-    for value in output.args[0]:
-        example = value.meta.get("val") if isinstance(value, fx.Node) else None
-        strides.append(tuple(example.stride()) if isinstance(example, torch.Tensor) else None)
-    return strides
+def _strides_as_compiled(reported: list, num_outputs: int) -> list[tuple[int, ...] | None] | None:
+    """The strides inductor reported for each output of a run it compiled (what its code
+    gives them: not always the traced graph's, as in channels-last layouts), None for a
+    non-tensor output; None for all if it reported none (then the run is never run eagerly
+    in its place)."""
+    if len(reported) != num_outputs:
+        return None
+    return [None if strides is None else tuple(int(stride) for stride in strides) for strides in reported]
 
 
 def forget_compiled_runs() -> None:

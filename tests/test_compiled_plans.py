@@ -559,6 +559,33 @@ def test_an_eager_first_call_gives_each_output_the_compiled_runs_strides() -> No
     assert doubled.stride() == (1, 4) and torch.equal(doubled, value * 2)
 
 
+def test_an_eager_first_call_hands_on_the_layout_the_compiled_run_gives() -> None:
+    """In channels-last layouts inductor's convolution returns a layout the eager one does
+    not: the first call, run eagerly, hands the next run its input in the compiled layout,
+    so that run is compiled for what the compiled first run gives it on the next call
+    (it asserted a stride mismatch on the zoo ResNet small at 37.30 MiB when the layout
+    was taken from the traced graph)."""
+    aten = torch.ops.aten
+    graph = fx.Graph()
+    x, weight = graph.placeholder("x"), graph.placeholder("weight")
+    y = graph.call_function(aten.convolution.default, (x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1))
+    noise = graph.call_function(random_fill_like, (aten.random_.default, x))      # an eager call: a cut
+    graph.output((graph.call_function(aten.relu.default, (y,)), noise))
+    module = fx.GraphModule(torch.nn.Module(), graph)
+    forget_compiled_runs()
+    program = CompiledProgram(module, boxed=True, eager_first_call=True, inductor_options={"layout_optimization": True})
+    value, kernel = torch.randn(8, 64, 8, 8), torch.randn(64, 64, 3, 3)
+    torch.manual_seed(0)
+    expected = module(value, kernel)
+    for _ in range(2):
+        torch.manual_seed(0)
+        actual = program([value, kernel])
+        for a, b in zip(actual, expected):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    first_run = next(i.body for i in program._instructions if isinstance(i.body, runtime.compiled._Run))
+    assert first_run.compiled.output_strides == [(4096, 1, 512, 64)]      # channels-last, not eager's
+
+
 def test_an_eager_calls_arguments_die_at_the_call_not_in_the_run_after_it() -> None:
     """A random op's template whose last use is the op dies there, as in the eager program,
     not at the next eager call (the interpreter's reference to the call's arguments is let
