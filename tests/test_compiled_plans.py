@@ -485,9 +485,8 @@ def test_simulated_offload_on_a_cpu_is_refused() -> None:
         optimize(model, 0.5, inputs, compile=True, target="h100-pcie5", progress=False)
 
 
-def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
-    """aten runs compile; a random fill inductor is not given (``random_``: integer
-    arguments) stays an eager call between two runs, in order."""
+def _cut_at_a_random_fill() -> fx.GraphModule:
+    """``relu(x * x + random_(x * x)), x * x``: two aten runs around an eager random fill."""
     graph = fx.Graph()
     x = graph.placeholder("x")
     y = graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
@@ -495,7 +494,13 @@ def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
     z = graph.call_function(torch.ops.aten.add.Tensor, (y, noise))
     w = graph.call_function(torch.ops.aten.relu.default, (z,))
     graph.output((w, y))
-    module = fx.GraphModule(torch.nn.Module(), graph)
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
+    """aten runs compile; a random fill inductor is not given (``random_``: integer
+    arguments) stays an eager call between two runs, in order."""
+    module = _cut_at_a_random_fill()
     program = CompiledProgram(module, boxed=True)
     assert program.num_runs == 2 and program.eager_calls == ["random_fill_like"]
     value = torch.randn(4, 8)
@@ -513,14 +518,7 @@ def test_a_first_call_runs_eagerly_while_the_kernels_build() -> None:
     """With ``eager_first_call``, the first call compiles each run without waiting for its
     kernels and computes every run's ops eagerly, drawing what the compiled program draws;
     the second call waits for the kernels and runs them, compiling nothing again."""
-    graph = fx.Graph()
-    x = graph.placeholder("x")
-    y = graph.call_function(torch.ops.aten.mul.Tensor, (x, x))
-    noise = graph.call_function(random_fill_like, (torch.ops.aten.random_.default, y))
-    z = graph.call_function(torch.ops.aten.add.Tensor, (y, noise))
-    w = graph.call_function(torch.ops.aten.relu.default, (z,))
-    graph.output((w, y))
-    module = fx.GraphModule(torch.nn.Module(), graph)
+    module = _cut_at_a_random_fill()
     forget_compiled_runs()
     program = CompiledProgram(module, boxed=True, eager_first_call=True)
     runs = [instruction.body for instruction in program._instructions
