@@ -99,7 +99,8 @@ from planner import zoo  # noqa: E402
 from planner.api import _StepPlanner  # noqa: E402
 from planner.benchmark import step_times_ms, training_loss  # noqa: E402
 from planner.capture import capture  # noqa: E402
-from planner.compiled import decompose_for_inductor, fit_compiled, solve_compiled, with_compiled_costs  # noqa: E402
+from planner.compiled import (decompose_for_inductor, eager_sized, fit_compiled, solve_compiled,  # noqa: E402
+                              with_compiled_costs)
 from planner.memory import measure_allocator_peak  # noqa: E402
 from planner.profile import profile, with_released_outputs  # noqa: E402
 from real_models import (KEEP_FREED_MEMORY_ENV, build_gpt2, inductor_at_budget, keep_freed_memory,  # noqa: E402
@@ -110,6 +111,7 @@ from solvers.errors import InfeasibleBudgetError  # noqa: E402
 from solvers.graph import Graph  # noqa: E402
 from solvers.portfolio import solve  # noqa: E402
 from solvers.recompute_bound import recompute_time_lower_bound  # noqa: E402
+from solvers.simulate import simulate  # noqa: E402
 
 log = logging.getLogger("vs_torch_compile")
 
@@ -298,6 +300,7 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
                           fit_tries=program.fit_tries,
                           solver_budget_bytes=program.solver_budget_bytes,
                           predicted_peak_bytes=plan.predicted_peak_bytes, fit_peak_bytes=program.measured_peak_bytes,
+                          eager_predicted_peak_bytes=simulate(eager_sized(graph), plan, check_hash=False).peak_bytes,
                           solver=plan.solver, predicted_overhead=plan.overhead, solve_s=solve_s, fit_s=fit_s,
                           capture_profile_s=capture_s + profile_s,
                           compile_s=capture_s + profile_s + solve_s + fit_s, inductor_s=inductor_s,

@@ -27,11 +27,9 @@ that measured over, if the solver predicts it faster than the fitting plan by mo
 between the two is tried, while they are more than `RAISE_STOP` apart (a bisection:
 plans compile to peaks their predictions do not order); the plan solved for the most
 bytes that fits is kept. That solver budget may be above the caller's: a compiled step
-often measures below its eager prediction (a fused chain never holds the temporaries the
-eager program does; on the zoo GPT small, 2.3-3.3 MiB below at every budget above its
-floor, the cross-entropy backward's logits-sized buffer of zeros). Such a plan records
-the budget its eager replay was solved within (`solvers.plan.EAGER_BUDGET_OPTION`) and
-runs only compiled.
+can measure below its prediction (inductor fuses more than `fused_backward_values`
+models). Such a plan records the budget it was solved within
+(`solvers.plan.EAGER_BUDGET_OPTION`) and runs only compiled.
 
 The step a ``compile=True`` plan is solved over is inductor's granularity
 (`decompose_for_inductor`): layer and batch norms are decomposed as inductor lowers them,
@@ -43,7 +41,10 @@ time is mostly a memory round trip that the fused kernel does not make. The plan
 prices every non-random pointwise op (``torch.Tag.pointwise``) at `FUSED_POINTWISE_COST`
 of its eager time before solving, so that plans under ``compile=True`` recompute
 pointwise chains first and keep the matmuls' and convolutions' outputs, as compile's own
-partitioner does (its min-cut recomputes only "fusible" ops).
+partitioner does (its min-cut recomputes only "fusible" ops). Memory too: a backward
+value computed inside its only reader's kernel (`fused_backward_values`) is never held,
+so the graph sizes it 0 and the first plan is solved for the room the compiled backward
+leaves, instead of being compiled, measured below its budget and solved again.
 
 Cost: each fit is one solve, one compilation (inductor's graph cache makes an unchanged
 run cheap) and two training steps; the cost rewrite is O(ops).
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import operator
 from dataclasses import replace
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
@@ -67,8 +69,9 @@ from planner.memory import measure_allocator_peak, measure_step_memory
 from runtime.module import ScheduledModule, StepProgram, checked_plan
 from runtime.step import CapturedStep, Role
 from solvers.errors import InfeasibleBudgetError, format_bytes
-from solvers.graph import Graph, Phase
+from solvers.graph import Graph, Op, Phase, Value, ValueKind
 from solvers.plan import EAGER_BUDGET_OPTION, FALLBACK_OPTION, Plan
+from solvers.simulate import simulate
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +113,101 @@ FUSED_POINTWISE_COST = 0.1
 
 
 def with_compiled_costs(graph: Graph, step: CapturedStep) -> Graph:
-    """``graph`` with each non-random pointwise aten op priced as fused: its time times
-    `FUSED_POINTWISE_COST`. The structure (and so the hash plans are checked against) is
-    unchanged."""
-    targets = {node.name: node.target for node in step.joint.graph.nodes if node.op == "call_function"}
+    """``graph`` priced as inductor runs it:
+
+    - each non-random pointwise aten op's time times `FUSED_POINTWISE_COST`;
+    - each value of `fused_backward_values` sized 0: the compiled backward computes it inside
+      the kernel of its only reader and never holds it.
+
+    The second changes the sizes the graph's hash covers, so a plan solved under
+    ``compile=True`` is checked against this graph and loads only with ``compile=True``;
+    `eager_sized` gives back the eager program's sizes. O(ops + values)."""
+    targets = _op_targets(step)
     ops = []
     for op in graph.ops:
-        target = targets.get(op.name)
-        if (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags and not op.random
-                and torch.Tag.nondeterministic_seeded not in target.tags):
+        if _fusible(op, targets.get(op.name)) and op.target not in FUSED_REDUCTIONS:
             op = replace(op, time_ms=op.time_ms * FUSED_POINTWISE_COST)
         ops.append(op)
-    return replace(graph, ops=tuple(ops))
+    fused = fused_backward_values(graph, step)
+    values = tuple(replace(value, size_bytes=0) if value.name in fused else value for value in graph.values)
+    return replace(graph, ops=tuple(ops), values=values)
+
+
+# reductions inductor decomposes into loops it fuses with the pointwise ops that read them
+# (the cross-entropy backward: nll_loss_backward's scatter into a buffer of zeros, read
+# once by the log-softmax backward)
+FUSED_REDUCTIONS = frozenset({"aten.nll_loss_backward.default", "aten._log_softmax_backward_data.default",
+                              "aten._softmax_backward_data.default"})
+
+
+def fused_backward_values(graph: Graph, step: CapturedStep) -> frozenset[str]:
+    """Backward values a compiled backward never holds: each is made by a fusible op
+    (pointwise and not random, or one of `FUSED_REDUCTIONS`) and read by exactly one op,
+    a fusible backward op and the next in the step's order, so inductor computes it inside
+    that reader's kernel. A reader further on would make the kernel hold the producer's
+    inputs until then instead (inductor inlines a pointwise producer into its reader): on
+    GPT-2 small that put a floor plan 1.5 MiB above the prediction without that condition.
+
+    The eager program holds such a value and its reader's result together (on the zoo GPT
+    small the cross-entropy backward's 4 MiB of logits gradients, where its backward peaks),
+    which is why a compiled plan measured 2.3-3.3 MiB below its eager prediction at every
+    budget above the floor and was solved a second time for the room. Sized 0
+    (`with_compiled_costs`), the first plan is solved for that room. Compiled steps against
+    the sized-0 prediction (one plan per budget, one-off script): zoo GPT small, nine plans
+    from the floor to keep-all, 0.7-1.0 MiB below at eight and 1.0 MiB above at one (where
+    inductor fused a recomputed layer norm with its backward); GPT-2 small, five plans,
+    0-15 MiB below; the zoo ResNet small has one such value, at no plan's peak. Backward values only: a forward value may be
+    kept for the backward, which makes it a kernel's output. A value that reaches its reader
+    across two compiled runs (an offload in between) is held after all; the measured step
+    shows it (`fit_compiled`). O(ops + values)."""
+    targets = _op_targets(step)
+    readers: dict[str, list[str]] = {}
+    for op in graph.ops:
+        for name in set(op.inputs):
+            readers.setdefault(name, []).append(op.name)
+    ops = {op.name: op for op in graph.ops}
+    # the op after each in the step's order, views left out
+    computing = [op.name for op in graph.ops if any(not graph.value(name).alias_of for name in op.outputs)]
+    following = dict(zip(computing, computing[1:]))
+    kept = set(graph.gradients) | set(graph.forward_outputs)
+    fused = set()
+    for value in graph.values:
+        if value.kind is not ValueKind.GRADIENT_WORK or value.alias_of or not value.size_bytes or value.name in kept:
+            continue
+        producer = ops.get(value.producer or "")
+        reading = readers.get(value.name, [])
+        if producer is None or len(reading) != 1 or not _fusible(producer, targets.get(producer.name)):
+            continue
+        reader = ops[reading[0]]
+        if reader.name == following.get(producer.name) and reader.phase is Phase.BACKWARD \
+                and _fusible(reader, targets.get(reader.name)):
+            fused.add(value.name)
+    return frozenset(fused)
+
+
+def eager_sized(graph: Graph) -> Graph:
+    """``graph`` (`with_compiled_costs`) with the values it sized 0 as the eager program
+    holds them (their shape's elements times their dtype's size), for a prediction of the
+    same plan run eagerly: ``simulate(eager_sized(graph), plan, check_hash=False)``."""
+    def held(value: Value) -> Value:
+        if value.size_bytes or value.alias_of or value.kind is not ValueKind.GRADIENT_WORK or not value.dtype:
+            return value
+        itemsize = getattr(torch, value.dtype).itemsize
+        return replace(value, size_bytes=math.prod(value.shape) * itemsize)
+    return replace(graph, values=tuple(held(value) for value in graph.values))
+
+
+def _op_targets(step: CapturedStep) -> dict[str, Any]:
+    return {node.name: node.target for node in step.joint.graph.nodes if node.op == "call_function"}
+
+
+def _fusible(op: Op, target: Any) -> bool:
+    """Whether inductor fuses ``op`` with its neighbours: a non-random pointwise aten op, or
+    one of `FUSED_REDUCTIONS`."""
+    if op.target in FUSED_REDUCTIONS:
+        return True
+    return (isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags and not op.random
+            and torch.Tag.nondeterministic_seeded not in target.tags)
 
 
 # forward ops a ``compile=True`` plan sees decomposed as inductor lowers them
@@ -438,16 +524,28 @@ def _compiled_and_measured(model: torch.nn.Module, step: CapturedStep, graph: Gr
     ``measured_peak_bytes`` is set (`measure_compiled_peak`).
 
     The warm-up step runs each compiled run's ops eagerly while its kernels build
-    (``eager_first_call``, `runtime.compiled`) where the plan's eager program keeps
-    ``budget_bytes``; a plan solved above the caller's budget (a compiled step measures
-    below its eager prediction) waits for its kernels instead, as its eager replay may not."""
+    (``eager_first_call``, `runtime.compiled`) in each phase where the plan's eager program
+    keeps ``budget_bytes`` (`eager_phases_within`); elsewhere it waits for its kernels: a
+    plan may be solved for what only the compiled step keeps (`fused_backward_values`, or
+    above the caller's budget)."""
     checked = checked_plan(graph, plan, compiled=True)
     device_type = next((p.device.type for p in model.parameters()), "cpu")
     program = StepProgram(step, graph, checked, device_type, compile=True, inductor_options=inductor_options,
-                          eager_first_call=checked.predicted_peak_bytes <= budget_bytes)
+                          eager_first_call=eager_phases_within(graph, checked, budget_bytes))
     program.measured_peak_bytes = measure_compiled_peak(model, step, graph, checked, program, inputs, kwargs,
                                                         released=bool(graph.released_outputs))
     return checked, program
+
+
+def eager_phases_within(graph: Graph, plan: Plan, budget_bytes: int) -> frozenset[Phase]:
+    """The phases in which ``plan`` run eagerly on ``graph`` (`with_compiled_costs`, so
+    `eager_sized`) stays within ``budget_bytes``: the forward holds no value of
+    `fused_backward_values`, so where the backward's fused values take the eager program
+    over, the forward may still run eagerly while its kernels build. O(plan steps)."""
+    timeline = simulate(eager_sized(graph), plan, check_hash=False).timeline
+    return frozenset(phase for phase in Phase
+                     if max((point.high_water_bytes for point in timeline if point.phase is phase), default=0)
+                     <= budget_bytes)
 
 
 def _may_gain(fitting: Plan, graph: Graph) -> bool:

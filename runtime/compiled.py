@@ -62,7 +62,7 @@ import operator
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 import torch.fx as fx
@@ -70,6 +70,7 @@ import torch.fx as fx
 from runtime import rng
 from runtime.codegen import Programs
 from runtime.step import native_batch_norm_rerun, random_fill_like
+from solvers.graph import Phase
 
 aten = torch.ops.aten
 
@@ -612,14 +613,18 @@ def _nodes_in(structure: Any) -> list[fx.Node]:
 
 
 def compile_programs(programs: Programs, inductor_options: dict[str, Any] | None = None, *,
-                     eager_first_call: bool = False) -> Programs:
+                     eager_first_call: bool | Collection[Phase] = False) -> Programs:
     """``programs`` with the forward (positional) and backward (boxed) programs compiled;
-    nothing compiles before the first call (`CompiledProgram.eager_first_call`)."""
+    nothing compiles before the first call. ``eager_first_call``: the phases whose program
+    runs its first call eagerly (`CompiledProgram.eager_first_call`), True for both."""
+    eager = set(Phase) if eager_first_call is True else set(eager_first_call or ())
     return replace(programs,
                    forward=CompiledProgram(programs.forward, boxed=False, name="forward",
-                                           inductor_options=inductor_options, eager_first_call=eager_first_call),
+                                           inductor_options=inductor_options,
+                                           eager_first_call=Phase.FORWARD in eager),
                    backward=CompiledProgram(programs.backward, boxed=True, name="backward",
-                                            inductor_options=inductor_options, eager_first_call=eager_first_call))
+                                            inductor_options=inductor_options,
+                                            eager_first_call=Phase.BACKWARD in eager))
 
 
 __all__ = ["CompiledProgram", "compile_programs", "forget_compiled_runs"]

@@ -9,7 +9,7 @@ accumulation and ``train()/eval()`` behave as on the plain model. In eval mode o
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, Collection
 
 import torch
 import torch.utils._pytree as pytree
@@ -19,7 +19,7 @@ from runtime.step import CapturedStep, input_signature
 from runtime.codegen import Programs, generate
 from runtime.compiled import compile_programs
 from solvers.errors import InvalidPlanError, PlanMismatchError, UnsupportedUseError, format_bytes
-from solvers.graph import Graph
+from solvers.graph import Graph, Phase
 from solvers.plan import EAGER_BUDGET_OPTION, Plan
 from solvers.simulate import simulate
 
@@ -29,7 +29,7 @@ class StepProgram:
 
     def __init__(self, step: CapturedStep, graph: Graph, plan: Plan, device_type: str, *,
                  compile: bool = False, inductor_options: dict[str, Any] | None = None,
-                 eager_first_call: bool = False) -> None:
+                 eager_first_call: bool | Collection[Phase] = False) -> None:
         self.step = step
         self.programs: Programs = generate(step, graph, plan, device_type)
         self.compiled = compile

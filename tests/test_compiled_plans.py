@@ -635,3 +635,70 @@ def test_cross_entropy_backward_fuses_without_a_buffer_of_zeros() -> None:
     resident_bytes = sum(t.untyped_storage().nbytes() for t in inputs)
     assert peak_bytes - resident_bytes < 1.5 * logits_bytes, \
         f"{(peak_bytes - resident_bytes) / logits_bytes:.2f} logits-sized buffers held"
+
+
+def _compiled_gpt_graph() -> tuple:
+    """The tiny zoo GPT's step as ``compile=True`` plans it, its eager graph and its sizes."""
+    from planner.capture import capture
+    from planner.profile import profile
+
+    model, inputs = zoo.make("gpt", "tiny")
+    step = capture(model, inputs)
+    planner.compiled.decompose_for_inductor(step)
+    graph = profile(step, model, inputs, repeats=1, progress=False)
+    return step, graph, planner.compiled.with_compiled_costs(graph, step)
+
+
+def test_a_backward_value_computed_inside_its_readers_kernel_is_sized_zero() -> None:
+    """The cross-entropy backward's logits-sized gradient is read once, by the log-softmax
+    backward right after it, which inductor fuses it into: the compiled graph sizes it 0, so
+    that moment of the step is predicted one logits-sized buffer lower, and nothing of the
+    forward is sized 0 (a forward value may be kept for the backward, a kernel's output).
+    `eager_sized` gives the eager graph back."""
+    from solvers.graph import Phase, ValueKind
+    from solvers.portfolio import solve
+    from solvers.simulate import simulate
+
+    step, graph, compiled = _compiled_gpt_graph()
+    fused = planner.compiled.fused_backward_values(graph, step)
+    (cross_entropy,) = [op for op in graph.ops if op.target == "aten.nll_loss_backward.default"]
+    (logits_gradient,) = cross_entropy.outputs
+    assert logits_gradient in fused
+    assert all(graph.value(name).kind is ValueKind.GRADIENT_WORK for name in fused)
+    assert {value.name for value in compiled.values if value.size_bytes != graph.value(value.name).size_bytes} == fused
+    assert compiled.hash != graph.hash
+    assert planner.compiled.eager_sized(compiled).hash == graph.hash
+
+    plan = solve(compiled, 2**40, "none")
+    backward = [str(s) for s in plan.steps(Phase.BACKWARD)]
+    at = backward.index("run(_log_softmax_backward_data)")
+
+    def high_water(g) -> int:
+        return next(point.high_water_bytes for point in simulate(g, plan, check_hash=False).timeline
+                    if point.phase is Phase.BACKWARD and point.step_index == at)
+    assert high_water(planner.compiled.eager_sized(compiled)) - high_water(compiled) == \
+        graph.value(logits_gradient).size_bytes
+
+
+def test_the_warm_up_runs_eagerly_only_the_phases_whose_eager_program_keeps_the_budget() -> None:
+    """`eager_phases_within` reads the eager program's peak per phase: with the budget
+    between the forward's and the backward's eager peaks, only the forward's first call
+    runs eagerly (`runtime.compiled.compile_programs`)."""
+    from runtime.codegen import generate
+    from runtime.compiled import compile_programs
+    from solvers.graph import Phase
+    from solvers.portfolio import solve
+    from solvers.simulate import simulate
+
+    step, graph, compiled = _compiled_gpt_graph()
+    plan = solve(compiled, 2**40, "none")
+    timeline = simulate(planner.compiled.eager_sized(compiled), plan, check_hash=False).timeline
+    forward_bytes, backward_bytes = (max(p.high_water_bytes for p in timeline if p.phase is phase)
+                                     for phase in (Phase.FORWARD, Phase.BACKWARD))
+    assert forward_bytes < backward_bytes
+    phases = planner.compiled.eager_phases_within
+    assert phases(compiled, plan, backward_bytes) == {Phase.FORWARD, Phase.BACKWARD}
+    assert phases(compiled, plan, backward_bytes - 1) == {Phase.FORWARD}
+    assert phases(compiled, plan, forward_bytes - 1) == frozenset()
+    programs = compile_programs(generate(step, compiled, plan, "cpu"), eager_first_call={Phase.FORWARD})
+    assert programs.forward.eager_first_call and not programs.backward.eager_first_call
