@@ -20,9 +20,9 @@ from planner.errors import OptionError
 from planner.profile import profile, with_released_outputs
 from planner.reuse import ProfileReuse
 from runtime.module import ScheduledModule, describe_signature, StepProgram, checked_plan
-from solvers.errors import InfeasibleBudgetError, format_bytes
+from solvers.errors import InfeasibleBudgetError, PlanMismatchError, format_bytes
 from solvers.graph import TARGETS, Graph, Transfer
-from solvers.plan import Plan
+from solvers.plan import COMPILED_OPTION, Plan
 from solvers.portfolio import solve
 from solvers.simulate import simulate
 
@@ -187,6 +187,11 @@ class _StepPlanner:
                  "sized on fake tensors from the first profile", graph.name, time.perf_counter() - started,
                  len(graph.ops))
         if loaded is not None:
+            if loaded.options.get(COMPILED_OPTION) and not self.compile and loaded.graph_hash != graph.hash:
+                raise PlanMismatchError(
+                    f"plan was solved for the compiled step (graph {loaded.graph_hash}: norms decomposed, fused "
+                    f"values sized 0), not for this eager step (graph {graph.hash}); load it with "
+                    "optimize(model, budget, example_inputs, plan=..., compile=True), or re-plan without plan=")
             loaded.check_graph(graph)
             return step, graph, loaded
         breakdown = resolve_budget(self.budget, graph)

@@ -70,7 +70,7 @@ from runtime.module import ScheduledModule, StepProgram, checked_plan
 from runtime.step import CapturedStep, Role
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph, Op, Phase, Value, ValueKind
-from solvers.plan import EAGER_BUDGET_OPTION, FALLBACK_OPTION, Plan
+from solvers.plan import COMPILED_OPTION, EAGER_BUDGET_OPTION, FALLBACK_OPTION, Plan
 from solvers.simulate import simulate
 
 log = logging.getLogger(__name__)
@@ -350,11 +350,13 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
     within ``plan.budget_bytes``, and its compiled program (``measured_peak_bytes`` set).
     ``plan`` may be solved above that budget (`solve_compiled`).
     On a graph with convolutions, `CHANNELS_LAST` is fitted first, from a plan solved for
-    the convolution weights' bytes less (skipped where the solver finds none), and the
+    the convolution weights' bytes less (skipped where the solver finds none, and without a
+    solve where ``plan`` is a fallback at its solver's floor, `FALLBACK_OPTION`), and the
     plan's own layouts only where that finds no plan; `REORDERED` is the last resort. Under
     each, where no plan is left below one that measured over, the other plans found for its
     solver budget are compiled (`Solves.alternatives`). A ``loaded`` plan is run as given
-    (its own layouts): refused if its compiled step is over its budget.
+    (its own layouts): refused if its compiled step is over its budget. The plan returned
+    carries `COMPILED_OPTION`: loaded without ``compile=True`` it is refused with that fix.
 
     Raises:
         CompiledBudgetError: no plan tried measures within the budget (the error of the
@@ -370,6 +372,12 @@ def fit_compiled(planner: Solves, model: torch.nn.Module, step: CapturedStep, gr
     for options in configurations:
         start, start_bytes = plan, solver_bytes
         if options is CHANNELS_LAST:       # room for the copies of the weights (`CHANNELS_LAST`)
+            if FALLBACK_OPTION in plan.options:
+                # a fallback plan is at its solver's floor (as in `_fit`): a solve for less
+                # would most likely be refused, after a search through every candidate
+                log.info("memsched compile: the plan is at its solver's floor, with no room for channels-last "
+                         "copies of the convolution weights; fitting in the plan's layouts")
+                continue
             start_bytes = solver_bytes - convolution_weight_bytes(graph)
             try:
                 start = planner.solve(graph, start_bytes, start=plan)
@@ -482,7 +490,7 @@ def _fit(planner: Solves, model: torch.nn.Module, step: CapturedStep, graph: Gra
     program.fit_tries = len(tried)
     # the plan answers for the caller's budget, which its compiled step measured within; a
     # plan solved above it records the budget its eager replay keeps (`checked_plan`)
-    options = dict(fitted.options)
+    options = {**fitted.options, COMPILED_OPTION: True}
     options.pop(EAGER_BUDGET_OPTION, None)
     if solver_bytes > budget_bytes:
         options[EAGER_BUDGET_OPTION] = solver_bytes

@@ -106,6 +106,10 @@ def check_plan_graph(kind: str, plan_graph_hash: str, graph: Graph, replan: str)
 # below the eager prediction. ``budget_bytes`` is then kept by measurement, and the plan
 # runs only compiled (`runtime.module.checked_plan`).
 EAGER_BUDGET_OPTION = "eager_budget_bytes"
+# An option of every plan fitted compiled (`planner.compiled`): it was solved over the graph
+# of the compiled step (norms decomposed, fused backward values sized 0), which is not the
+# eager step's, so it loads only with ``compile=True``.
+COMPILED_OPTION = "compiled"
 # An option of a ``hierarchical`` plan that is one of its fallbacks (``greedy``'s or the
 # segments' drop-all plan, `solvers.portfolio`): none of its segment DPs' plans fit, so
 # the budget is at or near the least that solver reaches, and a plan far below it is rare.

@@ -34,9 +34,9 @@ from planner.memory import measure_allocator_peak
 from runtime.compiled import CompiledProgram, forget_compiled_runs
 from runtime.module import ScheduledModule, StepProgram, checked_plan
 from runtime.step import random_fill_like
-from solvers.errors import InfeasibleBudgetError, InvalidPlanError
+from solvers.errors import InfeasibleBudgetError, InvalidPlanError, PlanMismatchError
 from solvers.explain import explain
-from solvers.plan import EAGER_BUDGET_OPTION, FALLBACK_OPTION
+from solvers.plan import COMPILED_OPTION, EAGER_BUDGET_OPTION, FALLBACK_OPTION
 
 SEED = 7
 
@@ -302,6 +302,7 @@ def test_fit_solves_above_the_budget_where_compiling_measures_below(monkeypatch)
     plan = optimized.plan
     assert len(predicted) == 2 and optimized._program.fit_tries == 2
     assert plan.options[EAGER_BUDGET_OPTION] == optimized._program.solver_budget_bytes > plan.budget_bytes
+    assert plan.options[COMPILED_OPTION] is True
     assert predicted[1] > plan.budget_bytes, "the second plan must use the room above the budget"
     # the warm-up step runs a plan eagerly while its kernels build only where its eager
     # program keeps the budget
@@ -702,3 +703,46 @@ def test_the_warm_up_runs_eagerly_only_the_phases_whose_eager_program_keeps_the_
     assert phases(compiled, plan, forward_bytes - 1) == frozenset()
     programs = compile_programs(generate(step, compiled, plan, "cpu"), eager_first_call={Phase.FORWARD})
     assert programs.forward.eager_first_call and not programs.backward.eager_first_call
+
+
+def test_a_plan_fitted_compiled_loaded_without_compile_is_refused_with_the_fix() -> None:
+    """A plan the fit returns (`COMPILED_OPTION`) was solved over the compiled step's graph,
+    not the eager one: loaded without ``compile=True`` it is refused, saying to load it with
+    ``compile=True``, not that the model changed."""
+    from solvers.portfolio import solve
+
+    _, _, compiled = _compiled_gpt_graph()
+    plan = replace(solve(compiled, 2**40, "none"), options={COMPILED_OPTION: True})
+    model, inputs = zoo.make("gpt", "tiny")
+    with pytest.raises(PlanMismatchError, match=r"plan=\.\.\., compile=True"):
+        optimize(model, 2**40, inputs, plan=plan, progress=False)
+
+
+def test_a_fallback_plan_is_fitted_in_its_own_layouts_without_a_solve_for_less(monkeypatch) -> None:
+    """A fallback plan is at its solver's floor: on a model with convolutions no plan is
+    solved for the channels-last copies' room below it (that search would end refused), and
+    the plan is fitted in its own layouts."""
+    from planner.capture import capture
+    from planner.profile import profile
+    from solvers.portfolio import solve
+
+    model, inputs = zoo.make("resnet", "tiny")
+    step = capture(model, inputs)
+    planner.compiled.decompose_for_inductor(step)
+    graph = planner.compiled.with_compiled_costs(profile(step, model, inputs, repeats=1, progress=False), step)
+    plan = solve(graph, 2**40, "none")
+    plan = replace(plan, options={**plan.options, FALLBACK_OPTION: "greedy"})
+    layouts = []
+
+    def as_predicted(model, step, graph, plan, program, inputs, kwargs, *, released=False):
+        layouts.append(program.inductor_options.get("layout_optimization", False))
+        return plan.predicted_peak_bytes
+
+    def no_solve(graph, budget_bytes, start=None):
+        raise AssertionError(f"solved for {budget_bytes} bytes below a fallback plan")
+
+    monkeypatch.setattr(planner.compiled, "measure_compiled_peak", as_predicted)
+    monkeypatch.setattr(planner.compiled, "_may_gain", lambda fitting, graph: False)     # no raise
+    stub = SimpleNamespace(solve=no_solve, alternatives=lambda graph, budget_bytes, first: iter(()))
+    fitted, program = planner.compiled.fit_compiled(stub, model, step, graph, plan, inputs, None)
+    assert layouts == [False] and program.fit_tries == 1 and fitted.options[COMPILED_OPTION] is True
