@@ -156,10 +156,14 @@ def fused_backward_values(graph: Graph, step: CapturedStep) -> frozenset[str]:
     the sized-0 prediction (one plan per budget, one-off script): zoo GPT small, nine plans
     from the floor to keep-all, 0.7-1.0 MiB below at eight and 1.0 MiB above at one (where
     inductor fused a recomputed layer norm with its backward); GPT-2 small, five plans,
-    0-15 MiB below; the zoo ResNet small has one such value, at no plan's peak. Backward values only: a forward value may be
-    kept for the backward, which makes it a kernel's output. A value that reaches its reader
-    across two compiled runs (an offload in between) is held after all; the measured step
-    shows it (`fit_compiled`). O(ops + values)."""
+    0-15 MiB below; the zoo ResNet small has one such value, at no plan's peak. In the
+    experiment's runs (`experiments/vs_torch_compile.py`) every budget of the three models
+    then fitted at the first compilation.
+
+    Backward values only: a forward value may be kept for the backward, which makes it a
+    kernel's output. A value that reaches its reader across two compiled runs (an offload in
+    between) is held after all; the measured step shows it (`fit_compiled`).
+    O(ops + values)."""
     targets = _op_targets(step)
     readers: dict[str, list[str]] = {}
     for op in graph.ops:
