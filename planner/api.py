@@ -82,7 +82,9 @@ def optimize(model: torch.nn.Module, budget: int | float | str, example_inputs: 
         compile: run the plan's forward and backward programs compiled by inductor
             (`runtime.compiled`; the first step compiles), planned over the step as
             inductor lowers it (layer and batch norms decomposed, pointwise ops priced as
-            fused), so a plan saved without ``compile`` does not load with it. The
+            fused, a backward value computed inside its only reader's kernel sized 0), so
+            a plan saved without ``compile`` does not load with it, nor one fitted with it
+            without it. The
             compiled step's peak is measured, and the plan re-solved for the budget less
             what compiling added while it is over, or once for more where compiling saved
             memory (such a plan runs only compiled; below the eager floor the floor plan
