@@ -613,18 +613,17 @@ def _nodes_in(structure: Any) -> list[fx.Node]:
 
 
 def compile_programs(programs: Programs, inductor_options: dict[str, Any] | None = None, *,
-                     eager_first_call: bool | Collection[Phase] = False) -> Programs:
+                     eager_first_call: Collection[Phase] = ()) -> Programs:
     """``programs`` with the forward (positional) and backward (boxed) programs compiled;
     nothing compiles before the first call. ``eager_first_call``: the phases whose program
-    runs its first call eagerly (`CompiledProgram.eager_first_call`), True for both."""
-    eager = set(Phase) if eager_first_call is True else set(eager_first_call or ())
+    runs its first call eagerly (`CompiledProgram.eager_first_call`)."""
     return replace(programs,
                    forward=CompiledProgram(programs.forward, boxed=False, name="forward",
                                            inductor_options=inductor_options,
-                                           eager_first_call=Phase.FORWARD in eager),
+                                           eager_first_call=Phase.FORWARD in eager_first_call),
                    backward=CompiledProgram(programs.backward, boxed=True, name="backward",
                                             inductor_options=inductor_options,
-                                            eager_first_call=Phase.BACKWARD in eager))
+                                            eager_first_call=Phase.BACKWARD in eager_first_call))
 
 
 __all__ = ["CompiledProgram", "compile_programs", "forget_compiled_runs"]

@@ -29,7 +29,7 @@ class StepProgram:
 
     def __init__(self, step: CapturedStep, graph: Graph, plan: Plan, device_type: str, *,
                  compile: bool = False, inductor_options: dict[str, Any] | None = None,
-                 eager_first_call: bool | Collection[Phase] = False) -> None:
+                 eager_first_call: Collection[Phase] = ()) -> None:
         self.step = step
         self.programs: Programs = generate(step, graph, plan, device_type)
         self.compiled = compile
