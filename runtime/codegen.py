@@ -104,8 +104,12 @@ def generate(step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> 
     backward_graph = fx.Graph()
     backward_graph.set_codegen(_BoxedCodeGen())
     env = {}
+    joint_nodes = {node.name: node for node in step.joint.graph.nodes}
     for name in saved_names:
         env[name] = backward_graph.placeholder(name)
+        # what the saved value is (dtype, device), as on the node that made it
+        env[name].meta = {key: joint_nodes[name].meta[key] for key in ("val", "tensor_meta")
+                          if name in joint_nodes and key in joint_nodes[name].meta}
     host_copies = {name: backward_graph.placeholder(f"host_{name}") for name in host_copy_names}
     replay_states = {name: backward_graph.placeholder(f"rng_state_{name}") for name in rng_ops}
     for node in step.joint.graph.nodes:

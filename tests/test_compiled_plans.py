@@ -158,6 +158,8 @@ def test_dropout_is_drawn_inside_the_compiled_runs_and_replayed_exactly() -> Non
     code = programs.forward.code + programs.backward.code
     assert (programs.forward.num_runs, programs.backward.num_runs) == (1, 1), code
     assert programs.forward.eager_calls == programs.backward.eager_calls == []
+    # each block's masks, read in the forward and in the backward, converted as uint8
+    assert programs.forward.mask_conversions >= 2 and programs.backward.mask_conversions >= 2, code
     replays = [node for node in programs.backward.source.graph.nodes if hasattr(node.target, "device_type")]
     assert replays, "the plan recomputes no dropout mask: nothing replayed"
     eager = ScheduledModule(model, optimized._step, optimized.graph, checked_plan(optimized.graph, optimized.plan))
@@ -166,6 +168,32 @@ def test_dropout_is_drawn_inside_the_compiled_runs_and_replayed_exactly() -> Non
     expected = _seeded_step(eager, model, inputs)
     assert torch.equal(after_ours, torch.get_rng_state())
     _assert_close_steps(ours, expected, "compiled vs eager program of the plan", rtol=1e-4, atol=1e-5)
+
+
+def test_a_bool_cpu_mask_is_converted_eagerly_to_the_same_values_and_strides() -> None:
+    """`runtime.compiled.mask_as_float_op` gives what ``_to_copy`` gives, bit for bit and
+    in the same strides (a transposed mask too); only a bool CPU tensor's conversion to a
+    floating dtype, with nothing else changed, is taken for one."""
+    aten = torch.ops.aten
+    mask = torch.rand(6, 5, 4) > 0.3
+    for source in (mask, mask.transpose(0, 2)):
+        for dtype in (torch.float32, torch.bfloat16):
+            expected = aten._to_copy.default(source, dtype=dtype)
+            converted = torch.ops.memsched.mask_as_float.default(source, dtype)
+            assert converted.dtype == dtype and converted.stride() == expected.stride()
+            assert torch.equal(converted, expected)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = mask
+    y = graph.placeholder("y")
+    y.meta["val"] = mask.float()
+    cases = {graph.call_function(aten._to_copy.default, (x,), {"dtype": torch.float32}): True,
+             graph.call_function(aten._to_copy.default, (x,), {"dtype": torch.int64}): False,
+             graph.call_function(aten._to_copy.default, (y,), {"dtype": torch.float16}): False,
+             graph.call_function(aten._to_copy.default, (x,), {"dtype": torch.float32,
+                                                               "memory_format": torch.channels_last}): False}
+    for node, taken in cases.items():
+        assert runtime.compiled._is_cpu_mask_conversion(node) is taken, node.format_node()
 
 
 def test_random_calls_keep_their_order_inside_a_run() -> None:
