@@ -70,6 +70,7 @@ from runtime.module import ScheduledModule, StepProgram, checked_plan
 from runtime.step import CapturedStep, Role
 from solvers.errors import InfeasibleBudgetError, format_bytes
 from solvers.graph import Graph, Op, Phase, Value, ValueKind
+from solvers.order import gradients_first
 from solvers.plan import COMPILED_OPTION, EAGER_BUDGET_OPTION, FALLBACK_OPTION, Plan
 from solvers.simulate import simulate
 
@@ -115,6 +116,8 @@ FUSED_POINTWISE_COST = 0.1
 def with_compiled_costs(graph: Graph, step: CapturedStep) -> Graph:
     """``graph`` priced as inductor runs it:
 
+    - its backward in `solvers.order.gradients_first`'s order (the compiled programs run
+      the plan's order, so this is the order they run);
     - each non-random pointwise aten op's time times `FUSED_POINTWISE_COST`;
     - each value of `fused_backward_values` sized 0: the compiled backward computes it inside
       the kernel of its only reader and never holds it.
@@ -122,6 +125,7 @@ def with_compiled_costs(graph: Graph, step: CapturedStep) -> Graph:
     The second changes the sizes the graph's hash covers, so a plan solved under
     ``compile=True`` is checked against this graph and loads only with ``compile=True``;
     `eager_sized` gives back the eager program's sizes. O(ops + values)."""
+    graph = gradients_first(graph)
     targets = _op_targets(step)
     ops = []
     for op in graph.ops:

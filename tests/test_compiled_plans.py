@@ -36,6 +36,7 @@ from runtime.module import ScheduledModule, StepProgram, checked_plan
 from runtime.step import random_fill_like
 from solvers.errors import InfeasibleBudgetError, InvalidPlanError, PlanMismatchError
 from solvers.explain import explain
+from solvers.order import gradients_first
 from solvers.plan import COMPILED_OPTION, EAGER_BUDGET_OPTION, FALLBACK_OPTION
 
 SEED = 7
@@ -688,7 +689,8 @@ def test_a_backward_value_computed_inside_its_readers_kernel_is_sized_zero() -> 
     from solvers.portfolio import solve
     from solvers.simulate import simulate
 
-    step, graph, compiled = _compiled_gpt_graph()
+    step, traced, compiled = _compiled_gpt_graph()
+    graph = gradients_first(traced)              # the order the compiled graph has
     fused = planner.compiled.fused_backward_values(graph, step)
     (cross_entropy,) = [op for op in graph.ops if op.target == "aten.nll_loss_backward.default"]
     (logits_gradient,) = cross_entropy.outputs
@@ -707,6 +709,53 @@ def test_a_backward_value_computed_inside_its_readers_kernel_is_sized_zero() -> 
                     if point.phase is Phase.BACKWARD and point.step_index == at)
     assert high_water(planner.compiled.eager_sized(compiled)) - high_water(compiled) == \
         graph.value(logits_gradient).size_bytes
+
+
+def test_weight_gradients_run_before_input_gradients_and_lower_the_compiled_graphs_floor(monkeypatch) -> None:
+    """`solvers.order.gradients_first`: in each MLP's backward the down projection's
+    weight-gradient matmul runs before its input-gradient matmul (autograd runs them the
+    other way round), every op still follows what it reads, the forward is unchanged; the
+    compiled graph (`with_compiled_costs`) is in that order, where the solvers reach no
+    higher a floor nor keep-all peak than in the traced order; and a plan in that order
+    gives the plain model's gradients."""
+    from solvers.portfolio import solve
+
+    step, traced, compiled = _compiled_gpt_graph()
+    reordered = gradients_first(traced)
+    assert [op.name for op in reordered.forward_ops] == [op.name for op in traced.forward_ops]
+    made = set()
+    for op in reordered.ops:
+        assert all(name in made or reordered.value(name).producer is None for name in op.inputs), op.name
+        made.update(op.outputs)
+    traced_order = [op.name for op in traced.backward_ops]
+    new_order = [op.name for op in reordered.backward_ops]
+    gradient_roots = {traced.value(name).root for name in traced.gradients}
+    swapped = 0
+    for op in traced.backward_ops:
+        if op.target != "aten.mm.default" or not set(op.outputs) & gradient_roots:
+            continue
+        sibling = traced_order[traced_order.index(op.name) - 2]    # mm(dY, W), t(dY), mm(t(dY), X)
+        if traced.op(sibling).target == "aten.mm.default" and not set(traced.op(sibling).outputs) & gradient_roots:
+            assert new_order.index(op.name) < new_order.index(sibling), (op.name, sibling)
+            swapped += 1
+    assert swapped >= 2                                             # one per block at least
+    assert [op.name for op in compiled.ops] == [op.name for op in reordered.ops]
+
+    monkeypatch.setattr(planner.compiled, "gradients_first", lambda graph: graph)
+    in_traced_order = planner.compiled.with_compiled_costs(traced, step)
+    monkeypatch.undo()
+
+    def floor(graph) -> int:
+        with pytest.raises(InfeasibleBudgetError) as refused:
+            solve(graph, 1, "auto")
+        return refused.value.least_feasible_bytes
+    assert floor(compiled) <= floor(in_traced_order)
+    keep_all = solve(compiled, 2**40, "none")
+    assert keep_all.predicted_peak_bytes <= solve(in_traced_order, 2**40, "none").predicted_peak_bytes
+    model, inputs = zoo.make("gpt", "tiny")
+    plain = _seeded_step(model, model, inputs)
+    ours = _seeded_step(ScheduledModule(model, step, compiled, checked_plan(compiled, keep_all)), model, inputs)
+    _assert_close_steps(ours, plain, "gradients first vs plain", rtol=1e-5, atol=1e-6)
 
 
 def test_the_warm_up_runs_eagerly_only_the_phases_whose_eager_program_keeps_the_budget() -> None:
