@@ -169,11 +169,6 @@ def fused_backward_values(graph: Graph, step: CapturedStep) -> frozenset[str]:
     between) is held after all; the measured step shows it (`fit_compiled`).
     O(ops + values)."""
     targets = _op_targets(step)
-    readers: dict[str, list[str]] = {}
-    for op in graph.ops:
-        for name in set(op.inputs):
-            readers.setdefault(name, []).append(op.name)
-    ops = {op.name: op for op in graph.ops}
     # the op after each in the step's order, views left out
     computing = [op.name for op in graph.ops if any(not graph.value(name).alias_of for name in op.outputs)]
     following = dict(zip(computing, computing[1:]))
@@ -182,11 +177,11 @@ def fused_backward_values(graph: Graph, step: CapturedStep) -> frozenset[str]:
     for value in graph.values:
         if value.kind is not ValueKind.GRADIENT_WORK or value.alias_of or not value.size_bytes or value.name in kept:
             continue
-        producer = ops.get(value.producer or "")
-        reading = readers.get(value.name, [])
+        producer = graph.op(value.producer) if value.producer else None
+        reading = graph.consumers.get(value.name, ())
         if producer is None or len(reading) != 1 or not _fusible(producer, targets.get(producer.name)):
             continue
-        reader = ops[reading[0]]
+        reader = graph.op(reading[0])
         if reader.name == following.get(producer.name) and reader.phase is Phase.BACKWARD \
                 and _fusible(reader, targets.get(reader.name)):
             fused.add(value.name)

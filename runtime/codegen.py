@@ -104,7 +104,6 @@ def generate(step: CapturedStep, graph: Graph, plan: Plan, device_type: str) -> 
     backward_graph = fx.Graph()
     backward_graph.set_codegen(_BoxedCodeGen())
     env = {}
-    joint_nodes = {node.name: node for node in step.joint.graph.nodes}
     for name in saved_names:
         env[name] = backward_graph.placeholder(name)
         # what the saved value is (dtype, device), as on the node that made it

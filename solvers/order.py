@@ -37,14 +37,18 @@ def gradients_first(graph: Graph) -> Graph:
     O(gradient ops x ops)."""
     roots = {graph.value(name).root for name in graph.gradients}
     order = list(graph.ops)
-    producer_of = {value: op for op in order for value in op.outputs}
+
+    def producer_of(name: str) -> Op | None:
+        producer = graph.value(name).producer
+        return graph.op(producer) if producer else None
+
     makers = [op for op in graph.ops if op.phase is Phase.BACKWARD and any(name in roots for name in op.outputs)]
     for maker in makers:
         position = {op.name: index for index, op in enumerate(order)}
         group: dict[str, Op] = {maker.name: maker}
         pending = list(maker.inputs)
         while pending:                       # the backward views it reads, and theirs
-            producer = producer_of.get(pending.pop())
+            producer = producer_of(pending.pop())
             if producer is not None and producer.name not in group and producer.phase is Phase.BACKWARD \
                     and all(graph.value(name).alias_of for name in producer.outputs):
                 group[producer.name] = producer
@@ -52,15 +56,12 @@ def gradients_first(graph: Graph) -> Graph:
         members = sorted(group.values(), key=lambda op: position[op.name])
         made = {name for op in members for name in op.outputs}
         read = {name for op in members for name in op.inputs} - made
-        latest = max((position[producer_of[name].name] for name in read if name in producer_of), default=-1)
+        latest = max((position[producer.name] for producer in map(producer_of, read) if producer), default=-1)
         if latest < 0 or order[latest].phase is not Phase.BACKWARD:
             continue                         # reads only forward values: left where autograd put it
         movers = [op for op in members if position[op.name] > latest]
-        if [op.name for op in order[latest + 1:latest + 1 + len(movers)]] == [op.name for op in movers]:
-            continue                         # already there
         moving = {op.name for op in movers}
-        order = [op for op in order[:latest + 1] if op.name not in moving] + movers + \
-            [op for op in order[latest + 1:] if op.name not in moving]
+        order = order[:latest + 1] + movers + [op for op in order[latest + 1:] if op.name not in moving]
     return replace(graph, ops=tuple(order))
 
 
