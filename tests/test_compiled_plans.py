@@ -544,6 +544,70 @@ def test_program_is_cut_at_eager_calls_and_computes_the_same() -> None:
         torch.testing.assert_close(a, b)
 
 
+def _pointwise_between_matmuls() -> fx.GraphModule:
+    """x -> sin -> mm -> cos -> mm -> exp -> mm -> relu: four pointwise kernels that no
+    fusion joins (the matmuls are library calls between them)."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    weight = graph.placeholder("weight")
+    value = x
+    for op in (torch.ops.aten.sin.default, torch.ops.aten.cos.default, torch.ops.aten.exp.default):
+        value = graph.call_function(torch.ops.aten.mm.default, (graph.call_function(op, (value,)), weight))
+    graph.output((graph.call_function(torch.ops.aten.relu.default, (value,)),))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _built_fresh(module: fx.GraphModule, arguments: list) -> tuple:
+    from torch._inductor.utils import fresh_cache
+
+    forget_compiled_runs()
+    with fresh_cache():
+        return CompiledProgram(module, boxed=False)(*arguments)
+
+
+def test_kernels_build_together_as_one_library_and_compute_the_same(monkeypatch) -> None:
+    """Inductor's C++ kernels build `KERNELS_PER_BUILD` to a compiler process: four
+    kernels at two per build are two libraries, and the run computes what eager does."""
+    monkeypatch.setattr(runtime.compiled, "KERNELS_PER_BUILD", 2)
+    built = []
+    start = runtime.compiled._KernelBatch.start
+
+    def recorded(batch: runtime.compiled._KernelBatch) -> None:
+        if not batch.started:
+            built.append(len(batch.kernels))
+        start(batch)
+
+    monkeypatch.setattr(runtime.compiled._KernelBatch, "start", recorded)
+    module = _pointwise_between_matmuls()
+    arguments = [torch.randn(8, 16), torch.randn(16, 16) / 4]
+    (actual,) = _built_fresh(module, arguments)
+    torch.testing.assert_close(actual, module(*arguments)[0])
+    assert built == [2, 2]
+
+
+def test_kernels_whose_batch_fails_to_build_are_built_one_by_one(monkeypatch, caplog) -> None:
+    """A batch the compiler refuses is built kernel by kernel, as inductor builds them,
+    with a warning; the run computes the same."""
+    monkeypatch.setattr(runtime.compiled, "_batched_source", lambda kernels: "#error not C++\n")
+    module = _pointwise_between_matmuls()
+    arguments = [torch.randn(8, 16), torch.randn(16, 16) / 4]
+    with caplog.at_level("WARNING", logger="runtime.compiled"):
+        (actual,) = _built_fresh(module, arguments)
+    torch.testing.assert_close(actual, module(*arguments)[0])
+    assert "building them one by one" in caplog.text
+
+
+def test_a_kernel_source_outside_the_batched_form_is_not_batched() -> None:
+    """Only a source of one ``extern "C"`` entry after inductor's prefix include, with
+    pointer, integer or float arguments, goes into a batch."""
+    batchable = runtime.compiled._batchable
+    kernel = '#include <torch/csrc/inductor/cpp_prefix.h>\nextern "C"  void  kernel(float* out) { out[0] = 1; }\n'
+    assert batchable(["float*"], kernel)
+    assert not batchable(["float*"], kernel.replace("prefix.h>", "prefix.h>\n#include <vector>"))
+    assert not batchable(["float*"], kernel + 'extern "C" void other(float* out) {}\n')
+    assert not batchable(["at::Tensor"], kernel)
+
+
 def test_a_first_call_runs_eagerly_while_the_kernels_build() -> None:
     """With ``eager_first_call``, the first call compiles each run without waiting for its
     kernels and computes every run's ops eagerly, drawing what the compiled program draws;
