@@ -38,12 +38,17 @@ another input signature gets another plan and program from `planner.api.Optimize
 plan cache. Interpretation costs O(instructions) Python work per call; compiling is
 O(ops) graph work plus inductor's own code generation and C++/Triton compilation.
 
-Most of a compilation on a CPU is waiting: inductor generates a run's code on one core,
-then builds its C++ kernels (one compiler process each) on its pool of compile workers
-and waits for them. Two overlaps shorten it:
+Most of a compilation on a CPU is C++ builds: inductor generates a run's code on one
+core, then builds its C++ kernels (one compiler process each) on its pool of compile
+workers and waits for them. On the zoo GPT small at its floor the builds took 17.1 s of
+compiler time for 36 kernels against 2.7 s of code generation, and most of each build was
+loading inductor's precompiled header. Here:
 
-- each kernel is submitted to the workers as soon as its code is defined, not when the
-  run's whole module has been generated (`_kernels_built_as_defined`);
+- kernels are built twelve to a compiler process, as one library (`_kernels_built_in_batches`),
+  and each batch is submitted to the workers as soon as it is full, not when the run's
+  whole module has been generated (`_kernels_built_as_defined`): on that floor plan the
+  compiler time fell to 5.9 s at six per build and the fit from 11.4 s to 6.5-6.8 s at
+  twelve (one-off scripts);
 - with ``eager_first_call`` (the planner's warm-up step), a program's first call does
   not wait: each run's ops execute eagerly while its kernels build and the next runs
   (the backward's, after the forward's) generate their code; the next call, or
@@ -699,9 +704,10 @@ def _kernels_built_in_batches(size: int | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _kernels_built_as_defined() -> Iterator[None]:
-    """Inside the block, each C++ kernel inductor generates is submitted to its compile
-    workers as soon as its code is defined, instead of when the generated module loads
-    after the whole graph's code generation: the module's own submission then finds the
+    """Inside the block, each C++ kernel inductor generates is handed to its compile
+    workers (into a batch, under `_kernels_built_in_batches`) as soon as its code is
+    defined, instead of when the generated module loads after the whole graph's code
+    generation: the module's own submission then finds the
     build under way in inductor's code cache (keyed by the kernel's source and argument
     types, the same expression evaluated). On the zoo GPT small's floor plan the
     backward's kernels are defined over its last second of code generation (one-off
