@@ -549,20 +549,27 @@ class _KernelBatch:
         return self._load is not None
 
     def start(self) -> None:
-        """Submit the build to inductor's compile workers (once)."""
+        """Submit the build to inductor's compile workers (once); a submission that fails
+        is raised where a kernel is first needed (`function`), which then builds each."""
         from torch._inductor.codecache import CppPythonBindingsCodeCache
 
-        if self._load is None:
+        if self._load is not None:
+            return
+        try:
             self._load = CppPythonBindingsCodeCache.load_async(_batched_source(self.kernels), "cpu",
                                                                submit_fn=self.submit)
+        except Exception as error:  # noqa: BLE001 - raised again in `function`, which falls back
+            def failed(error: Exception = error) -> Any:
+                raise error
+            self._load = failed
 
     def function(self, index: int) -> Callable[..., Any]:
         """Kernel ``index``'s Python binding, waiting for the build."""
         if self._functions is None:
             from torch._inductor.codecache import CppPythonBindingsCodeCache
 
+            self.start()
             try:
-                self.start()
                 module = self._load()
                 self._functions = [getattr(module, f"kernel_{i}") for i in range(len(self.kernels))]
             except Exception as error:  # noqa: BLE001 - inductor's own build of each kernel is the fallback
@@ -586,8 +593,10 @@ def _batched_kernel_future(batch: _KernelBatch, index: int) -> Any:
 
 
 # kernels built or building in batches, by (argument types, source): inductor's own cache
-# serves a kernel once per source; this one does for kernels of a batch
-_batched_kernels: dict[tuple[tuple[str, ...], str], Any] = {}
+# serves a kernel once per source; this one does for kernels of a batch. Least recently
+# used first out (a dropped kernel stays with the runs that hold it)
+BATCHED_KERNELS_KEPT = 4096
+_batched_kernels: "OrderedDict[tuple[tuple[str, ...], str], Any]" = OrderedDict()
 _ARGUMENT_TYPES = {"int64_t": "PyLong_AsLongLong", "float": "PyFloat_AsDouble", "double": "PyFloat_AsDouble"}
 
 
@@ -678,6 +687,7 @@ def _kernels_built_in_batches(size: int | None = None) -> Iterator[None]:
     def cpp_pybinding(self: AsyncCompile, argtypes: list[str], source_code: str) -> Any:
         key = (tuple(argtypes), source_code)
         if key in _batched_kernels:
+            _batched_kernels.move_to_end(key)
             return _batched_kernels[key]
         if get_compile_threads() <= 1 or not _batchable(argtypes, source_code):
             return original(self, argtypes, source_code)
@@ -688,6 +698,8 @@ def _kernels_built_in_batches(size: int | None = None) -> Iterator[None]:
         batch = open_batch[0]
         batch.kernels.append((list(argtypes), source_code))
         _batched_kernels[key] = future = _batched_kernel_future(batch, len(batch.kernels) - 1)
+        while len(_batched_kernels) > BATCHED_KERNELS_KEPT:
+            _batched_kernels.popitem(last=False)
         if len(batch.kernels) >= size:
             batch.start()
             open_batch.clear()

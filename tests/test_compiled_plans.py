@@ -585,10 +585,16 @@ def test_kernels_build_together_as_one_library_and_compute_the_same(monkeypatch)
     assert built == [2, 2]
 
 
-def test_kernels_whose_batch_fails_to_build_are_built_one_by_one(monkeypatch, caplog) -> None:
-    """A batch the compiler refuses is built kernel by kernel, as inductor builds them,
-    with a warning; the run computes the same."""
-    monkeypatch.setattr(runtime.compiled, "_batched_source", lambda kernels: "#error not C++\n")
+def _refused_source(kernels: list) -> str:
+    raise ValueError("no source")
+
+
+@pytest.mark.parametrize("source", [lambda kernels: "#error not C++\n", _refused_source],
+                         ids=["compiler error", "no source"])
+def test_kernels_whose_batch_fails_to_build_are_built_one_by_one(monkeypatch, caplog, source) -> None:
+    """A batch the compiler refuses, or that cannot be submitted, is built kernel by
+    kernel, as inductor builds them, with a warning; the run computes the same."""
+    monkeypatch.setattr(runtime.compiled, "_batched_source", source)
     module = _pointwise_between_matmuls()
     arguments = [torch.randn(8, 16), torch.randn(16, 16) / 4]
     with caplog.at_level("WARNING", logger="runtime.compiled"):
