@@ -23,7 +23,9 @@ once. The registered solvers:
     levels in one ILP instead); up to `GREEDY_MAX_OPS` ops ``greedy`` (which may drop any
     storage, a segment boundary too: on graphs of few, large segments what the optimum
     does) and `hierarchical.drop_all_plan`; above, the latter only when nothing else fits.
-    The plan says which registered solvers it ran (``options["solvers_run"]``).
+    The plan says which registered solvers it ran (``options["solvers_run"]``), and which
+    ones ``auto`` need not run beside it (``options["solvers_covered"]``: those, and
+    ``greedy`` where drop-all's fallback made it unnecessary).
 ``ilp``
     Checkmate's MILP, started (`best_start`) from the fastest plan of `START_SOLVERS` once
     converted into its space (or from the plans the caller passes as ``starts``).
@@ -167,17 +169,21 @@ def solve_hierarchical(graph: Graph, budget_bytes: int, *, options_per_segment: 
             found += _offload_candidates(graph, budget_bytes, dp)
     found += [(simulate(graph, rerun, check_hash=False).time_ms, rerun) for rerun in reruns]
     with_greedy = runs_on("greedy", graph)
+    solvers_covered = list(solvers_run)              # ... and those whose plans need not be made
     if not found or with_greedy:
         try:
-            found += _search_candidates(graph, budget_bytes, dp, as_fallback=not found, start=start)
+            searched, ran = _search_candidates(graph, budget_bytes, dp, as_fallback=not found, start=start)
         except InfeasibleBudgetError as error:         # nothing fits: greedy, run as auto runs it, neither
             error.solvers_run = ("greedy",) if with_greedy else ()
             raise
         if with_greedy:     # as the fallback, where drop-all's plan fit, greedy is not needed
+            solvers_covered.append("greedy")
+        if "greedy" in ran:
             solvers_run.append("greedy")
+        found += searched
     found.sort(key=lambda item: item[0])             # stable: the first found wins ties
     plan = found[0][1]
-    return replace(plan, options={**plan.options, "solvers_run": solvers_run},
+    return replace(plan, options={**plan.options, "solvers_run": solvers_run, "solvers_covered": solvers_covered},
                    runners_up=tuple(other for _, other in found[1:]))
 
 
@@ -224,22 +230,24 @@ def _offload_candidates(graph: Graph, budget_bytes: int, dp: OptionDP) -> list[t
 
 
 def _search_candidates(graph: Graph, budget_bytes: int, dp: OptionDP, as_fallback: bool,
-                       start: Mapping[str, Decision] | None = None) -> list[tuple[float, Plan]]:
+                       start: Mapping[str, Decision] | None = None) -> tuple[list[tuple[float, Plan]], list[str]]:
     """(simulated time, plan) of ``greedy`` (up to `GREEDY_MAX_OPS` ops) and
-    `hierarchical.drop_all_plan`, labelled as the fallback or as candidates beside the DPs' plans.
-    As the fallback on graphs of more than `GREEDY_AFTER_DROP_ALL_MAX_OPS` ops, ``greedy``
-    runs only where ``drop-all`` finds no plan.
+    `hierarchical.drop_all_plan`, labelled as the fallback or as candidates beside the DPs'
+    plans, and the names of the two that ran. As the fallback on graphs of more than
+    `GREEDY_AFTER_DROP_ALL_MAX_OPS` ops, ``greedy`` runs only where ``drop-all`` finds no plan.
 
     Raises:
         InfeasibleBudgetError: ``as_fallback`` and neither fits, with the lowest peak reached.
     """
     found: list[tuple[float, Plan]] = []
     failures: list[InfeasibleBudgetError] = []
+    ran: list[str] = []
     names = ("greedy", "drop-all") if runs_on("greedy", graph) else ("drop-all",)
     only_if_needed = as_fallback and len(graph.ops) > GREEDY_AFTER_DROP_ALL_MAX_OPS
     for name in reversed(names) if only_if_needed else names:
         if found and only_if_needed:
             break
+        ran.append(name)
         try:
             plan = _fallback(graph, budget_bytes, dp, name, start)
         except InfeasibleBudgetError as error:
@@ -251,7 +259,7 @@ def _search_candidates(graph: Graph, budget_bytes: int, dp: OptionDP, as_fallbac
         found.append((simulate(graph, plan, check_hash=False).time_ms, plan))
     if not found and as_fallback:
         raise min(failures, key=lambda error: error.least_feasible_bytes)
-    return found
+    return found, ran
 
 
 def _fallback(graph: Graph, budget_bytes: int, dp: OptionDP, name: str,
@@ -379,7 +387,8 @@ def solve_auto(graph: Graph, budget_bytes: int, *, start: Mapping[str, Decision]
                 failures.append(error)
                 covered.update(error.solvers_run)      # refused there too (greedy, inside hierarchical)
                 continue
-            covered.update(AUTO_CANDIDATES if plan.optimal else plan.options.get("solvers_run", ()))
+            covered.update(AUTO_CANDIDATES if plan.optimal else
+                           plan.options.get("solvers_covered", plan.options.get("solvers_run", ())))
             result = simulate(graph, plan)
             if result.peak_bytes <= budget_bytes:
                 plans_found.append(plan)

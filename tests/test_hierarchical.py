@@ -195,6 +195,28 @@ def test_forward_reruns_reach_below_every_block() -> None:
     assert simulate(graph, without).time_ms >= plan.predicted_time_ms - 1e-9
 
 
+def test_below_every_dp_greedy_runs_only_where_drop_all_finds_no_plan(monkeypatch) -> None:
+    """Where no DP plan fits, on graphs over `GREEDY_AFTER_DROP_ALL_MAX_OPS` ops, drop-all's
+    plan is the fallback and greedy does not run (the plan says so); ``auto`` does not run
+    it either. On smaller graphs both run and the faster wins."""
+    import solvers.baselines
+    import solvers.portfolio as portfolio
+    from test_chain import uniform_chain
+    graph = uniform_chain(12)
+    budget = simulate(graph, solve(graph, 10**12, "every_block")).peak_bytes - 1000
+    greedy_calls = []
+    original = solvers.baselines.solve_greedy
+    monkeypatch.setattr(portfolio, "solve_greedy", lambda *a, **k: greedy_calls.append(1) or original(*a, **k))
+    small = solve_hierarchical(graph, budget, with_reruns=False)
+    assert small.options["fallback"] == "greedy" and "greedy" in small.options["solvers_run"] and greedy_calls
+    monkeypatch.setattr(portfolio, "GREEDY_AFTER_DROP_ALL_MAX_OPS", 0)
+    greedy_calls.clear()
+    large = solve_hierarchical(graph, budget, with_reruns=False)
+    assert large.options["fallback"] == "drop-all" and not greedy_calls
+    assert "greedy" not in large.options["solvers_run"] and "greedy" in large.options["solvers_covered"]
+    assert simulate(graph, large).peak_bytes <= budget
+
+
 def test_drop_all_fallback_below_every_dp(monkeypatch) -> None:
     """Above GREEDY_MAX_OPS ops the fallback is one replay of every droppable
     storage recomputed (boundaries alive at the peak dropped in rounds), not greedy's O(R)
