@@ -481,3 +481,30 @@ def test_cuda_allocator_peak_nested_and_host_copies() -> None:
     assert inner_report.end_bytes == inner_report.start_bytes
     assert inner_report.host_peak_bytes == 0
     del resident
+
+
+def test_the_allocator_measurement_runs_the_step_with_the_collector_off_and_puts_it_back() -> None:
+    """`measure_allocator_peak` keeps Python's cyclic collector off for the step (garbage
+    from before it is never freed inside it) and leaves the collector as it found it; a
+    tensor held by a cycle made inside the step counts to the step's end."""
+    import gc
+
+    seen = []
+
+    def step() -> None:
+        seen.append(gc.isenabled())
+        cycle: list = [torch.zeros(1 << 18)]          # 1 MiB held by a reference cycle
+        cycle.append(cycle)
+        del cycle
+        torch.zeros(1 << 18)                           # 1 MiB more, made and freed after it
+
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            _, peak = memory.measure_allocator_peak(step)
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()
+        gc.collect()
+        assert seen[-1] is False
+        assert peak >= 2 << 20                         # the cycle's tensor lived beside the second
