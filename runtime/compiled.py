@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import logging
 import operator
 import re
@@ -580,16 +581,22 @@ class _KernelBatch:
         return self._functions[index]
 
 
-def _batched_kernel_future(batch: _KernelBatch, index: int) -> Any:
+@functools.cache
+def _batched_kernel_class() -> type:
     """What inductor's generated module expects of ``async_compile.cpp_pybinding``: a
-    future its ``async_compile.wait`` resolves (to kernel ``index`` of ``batch``)."""
+    future its ``async_compile.wait`` resolves, here to kernel ``index`` of ``batch``
+    (a class made on first use: inductor is imported only when something compiles)."""
     from torch._inductor.codecache import CodeCacheFuture
 
     class BatchedKernel(CodeCacheFuture):
-        def result(self, timeout: float | None = None) -> Callable[..., Any]:   # noqa: ARG002 - inductor's signature
-            return batch.function(index)
+        def __init__(self, batch: _KernelBatch, index: int) -> None:
+            self.batch = batch
+            self.index = index
 
-    return BatchedKernel()
+        def result(self, timeout: float | None = None) -> Callable[..., Any]:   # noqa: ARG002 - inductor's signature
+            return self.batch.function(self.index)
+
+    return BatchedKernel
 
 
 # kernels built or building in batches, by (argument types, source): inductor's own cache
@@ -626,7 +633,7 @@ def _batched_source(kernels: list[tuple[list[str], str]]) -> str:
     arguments: a tensor's data pointer through the address inductor's loader puts in
     ``_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR``, an integer or a float converted. O(source)."""
     parts = [_PREFIX_INCLUDE, "#define PY_SSIZE_T_CLEAN", "#include <Python.h>", "#include <cerrno>",
-             "#include <cstdint>", "#include <cstdlib>", "#include <stdexcept>"]
+             "#include <cstdint>", "#include <cstdlib>"]
     for index, (_, source) in enumerate(kernels):
         body = source.strip().split("\n", 1)[1]
         parts.append(f"namespace memsched_kernel_{index} {{\n{_ENTRY.sub('void kernel(', body)}\n}}")
@@ -681,28 +688,25 @@ def _kernels_built_in_batches(size: int | None = None) -> Iterator[None]:
     from torch._inductor.async_compile import AsyncCompile, get_compile_threads
 
     original = AsyncCompile.cpp_pybinding
-    open_batch: list[_KernelBatch] = []
     size = size or KERNELS_PER_BUILD
+    filling: _KernelBatch | None = None       # the batch new kernels join, until it starts building
 
     def cpp_pybinding(self: AsyncCompile, argtypes: list[str], source_code: str) -> Any:
+        nonlocal filling
         key = (tuple(argtypes), source_code)
         if key in _batched_kernels:
             _batched_kernels.move_to_end(key)
             return _batched_kernels[key]
         if get_compile_threads() <= 1 or not _batchable(argtypes, source_code):
             return original(self, argtypes, source_code)
-        if open_batch and open_batch[0].started:        # a kernel of it was needed: it is building
-            open_batch.clear()
-        if not open_batch:
-            open_batch.append(_KernelBatch(self.submit))
-        batch = open_batch[0]
-        batch.kernels.append((list(argtypes), source_code))
-        _batched_kernels[key] = future = _batched_kernel_future(batch, len(batch.kernels) - 1)
+        if filling is None or filling.started:         # started: full, or a kernel of it was needed
+            filling = _KernelBatch(self.submit)
+        filling.kernels.append((list(argtypes), source_code))
+        _batched_kernels[key] = future = _batched_kernel_class()(filling, len(filling.kernels) - 1)
         while len(_batched_kernels) > BATCHED_KERNELS_KEPT:
             _batched_kernels.popitem(last=False)
-        if len(batch.kernels) >= size:
-            batch.start()
-            open_batch.clear()
+        if len(filling.kernels) >= size:
+            filling.start()
         return future
 
     AsyncCompile.cpp_pybinding = cpp_pybinding
@@ -710,8 +714,8 @@ def _kernels_built_in_batches(size: int | None = None) -> Iterator[None]:
         yield
     finally:
         AsyncCompile.cpp_pybinding = original
-        for batch in open_batch:
-            batch.start()
+        if filling is not None:
+            filling.start()
 
 
 @contextlib.contextmanager
