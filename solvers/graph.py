@@ -86,6 +86,11 @@ class Op:
     ``time_ms`` is its measured run time; ``tmp_bytes`` workspace alive only while it runs.
     ``random`` ops draw random numbers: a recomputation replays the forward's RNG state.
     ``recomputable`` is False for ops with effects that must happen once (buffer updates).
+    ``reuses`` names inputs whose storage the op may write its (first, storage-owning)
+    output into, as a compiled kernel does in place: where one of them dies at this op in a
+    plan's program, `simulate` gives the output that storage instead of a new one. Empty
+    for the eager program, which allocates every output; set by the planner for
+    ``compile=True`` (`planner.compiled.with_compiled_costs`).
     """
 
     name: str
@@ -98,12 +103,16 @@ class Op:
     random: bool = False
     target: str = ""    # e.g. "aten.addmm.default", for display
     module: str = ""    # nn.Module path the op came from, for display
+    reuses: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "inputs": list(self.inputs), "outputs": list(self.outputs),
+        data = {"name": self.name, "inputs": list(self.inputs), "outputs": list(self.outputs),
                 "phase": self.phase.value, "time_ms": self.time_ms, "tmp_bytes": self.tmp_bytes,
                 "recomputable": self.recomputable, "random": self.random,
                 "target": self.target, "module": self.module}
+        if self.reuses:
+            data["reuses"] = list(self.reuses)
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Op":
@@ -111,7 +120,7 @@ class Op:
                    phase=Phase(data["phase"]), time_ms=float(data.get("time_ms", 0.0)),
                    tmp_bytes=int(data.get("tmp_bytes", 0)), recomputable=bool(data.get("recomputable", True)),
                    random=bool(data.get("random", False)), target=data.get("target", ""),
-                   module=data.get("module", ""))
+                   module=data.get("module", ""), reuses=tuple(data.get("reuses", ())))
 
 
 @dataclass(frozen=True)
@@ -312,6 +321,10 @@ class Graph:
                 if op.phase is Phase.FORWARD and values[name].kind in (ValueKind.TANGENT, ValueKind.GRADIENT_WORK):
                     raise UnsupportedGraphError(
                         f"graph {self.name!r}: forward op {op.name!r} reads backward value {name!r}")
+            for name in op.reuses:
+                if name not in op.inputs:
+                    raise UnsupportedGraphError(
+                        f"graph {self.name!r}: op {op.name!r} reuses {name!r}, which it does not read")
             for name in op.outputs:
                 if name not in values or values[name].producer != op.name:
                     raise UnsupportedGraphError(
@@ -344,8 +357,9 @@ class Graph:
         """What the hash covers: names, dataflow, sizes, shapes; not timings or bandwidth,
         which change from one profiling run to the next."""
         return {
+            # ``reuses`` only where set: the graphs of eager plans keep their hashes
             "ops": [[op.name, list(op.inputs), list(op.outputs), op.phase.value, op.recomputable, op.random,
-                     op.target] for op in self.ops],
+                     op.target] + ([list(op.reuses)] if op.reuses else []) for op in self.ops],
             "values": [[v.name, v.size_bytes, v.kind.value, v.alias_of, list(v.shape), v.dtype] for v in self.values],
             "placeholders": list(self.placeholders),
             "forward_outputs": list(self.forward_outputs),

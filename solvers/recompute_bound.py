@@ -26,7 +26,9 @@ into its reader and never allocated: only moments at ops inductor calls as exter
 kernels (`EXTERNAL_KERNELS`: matmuls, convolutions, attention, whose operands and results
 are real buffers) count, and of the backward values held across b only those such a
 kernel produced, and the gradients. The bound is then lower, and valid for the compiled
-step too.
+step too, in-place writes included (``Op.reuses``: the output of a kernel inductor
+generates shares a storage that dies at it; no moment or storage the fused bound counts
+is such an output). Without ``fused``, the bound is for the eager program.
 
 Cost: O(ops + values) per moment to build, then one MILP of at most F + V binaries and
 O(E) covering rows (F forward ops, V forward storages, E forward edges), which HiGHS

@@ -14,6 +14,10 @@ Memory model (storages; docs/design.md, "Memory is counted by storage"):
     to the end of the step (the caller and autograd hold them), ``graph.released_outputs``
     to the end of the forward (the caller drops them before calling backward);
   * an op counts its inputs, its new outputs and its workspace while it runs;
+  * an op with ``reuses`` (a compiled kernel that writes in place) gives its first
+    storage-owning output the storage of one of those inputs, of the same size, that dies
+    at this op: no value but the op's inputs holds it and the program's frees right after
+    the run let go of each of them (`_dying_instance`); that output then adds no bytes;
   * ``graph.caller_bytes`` (the caller's loss reduction) are counted from the backward on;
   * an offloaded value's device storage is released by ``free`` only once its copy has
     finished (compute waits for it); a prefetch allocates when it is issued.
@@ -32,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from solvers.errors import InvalidPlanError
-from solvers.graph import Graph, Phase, ValueKind
+from solvers.graph import Graph, Op, Phase, ValueKind
 from solvers.plan import Plan, StepKind
 
 
@@ -221,6 +225,8 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
                     else:
                         rng_bytes = graph.rng_state_bytes
                 instances = memory.instances_for(op.outputs, op.inputs)
+                if op.reuses:
+                    _write_in_place(memory, op, instances, plan.steps(phase), index)
                 high_water = memory.bytes_in_use + memory.new_bytes(instances) + op.tmp_bytes + rng_bytes
                 for name in op.outputs:
                     previous = memory.instance_of.get(name) if name in live else None
@@ -287,6 +293,39 @@ def simulate(graph: Graph, plan: Plan, *, check_hash: bool = True) -> SimResult:
     return SimResult(peak_bytes=peak_bytes, time_ms=clock_ms, compute_ms=compute_ms, recompute_ms=recompute_ms,
                      stall_ms=stall_ms, peak_phase=peak_phase, peak_step_index=peak_index,
                      saved_bytes=max(0, saved_bytes), offloaded_bytes=offloaded_bytes, timeline=tuple(timeline))
+
+
+def _write_in_place(memory: _Memory, op: Op, instances: dict[str, int], steps: tuple, index: int) -> None:
+    """Give ``op``'s first storage-owning output (in ``instances``) the storage of an input
+    of ``op.reuses`` that dies at this run (`_dying_instance`), if one does. O(op arity +
+    the frees after the run)."""
+    values = memory.graph.value_by_name
+    owner = next((name for name in op.outputs if values[name].alias_of is None and values[name].size_bytes), None)
+    if owner is None:
+        return
+    size_bytes = memory.size_of[instances[owner]]
+    for name in op.reuses:
+        instance = _dying_instance(memory, name, steps, index)
+        if instance is not None and memory.size_of[instance] == size_bytes \
+                and instance not in (instances[other] for other in op.outputs):
+            instances[owner] = instance
+            return
+
+
+def _dying_instance(memory: _Memory, name: str, steps: tuple, index: int) -> int | None:
+    """The storage instance ``name`` refers to, if every reference to it is let go of by
+    the ``free`` steps that directly follow step ``index`` (a pin by the caller is a
+    reference no free lets go of); else None."""
+    instance = memory.instance_of.get(name)
+    if instance is None:
+        return None
+    released = 0
+    for step in steps[index + 1:]:
+        if step.kind is not StepKind.FREE:
+            break
+        if memory.instance_of.get(step.name) == instance:
+            released += 1
+    return instance if released == memory.refs.get(instance, 0) else None
 
 
 def live_roots_at(graph: Graph, plan: Plan, phase: Phase, step_index: int, *,
