@@ -25,7 +25,9 @@ Methods:
                            plain's measured peak, and at each peak a compile budget or
                            every-block checkpointing measured, below memsched's eager floor
                            too (`planner.compiled.solve_compiled`) (one capture and profile for
-                           all of them)
+                           all of them); where the floor's compiled step measures over it, the
+                           floor is tried again at the least compiled peak measured, the budget
+                           the error tells a caller to raise to
 
 Every compiled method runs with ``torch._inductor.config.fallback_random = True``, so dropout
 draws as eager does and gradients are comparable. Inductor's caches go to a fresh
@@ -107,6 +109,7 @@ from real_models import (KEEP_FREED_MEMORY_ENV, build_gpt2, inductor_at_budget, 
                          solvers_floor, sweep_budgets)
 from runtime.compiled import forget_compiled_runs  # noqa: E402
 from runtime.module import ScheduledModule  # noqa: E402
+from planner.errors import CompiledBudgetError  # noqa: E402
 from solvers.errors import InfeasibleBudgetError  # noqa: E402
 from solvers.graph import Graph  # noqa: E402
 from solvers.portfolio import solve  # noqa: E402
@@ -271,9 +274,11 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     # machine it moved between 11.5 s and 17.9 s from run to run (zoo GPT), so one timing
     # at the start would set every budget's ratio by where the machine stood then
     plain_compile_s = [compiled.row["compile_s"]]
-    resample_at = {len(budgets) // 2, len(budgets)}
-    for index, budget in enumerate(budgets + [None]):
-        if index in resample_at:
+    resample_before = budgets[len(budgets) // 2]
+    queue = list(budgets)
+    while True:
+        budget = queue.pop(0) if queue else None
+        if budget in (resample_before, None):
             plain_compile_s.append(time_plain_compile(workload, buffers))
             log.info("  compile plain, compiled again: %.1f s", plain_compile_s[-1])
         if budget is None:
@@ -289,6 +294,10 @@ def run_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
         except InfeasibleBudgetError as error:     # CompiledBudgetError too: the measured peaks
             infeasible.append({"budget_bytes": budget, "error": str(error).splitlines()[0]})
             log.info("  memsched at %.2f MiB: %s", budget / MiB, str(error).splitlines()[0][:200])
+            if budget == budgets[0] and isinstance(error, CompiledBudgetError) and error.least_feasible_bytes > budget:
+                # the compiled step measured over at the solver's floor: the budget the error
+                # tells the caller to raise to, the least compiled peak measured, is tried next
+                queue.insert(0, error.least_feasible_bytes)
             continue
         fit_s = time.perf_counter() - started - solve_s
         module = ScheduledModule(model, step, graph, plan, program=program)
