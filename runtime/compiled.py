@@ -28,8 +28,8 @@ so a value dies inside the run that reads it last, as in the eager program. Such
 that nothing else holds is donated to the run (`_donatable`), so that a kernel that reads
 it last may write its output into it, as inside a run; the planner counts on those writes
 (``solvers.graph.Op.reuses``). The C++ backend calls each fused node as its own kernel
-(`_kernel_per_node`), and kernels fuse only along a dataflow edge (`HORIZONTAL_FUSION`), so
-that lifetimes stay where the plan put them. Inductor may still allocate differently
+(`_kernel_per_node`), and kernels that share only an input fuse only with no library call
+between them (`HORIZONTAL_FUSION`), so that lifetimes stay where the plan put them. Inductor may still allocate differently
 (fused temporaries, workspace), which is why the planner measures the compiled step's peak
 (`planner.compiled`).
 
@@ -108,15 +108,19 @@ INDUCTOR_OPTIONS: dict[str, Any] = {
 # fusion across a longer distance moves one side's work (and the lifetimes of what it
 # reads and writes) to the other side, undoing where the plan put a recomputation.
 FUSION_WINDOW = 16
-# Only a kernel with one that reads what it writes fuses ("vertical"): a horizontal fusion
-# (two kernels that share an input) runs the earlier one at the later one's place, or the
-# later at the earlier's, and holds its output across what the plan put between them. On
-# the zoo GPT small at every-block checkpointing's peak, a GELU recomputed for a weight
-# gradient fused with the GELU backward that reads the same input held 4 MiB beside the
-# gradient the backward writes in place; vertical-only, the plan's compiled step measured
-# 0.78 MiB lower, at the same speed (keep-all plan 0.997 of compiled plain, against 0.996
-# with horizontal fusion; one-off round-robin, 15 rounds)
+# Two kernels that share an input but neither reads the other's output fuse
+# ("horizontally") only where no library call (a matmul, ...) comes between them: such a
+# fusion runs the earlier one at the later one's place, or the later at the earlier's, and
+# holds its output across what the plan put between them. On the zoo GPT small at
+# every-block checkpointing's peak, a GELU recomputed for a weight gradient fused with the
+# GELU backward after the next matmul held 4 MiB beside the gradient that backward writes in
+# place; without such fusions the plan's compiled step measured 0.78 MiB lower. Between
+# neighbours they stay: a batch norm backward's two reductions over the same gradient made
+# the zoo ResNet small's near-keep-all plan 0.865 of compiled plain's step against 0.899
+# with no horizontal fusion at all (one-off round-robin, 15 rounds).
 HORIZONTAL_FUSION = False
+# each fused node its own kernel call (`_kernel_per_node`)
+KERNEL_PER_NODE = True
 
 
 @torch.library.custom_op("memsched::mask_as_float", mutates_args=())
@@ -457,7 +461,8 @@ class CompiledProgram:
             return
         window = options.pop("fusion_window", FUSION_WINDOW)
         horizontal = options.pop("horizontal_fusion", HORIZONTAL_FUSION)
-        choices = _choices_within(window, horizontal=horizontal, donated=run.donated)
+        per_node = options.pop("kernel_per_node", KERNEL_PER_NODE)
+        choices = _choices_within(window, horizontal=horizontal, per_node=per_node, donated=run.donated)
         options["inductor_choices_class"] = choices      # part of the graph cache's key
         with inductor_config.patch(options), V.set_choices_handler(choices()):
             graph_module, examples, fake_mode = _lowered(run.module, inputs)
@@ -471,7 +476,8 @@ class CompiledProgram:
                 # donates; inductor reads the donated indexes only, in a backward graph
                 context.fw_metadata = _DonatedInputs(list(run.donated))
             with torch._guards.tracing(context), context.report_output_strides() as output_strides, \
-                    _kernels_built_in_batches(), _kernels_built_as_defined(), _kernel_per_node(), \
+                    _kernels_built_in_batches(), _kernels_built_as_defined(), \
+                    (_kernel_per_node() if per_node else contextlib.nullcontext()), \
                     (_kernel_waits_deferred(pending) if build_behind else contextlib.nullcontext()):
                 call = compile_fx_inner(graph_module, examples, is_backward=bool(run.donated))
         run.compiled = _CompiledRun(call, pending, _strides_as_compiled(output_strides, len(run.outputs)))
@@ -875,11 +881,13 @@ def _example_key(value: Any) -> Any:
     return (type(value).__name__, repr(value))
 
 
-def _choices_within(window: int | None, *, horizontal: bool = True, donated: tuple[int, ...] = ()):
+def _choices_within(window: int | None, *, horizontal: bool = True, per_node: bool = True,
+                    donated: tuple[int, ...] = ()):
     """A factory of inductor heuristics that fuse only kernels at most ``window`` kernels
     apart in program order (any distance for None), and none across a random call of
-    `runtime.rng` (`_random_barriers`); without ``horizontal``, only a kernel with one that
-    reads what it writes (`_reads_from`)."""
+    `runtime.rng` (`_random_barriers`); without ``horizontal``, two kernels neither of which
+    reads what the other writes (`_reads_from`) only with no library call between them
+    (`_library_calls`)."""
     from torch._inductor.choices import InductorChoices
 
     class WithinWindow(InductorChoices):
@@ -890,7 +898,10 @@ def _choices_within(window: int | None, *, horizontal: bool = True, donated: tup
                                           abs(node2.min_order - node1.max_order)) > window:
                 return False
             if not horizontal and not (_reads_from(node2, node1) or _reads_from(node1, node2)):
-                return False
+                # a horizontal fusion only where no library call comes between the two
+                calls = _library_calls(scheduler)
+                if bisect.bisect_right(calls, first) < bisect.bisect_left(calls, last):
+                    return False
             barriers = _random_barriers(scheduler)
             if bisect.bisect_right(barriers, first) < bisect.bisect_left(barriers, last):
                 return False
@@ -898,11 +909,24 @@ def _choices_within(window: int | None, *, horizontal: bool = True, donated: tup
 
         def uuid(self) -> str:
             # the donated inputs too: inductor's graph cache does not key on them
-            return (f"memsched-fusion-window-{window}-random-barriers-kernel-per-node"
-                    + ("" if horizontal else "-vertical-only")
+            return (f"memsched-fusion-window-{window}-random-barriers" + ("-kernel-per-node" if per_node else "")
+                    + ("" if horizontal else "-no-horizontal-across-calls")
                     + (f"-donated-{'-'.join(map(str, donated))}" if donated else ""))
 
     return WithinWindow
+
+
+def _library_calls(scheduler: Any) -> list[int]:
+    """The program orders of ``scheduler``'s library calls (matmuls, convolutions,
+    attention, fallbacks: `ExternKernelSchedulerNode`), sorted; computed once per
+    scheduler."""
+    calls = getattr(scheduler, "_memsched_library_calls", None)
+    if calls is None:
+        from torch._inductor.scheduler import ExternKernelSchedulerNode
+
+        calls = sorted(node.min_order for node in scheduler.nodes if isinstance(node, ExternKernelSchedulerNode))
+        scheduler._memsched_library_calls = calls
+    return calls
 
 
 def _reads_from(reader: Any, writer: Any) -> bool:

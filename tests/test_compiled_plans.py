@@ -254,6 +254,36 @@ def test_no_kernel_fuses_across_a_random_call(monkeypatch) -> None:
     assert not runtime.compiled._choices_within(2).can_fuse(scheduler, nodes[0], nodes[5], 1)   # the window
 
 
+def test_kernels_sharing_only_an_input_fuse_only_with_no_library_call_between(monkeypatch) -> None:
+    """Without horizontal fusion (`HORIZONTAL_FUSION`), two kernels neither of which reads
+    the other's output fuse only where no library call (a matmul) comes between them: fused
+    across one, a GELU recomputed before a matmul ran after it, beside the matmul's output.
+    A kernel and the one that reads its output fuse across it as before."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
+
+    monkeypatch.setattr(InductorChoices, "can_fuse", staticmethod(lambda *args: True))
+
+    def kernel(order: int, writes: str, reads: tuple[str, ...]) -> SimpleNamespace:
+        return SimpleNamespace(min_order=order, max_order=order, node=None,
+                               get_buffer_names=lambda: {writes},
+                               read_writes=SimpleNamespace(reads=[SimpleNamespace(name=n) for n in reads]))
+
+    matmul = ExternKernelSchedulerNode.__new__(ExternKernelSchedulerNode)
+    matmul.min_order = matmul.max_order = 2
+    matmul.node = None
+    recomputed = kernel(0, "gelu", ("up",))
+    neighbour = kernel(1, "other", ("up",))
+    backward = kernel(3, "gelu_grad", ("up", "mm_out"))
+    reader = kernel(4, "sum", ("gelu",))
+    scheduler = SimpleNamespace(nodes=[recomputed, neighbour, matmul, backward, reader])
+    choices = runtime.compiled._choices_within(16, horizontal=False)
+    assert choices.can_fuse(scheduler, recomputed, neighbour, 1)          # neighbours
+    assert not choices.can_fuse(scheduler, recomputed, backward, 1)       # the matmul between
+    assert choices.can_fuse(scheduler, recomputed, reader, 1)             # reads what it writes
+    assert runtime.compiled._choices_within(16, horizontal=True).can_fuse(scheduler, recomputed, backward, 1)
+
+
 def test_new_shape_gets_its_own_compiled_plan() -> None:
     model, (x,) = zoo.make("mlp", "tiny")
     optimized = optimize(model, 0.7, (x,), compile=True, progress=False)
