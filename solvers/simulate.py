@@ -320,7 +320,8 @@ def _dying_instance(memory: _Memory, name: str, steps: tuple, index: int) -> int
     if instance is None:
         return None
     released = 0
-    for step in steps[index + 1:]:
+    for position in range(index + 1, len(steps)):
+        step = steps[position]
         if step.kind is not StepKind.FREE:
             break
         if memory.instance_of.get(step.name) == instance:
