@@ -29,9 +29,9 @@ that nothing else holds is donated to the run (`_donatable`), so that a kernel t
 it last may write its output into it, as inside a run; the planner counts on those writes
 (``solvers.graph.Op.reuses``). The C++ backend calls each fused node as its own kernel
 (`_kernel_per_node`), and kernels that share only an input fuse only with no library call
-between them (`HORIZONTAL_FUSION`), so that lifetimes stay where the plan put them. Inductor may still allocate differently
-(fused temporaries, workspace), which is why the planner measures the compiled step's peak
-(`planner.compiled`).
+between them (`HORIZONTAL_FUSION`), so that lifetimes stay where the plan put them.
+Inductor may still allocate differently (fused temporaries, workspace), which is why the
+planner measures the compiled step's peak (`planner.compiled`).
 
 Each run compiles on its first call with the real tensors as examples (their sizes and
 strides), once per `StepProgram`: a second step recompiles nothing (`compile_count`).
@@ -115,10 +115,10 @@ FUSION_WINDOW = 16
 # every-block checkpointing's peak, a GELU recomputed for a weight gradient fused with the
 # GELU backward after the next matmul held 4 MiB beside the gradient that backward writes in
 # place: the plan's compiled step measured 3.00 MiB over its prediction, and on it without
-# such fusions (one-off A/B of one plan). Between
-# neighbours they stay: a batch norm backward's two reductions over the same gradient made
-# the zoo ResNet small's near-keep-all plan 0.865 of compiled plain's step against 0.899
-# with no horizontal fusion at all (one-off round-robin, 15 rounds).
+# such fusions (one-off A/B of one plan). Between neighbours they stay: a batch norm
+# backward's two reductions over the same gradient made the zoo ResNet small's
+# near-keep-all plan 0.865 of compiled plain's step against 0.899 with no horizontal
+# fusion at all (one-off round-robin, 15 rounds).
 HORIZONTAL_FUSION = False
 # each fused node its own kernel call (`_kernel_per_node`)
 KERNEL_PER_NODE = True
@@ -359,6 +359,7 @@ class CompiledProgram:
             drop = [name for name in inputs if last_use[name] == index]
             self._instructions.append(_Instruction(run, drop))
         self._num_runs = sum(isinstance(i.body, _Run) for i in self._instructions)
+        self._placeholder_names = frozenset(self._placeholders)
 
     @staticmethod
     def _subgraph(owner: fx.GraphModule, members: list[fx.Node], inputs: list[str],
@@ -420,9 +421,8 @@ class CompiledProgram:
             for name in instruction.drop:
                 del env[name]
             if body.compiled is None:
-                body.donated = _donatable(inputs, body.inputs, [name for name in instruction.drop if
-                                                                 name in self.donatable or name not in self._placeholders],
-                                          env)
+                dying = [name for name in instruction.drop if name in self.donatable or name not in self._placeholder_names]
+                body.donated = _donatable(inputs, body.inputs, dying, env)
                 self._compile(body, inputs, build_behind=first_call and self.eager_first_call)
             elif body.donated:
                 _still_donatable(inputs, body.donated)
