@@ -103,13 +103,13 @@ from planner.benchmark import step_times_ms, training_loss  # noqa: E402
 from planner.capture import capture  # noqa: E402
 from planner.compiled import (decompose_for_inductor, eager_sized, fit_compiled, solve_compiled,  # noqa: E402
                               with_compiled_costs)
+from planner.errors import CompiledBudgetError  # noqa: E402
 from planner.memory import measure_allocator_peak  # noqa: E402
 from planner.profile import profile, with_released_outputs  # noqa: E402
 from real_models import (KEEP_FREED_MEMORY_ENV, build_gpt2, inductor_at_budget, keep_freed_memory,  # noqa: E402
                          solvers_floor, sweep_budgets)
 from runtime.compiled import forget_compiled_runs  # noqa: E402
 from runtime.module import ScheduledModule  # noqa: E402
-from planner.errors import CompiledBudgetError  # noqa: E402
 from solvers.errors import InfeasibleBudgetError  # noqa: E402
 from solvers.graph import Graph  # noqa: E402
 from solvers.portfolio import solve  # noqa: E402

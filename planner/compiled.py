@@ -123,7 +123,6 @@ def with_compiled_costs(graph: Graph, step: CapturedStep) -> Graph:
     - its backward in `solvers.order.gradients_first`'s order (the compiled programs run
       the plan's order, so this is the order they run);
     - each non-random pointwise aten op's time times `FUSED_POINTWISE_COST`;
-
     - each value of `fused_backward_values` sized 0: the compiled backward computes it inside
       the kernel of its only reader and never holds it;
     - each op that inductor generates a kernel for, with the inputs it may write in place
@@ -244,8 +243,8 @@ def in_place_inputs(graph: Graph, op: Op, target: Any) -> tuple[str, ...]:
     logits, are where the step peaked. O(op arity)."""
     if not (_fusible(op, target) or op.target in IN_PLACE_KERNELS) or op.random:
         return ()
-    owner = next((graph.value(name) for name in op.outputs
-                  if graph.value(name).alias_of is None and graph.value(name).size_bytes), None)
+    outputs = [graph.value(name) for name in op.outputs]
+    owner = next((value for value in outputs if value.alias_of is None and value.size_bytes), None)
     if owner is None:
         return ()
     chosen = []

@@ -898,13 +898,10 @@ def _choices_within(window: int | None, *, horizontal: bool = True, per_node: bo
             if window is not None and max(abs(node1.min_order - node2.max_order),
                                           abs(node2.min_order - node1.max_order)) > window:
                 return False
-            if not horizontal and not (_reads_from(node2, node1) or _reads_from(node1, node2)):
-                # a horizontal fusion only where no library call comes between the two
-                calls = _library_calls(scheduler)
-                if bisect.bisect_right(calls, first) < bisect.bisect_left(calls, last):
-                    return False
-            barriers = _random_barriers(scheduler)
-            if bisect.bisect_right(barriers, first) < bisect.bisect_left(barriers, last):
+            if not horizontal and not (_reads_from(node2, node1) or _reads_from(node1, node2)) \
+                    and _any_between(_library_calls(scheduler), first, last):
+                return False           # a horizontal fusion only where no library call comes between
+            if _any_between(_random_barriers(scheduler), first, last):
                 return False
             return InductorChoices.can_fuse(scheduler, node1, node2, shared_data_score)
 
@@ -921,13 +918,9 @@ def _library_calls(scheduler: Any) -> list[int]:
     """The program orders of ``scheduler``'s library calls (matmuls, convolutions,
     attention, fallbacks: `ExternKernelSchedulerNode`), sorted; computed once per
     scheduler."""
-    calls = getattr(scheduler, "_memsched_library_calls", None)
-    if calls is None:
-        from torch._inductor.scheduler import ExternKernelSchedulerNode
+    from torch._inductor.scheduler import ExternKernelSchedulerNode
 
-        calls = sorted(node.min_order for node in scheduler.nodes if isinstance(node, ExternKernelSchedulerNode))
-        scheduler._memsched_library_calls = calls
-    return calls
+    return _orders_of(scheduler, "_memsched_library_calls", lambda node: isinstance(node, ExternKernelSchedulerNode))
 
 
 def _reads_from(reader: Any, writer: Any) -> bool:
@@ -947,14 +940,25 @@ def _random_barriers(scheduler: Any) -> list[int]:
     apart, inductor fused the two recomputations of its template (the same kernels on the
     same inputs) into one kernel at the first, so both were live together (one-off line
     trace of the generated code)."""
-    barriers = getattr(scheduler, "_memsched_random_barriers", None)
-    if barriers is None:
-        random_ops = {torch.ops.memsched.random_fill.default, torch.ops.memsched.rng_state.default,
-                      torch.ops.memsched.random_fill_replay.default}
-        barriers = sorted(node.min_order for node in scheduler.nodes
-                          if getattr(getattr(node, "node", None), "op_overload", None) in random_ops)
-        scheduler._memsched_random_barriers = barriers
-    return barriers
+    random_ops = {torch.ops.memsched.random_fill.default, torch.ops.memsched.rng_state.default,
+                  torch.ops.memsched.random_fill_replay.default}
+    return _orders_of(scheduler, "_memsched_random_barriers",
+                      lambda node: getattr(getattr(node, "node", None), "op_overload", None) in random_ops)
+
+
+def _orders_of(scheduler: Any, attribute: str, chosen: Callable[[Any], bool]) -> list[int]:
+    """The sorted program orders of ``scheduler``'s nodes that ``chosen`` picks, kept on the
+    scheduler under ``attribute`` (one scheduler compiles one run). O(nodes) once."""
+    orders = getattr(scheduler, attribute, None)
+    if orders is None:
+        orders = sorted(node.min_order for node in scheduler.nodes if chosen(node))
+        setattr(scheduler, attribute, orders)
+    return orders
+
+
+def _any_between(orders: list[int], first: int, last: int) -> bool:
+    """Whether a sorted ``orders`` holds one strictly between ``first`` and ``last``."""
+    return bisect.bisect_right(orders, first) < bisect.bisect_left(orders, last)
 
 
 def _lowered(module: fx.GraphModule, inputs: list) -> tuple[fx.GraphModule, list, Any]:
